@@ -1,0 +1,70 @@
+"""enactive-stream's models: a temporal and a body-schema processor integrated into one
+moment per frame, as pure per-stream steps batched with `jax.vmap` and compiled ahead of
+time over a device-resident state slab."""
+
+from .body_schema import BodySchemaOutput, BodySchemaProcessor, BodyState
+from .config import BodySchemaConfig, ModelConfig, ModelConfigError, TemporalConfig
+from .factories import (
+    create_body_schema_processor,
+    create_body_schema_processor_no_jit,
+    create_body_schema_processor_safe,
+    create_temporal_processor,
+    create_temporal_processor_no_jit,
+    create_temporal_processor_safe,
+)
+from .jit import (
+    CompilationCounter,
+    JITCompilationError,
+    JITStrategy,
+    enable_compilation_cache,
+    get_jit_info,
+    safe_jit,
+)
+from .model import (
+    MODALITIES,
+    RECORD_FIELDS,
+    EnactiveModel,
+    EnactiveOutput,
+    EnactiveState,
+    pack_record,
+)
+from .params import ParamsMismatchError, load_params, save_params
+from .slab import FLAG_RESET, FLAG_VALID, SlabStep
+from .temporal import TemporalOutput, TemporalProcessor, TemporalState
+
+__all__ = [
+    "FLAG_RESET",
+    "FLAG_VALID",
+    "MODALITIES",
+    "RECORD_FIELDS",
+    "BodySchemaConfig",
+    "BodySchemaOutput",
+    "BodySchemaProcessor",
+    "BodyState",
+    "CompilationCounter",
+    "EnactiveModel",
+    "EnactiveOutput",
+    "EnactiveState",
+    "JITCompilationError",
+    "JITStrategy",
+    "ModelConfig",
+    "ModelConfigError",
+    "ParamsMismatchError",
+    "SlabStep",
+    "TemporalConfig",
+    "TemporalOutput",
+    "TemporalProcessor",
+    "TemporalState",
+    "create_body_schema_processor",
+    "create_body_schema_processor_no_jit",
+    "create_body_schema_processor_safe",
+    "create_temporal_processor",
+    "create_temporal_processor_no_jit",
+    "create_temporal_processor_safe",
+    "enable_compilation_cache",
+    "get_jit_info",
+    "load_params",
+    "pack_record",
+    "safe_jit",
+    "save_params",
+]

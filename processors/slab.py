@@ -1,0 +1,281 @@
+"""Ahead-of-time compiled, slot-indexed batched steps over a device-resident state slab.
+
+The slab holds every stream's state with a leading `capacity` axis. One executable per
+batch bucket gathers the batch's slots, steps them with `jax.vmap(model)`, scatters them
+back and returns one packed float32 record per row — with the slab donated, so it is
+updated in place. Pad rows (valid flag clear) read nothing and write nothing.
+
+Host ⇄ device per batch: `x` (float32 `(B, D+P+T+M)`, the wire payloads as they are) and
+`meta` (int32 `(B, 2)`: slot, flags) in; records (float32 `(B, K+D+P+M+3)`) out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .model import EnactiveModel, EnactiveState, pack_record
+
+__all__ = ["FLAG_RESET", "FLAG_VALID", "SlabStep"]
+
+FLAG_VALID = 1 << 4
+"""`meta[:, 1]` bit: this row is a real frame (bits 0–3 are the modality presence flags)."""
+FLAG_RESET = 1 << 5
+"""`meta[:, 1]` bit: start this row's stream from a fresh state (a new stream)."""
+
+
+def _slab_step(
+    static: EnactiveModel, params: EnactiveModel, slab: EnactiveState, x: jax.Array,
+    meta: jax.Array,
+) -> tuple[EnactiveState, jax.Array]:
+    model = eqx.combine(params, static)
+    capacity = jax.tree.leaves(slab)[0].shape[0]
+    cfg = model.config
+    flags = meta[:, 1]
+    present = (flags[:, None] >> jnp.arange(4, dtype=jnp.int32)) & 1 == 1
+    valid = flags & FLAG_VALID != 0
+    reset = flags & FLAG_RESET != 0
+    index = jnp.where(valid, meta[:, 0], capacity)  # out of range: gathers zeros, drops writes
+    states = jax.tree.map(lambda s: s.at[index].get(mode="fill", fill_value=0), slab)
+    fresh = model.init_state()
+    states = jax.tree.map(
+        lambda s, f: jnp.where(reset.reshape((-1,) + (1,) * f.ndim), f, s), states, fresh
+    )
+    cuts = np.cumsum([cfg.state_dim, cfg.proprio_dim, cfg.tactile_dim])
+    sensory, proprio, tactile, motor = jnp.split(x, cuts, axis=1)
+    new, out = jax.vmap(model)(states, sensory, proprio, tactile, motor, present)
+    slab = jax.tree.map(lambda s, n: s.at[index].set(n, mode="drop"), slab, new)
+    return slab, jax.vmap(pack_record)(out)
+
+
+def _read_slot(slab: EnactiveState, slot: jax.Array) -> EnactiveState:
+    return jax.tree.map(lambda s: s[slot], slab)
+
+
+def _write_slot(slab: EnactiveState, slot: jax.Array, state: EnactiveState) -> EnactiveState:
+    return jax.tree.map(lambda s, v: s.at[slot].set(v), slab, state)
+
+
+class SlabStep:
+    """One `EnactiveModel` compiled for a fixed set of batch sizes over a state slab.
+
+    ```python
+    step = SlabStep(model, buckets=(1, 8, 64), capacity=1024)
+    step.compile()                         # every bucket, before serving
+    slab = step.init_slab()
+    slab, records, eager = step(slab, x, meta)   # x, meta sized to a compiled bucket
+    ```
+
+    **Arguments:**
+
+    - `model`: the `EnactiveModel` (its parameters travel as an argument, not as
+        constants baked into the executables).
+    - `buckets`: batch sizes to compile, e.g. `(1, 8, 64, 256)`.
+    - `capacity`: streams the slab holds; rounded up to a multiple of the device count.
+    - `devices`: devices to shard the slab and the batches over (default: the first
+        local device). With several, the slab's stream axis and each bucket's batch axis
+        are split across them (`jax.sharding`).
+    - `on_fallback`: `on_fallback(name, reason)` when a bucket cannot be compiled or run
+        and falls back to eager execution of the same batched step.
+    """
+
+    def __init__(
+        self,
+        model: EnactiveModel,
+        *,
+        buckets: Sequence[int],
+        capacity: int,
+        devices: Sequence[jax.Device] | None = None,
+        on_fallback: Callable[[str, str], None] | None = None,
+    ) -> None:
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError(f"buckets = {list(buckets)!r}: need one or more positive sizes")
+        self.model = model
+        self.params, self.static = eqx.partition(model, eqx.is_array)
+        self.buckets = tuple(sorted(set(buckets)))
+        devices = list(devices) if devices else jax.local_devices()[:1]
+        self.mesh = Mesh(np.array(devices), ("d",))
+        n = len(devices)
+        self.capacity = -(-capacity // n) * n
+        cfg = model.config
+        self.input_width = cfg.state_dim + cfg.proprio_dim + cfg.tactile_dim + cfg.motor_dim
+        assert cfg.moment_dim is not None
+        self.record_width = cfg.moment_dim + cfg.state_dim + cfg.proprio_dim + cfg.motor_dim + 3
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._split = NamedSharding(self.mesh, PartitionSpec("d"))
+        self._on_fallback = on_fallback
+        self._host_fresh = jax.device_get(model.init_state())
+        self._slab_sharding = jax.tree.map(lambda _: self._split, self._host_fresh)
+        self._params = jax.device_put(self.params, self._replicated)
+        self.executables: dict[int, Any] = {}
+        self.eager_buckets: dict[int, str] = {}
+        self.compile_seconds: dict[int, float] = {}
+        self._read: Any = None
+        self._write: Any = None
+
+    # -- shapes -----------------------------------------------------------------------
+
+    def _batch_sharding(self, bucket: int) -> NamedSharding:
+        return self._split if bucket % self.mesh.size == 0 else self._replicated
+
+    def _slab_spec(self) -> Any:
+        return jax.tree.map(
+            lambda leaf, sh: jax.ShapeDtypeStruct((self.capacity, *np.shape(leaf)),
+                                                  np.asarray(leaf).dtype, sharding=sh),
+            self._host_fresh, self._slab_sharding,
+        )
+
+    def bucket_for(self, n: int) -> int:
+        """The smallest compiled bucket that holds `n` rows (the largest if none does:
+        the caller then splits)."""
+        i = bisect.bisect_left(self.buckets, n)
+        return self.buckets[min(i, len(self.buckets) - 1)]
+
+    # -- compilation ------------------------------------------------------------------
+
+    def _lower(self, bucket: int) -> Any:
+        sh = self._batch_sharding(bucket)
+        fn = jax.jit(
+            lambda p, s, x, m: _slab_step(self.static, p, s, x, m),
+            donate_argnums=(1,),
+            out_shardings=(self._slab_sharding, sh),
+        )
+        return fn.lower(
+            self._params,
+            self._slab_spec(),
+            jax.ShapeDtypeStruct((bucket, self.input_width), np.float32, sharding=sh),
+            jax.ShapeDtypeStruct((bucket, 2), np.int32, sharding=sh),
+        )
+
+    def compile(self, progress: Callable[[int, float], None] | None = None) -> dict[int, float]:
+        """Compile every bucket ahead of time (plus the slot read/write helpers used for
+        eviction), timing each. A bucket whose compilation fails is reported through
+        `on_fallback` and served by eager execution.
+
+        **Returns:** `{bucket: seconds}`; `progress(bucket, seconds)` is called after each.
+        """
+        for bucket in self.buckets:
+            t0 = time.perf_counter()
+            try:
+                self.executables[bucket] = self._lower(bucket).compile()
+            except Exception as e:  # noqa: BLE001 — every failure is reported, none hidden
+                self._fall_back(bucket, e)
+            seconds = time.perf_counter() - t0
+            self.compile_seconds[bucket] = seconds
+            if progress is not None:
+                progress(bucket, seconds)
+        slab, slot = self._slab_spec(), jax.ShapeDtypeStruct((), np.int32)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                             self._host_fresh)
+        self._read = jax.jit(_read_slot).lower(slab, slot).compile()
+        self._write = jax.jit(
+            _write_slot, donate_argnums=(0,), out_shardings=self._slab_sharding
+        ).lower(slab, slot, state).compile()
+        return dict(self.compile_seconds)
+
+    def _fall_back(self, bucket: int, error: Exception) -> None:
+        reason = type(error).__name__
+        self.executables.pop(bucket, None)
+        self.eager_buckets[bucket] = f"{reason}: {error}"
+        if self._on_fallback is not None:
+            self._on_fallback(f"slab_step[{bucket}]", reason)
+
+    # -- running ----------------------------------------------------------------------
+
+    def init_slab(self) -> EnactiveState:
+        """A slab of `capacity` fresh streams, on the device(s)."""
+        host = jax.tree.map(
+            lambda leaf: np.broadcast_to(leaf, (self.capacity, *np.shape(leaf))).copy(),
+            self._host_fresh,
+        )
+        return self.put_slab(host)
+
+    def put_slab(self, host: Any) -> EnactiveState:
+        """Place a host (numpy) slab — e.g. one read from a checkpoint — on the device(s)."""
+        return jax.device_put(host, self._slab_sharding)
+
+    def __call__(
+        self, slab: EnactiveState, x: np.ndarray, meta: np.ndarray
+    ) -> tuple[EnactiveState, jax.Array, bool]:
+        """Step one padded batch.
+
+        **Arguments:**
+
+        - `slab`: the current slab (donated: do not use it afterwards).
+        - `x`: float32 `(B, D+P+T+M)`, B a compiled bucket; absent modalities zero-filled.
+        - `meta`: int32 `(B, 2)`: slot, flags (presence bits 0–3, `FLAG_VALID`,
+            `FLAG_RESET`). Valid rows must name distinct slots.
+
+        **Returns:** `(new_slab, records, eager)`: records float32 `(B, K+D+P+M+3)` on the
+        device (`RECORD_FIELDS` order), `eager` True when the eager fallback made them.
+        """
+        bucket = x.shape[0]
+        exe = self.executables.get(bucket)
+        if exe is None and bucket not in self.eager_buckets:
+            raise KeyError(f"batch size {bucket} is not a compiled bucket {self.buckets}")
+        sh = self._batch_sharding(bucket)
+        xs, ms = jax.device_put((x, meta), sh)
+        if exe is not None:
+            try:
+                new_slab, records = exe(self._params, slab, xs, ms)
+                return new_slab, records, False
+            except Exception as e:  # noqa: BLE001
+                if any(leaf.is_deleted() for leaf in jax.tree.leaves(slab)):
+                    raise
+                self._fall_back(bucket, e)
+        with jax.disable_jit():
+            new_slab, records = _slab_step(self.static, self._params, slab, xs, ms)
+        return new_slab, records, True
+
+    def run(
+        self,
+        slab: EnactiveState,
+        slots: np.ndarray,
+        x: np.ndarray,
+        present: np.ndarray | None = None,
+        reset: np.ndarray | None = None,
+    ) -> tuple[EnactiveState, np.ndarray]:
+        """Step any number of rows: pad up to a compiled bucket, or split beyond the
+        largest. Never compiles.
+
+        **Arguments:** `slots` int `(n,)` distinct; `x` float32 `(n, D+P+T+M)`; `present`
+        bool `(n, 4)` (default all); `reset` bool `(n,)` (default none).
+
+        **Returns:** `(new_slab, records)`, records a numpy float32 `(n, K+D+P+M+3)`.
+        """
+        n = len(slots)
+        flags = np.full(n, FLAG_VALID, np.int32)
+        present = np.ones((n, 4), bool) if present is None else np.asarray(present, bool)
+        flags |= (present * (1 << np.arange(4))).sum(axis=1).astype(np.int32)
+        if reset is not None:
+            flags |= np.where(reset, FLAG_RESET, 0).astype(np.int32)
+        out = np.empty((n, self.record_width), np.float32)
+        start = 0
+        while start < n:
+            bucket = self.bucket_for(n - start)
+            rows = min(bucket, n - start)
+            xb = np.zeros((bucket, self.input_width), np.float32)
+            mb = np.zeros((bucket, 2), np.int32)
+            xb[:rows] = x[start:start + rows]
+            mb[:rows, 0] = slots[start:start + rows]
+            mb[:rows, 1] = flags[start:start + rows]
+            slab, records, _ = self(slab, xb, mb)
+            out[start:start + rows] = np.asarray(records)[:rows]
+            start += rows
+        return slab, out
+
+    def read_slot(self, slab: EnactiveState, slot: int) -> Any:
+        """One stream's state as host numpy arrays (for eviction)."""
+        return jax.device_get(self._read(slab, np.int32(slot)))
+
+    def write_slot(self, slab: EnactiveState, slot: int, state: Any) -> EnactiveState:
+        """Put one stream's host state into `slot` (the slab is donated)."""
+        return self._write(slab, np.int32(slot), state)

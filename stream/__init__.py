@@ -1,0 +1,1 @@
+"""Real-time sensor stream pipeline and daemon."""

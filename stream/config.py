@@ -1,0 +1,512 @@
+"""The daemon's configuration: one frozen, validated object, loaded once.
+
+Layers, later wins: built-in defaults, then a TOML file, then `ENACTIVE_<SECTION>_<KEY>`
+environment variables, then overrides (`{"section.key": value}`, e.g. from CLI flags).
+Every value is checked at load; a bad one raises `ConfigError` naming `section.key`, the
+value, where it came from and what is allowed. The reference is `docs/configuration.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .protocol import Dims
+
+__all__ = [
+    "EMBEDDED_DEFAULT_OVERRIDES",
+    "BatchingConfig",
+    "Config",
+    "ConfigError",
+    "DeviceConfig",
+    "IngestConfig",
+    "LogConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "StateConfig",
+    "SyntheticConfig",
+    "load_config",
+    "parse_address",
+]
+
+ENV_PREFIX = "ENACTIVE_"
+ENV_CONFIG_FILE = "ENACTIVE_CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# What `enactive-stream run` with no arguments uses on top of the defaults.
+EMBEDDED_DEFAULT_OVERRIDES: Mapping[str, object] = {
+    "synthetic.streams": 64,
+    "synthetic.rate_hz": 100.0,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid."""
+
+
+def parse_address(s: str) -> tuple[str, int]:
+    """Split a `host:port` address; IPv6 hosts go in brackets (`[::1]:7400`).
+
+    **Arguments:**
+
+    - `s`: the address, e.g. `"127.0.0.1:7400"`, `"localhost:0"`, `"[::1]:7400"`.
+
+    **Returns:**
+
+    `(host, port)` with the brackets of an IPv6 host removed and `port` in 0..65535.
+
+    **Raises:**
+
+    `ValueError` when the host is empty, the port is not an integer in 0..65535, or an
+    IPv6 host lacks brackets.
+    """
+    if not isinstance(s, str):
+        raise ValueError(f"address must be a string 'host:port', got {s!r}")
+    if s.startswith("["):
+        host, sep, rest = s[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"address {s!r}: expected '[ipv6-host]:port'")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = s.rpartition(":")
+        if not sep:
+            raise ValueError(f"address {s!r}: expected 'host:port'")
+        if ":" in host:
+            raise ValueError(f"address {s!r}: an IPv6 host needs brackets, e.g. '[::1]:7400'")
+    if not host or host != host.strip() or any(c.isspace() for c in host):
+        raise ValueError(f"address {s!r}: the host must be non-empty, without spaces")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"address {s!r}: the port must be an integer in [0, 65535]")
+    return host, int(port_text)
+
+
+# --- rules: one per kind of value -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Int:
+    lo: int
+    hi: int
+
+    def check(self, v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not self.lo <= v <= self.hi:
+            raise _Bad(f"must be an integer in [{self.lo}, {self.hi}]")
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Float:
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def check(self, v: object) -> float:
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            above = self.lo < v if self.lo_open else self.lo <= v
+            if above and v <= self.hi:
+                return float(v)
+        bracket = "(" if self.lo_open else "["
+        raise _Bad(f"must be a number in {bracket}{_num(self.lo)}, {_num(self.hi)}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bool:
+    def check(self, v: object) -> bool:
+        if not isinstance(v, bool):
+            raise _Bad("must be a boolean (true or false)")
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Str:
+    choices: tuple[str, ...] = ()
+
+    def check(self, v: object) -> str:
+        if self.choices and v not in self.choices:
+            raise _Bad(f"must be one of {', '.join(repr(c) for c in self.choices)}")
+        if not isinstance(v, str):
+            raise _Bad("must be a string")
+        return os.path.expanduser(v) if not self.choices else v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Address:
+    def check(self, v: object) -> str:
+        if not isinstance(v, str):
+            raise _Bad('must be a string "host:port" (or "" for off)')
+        if v:
+            try:
+                parse_address(v)
+            except ValueError:
+                raise _Bad(
+                    'must be "host:port" with a non-empty host and a port in [0, 65535] '
+                    '("[::1]:7400" for IPv6), or "" for off'
+                ) from None
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _IntList:
+    length: int | None  # exact length, or None for "non-empty, strictly increasing"
+    lo: int
+    hi: int
+
+    def check(self, v: object) -> tuple[int, ...]:
+        if self.length is None:
+            what = f"a non-empty, strictly increasing list of integers in [{self.lo}, {self.hi}]"
+        else:
+            what = f"a list of {self.length} integers in [{self.lo}, {self.hi}]"
+        if not isinstance(v, list | tuple) or not v:
+            raise _Bad(f"must be {what}")
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int) or not self.lo <= x <= self.hi:
+                raise _Bad(f"must be {what}")
+        if self.length is not None and len(v) != self.length:
+            raise _Bad(f"must be {what}")
+        if self.length is None and any(a >= b for a, b in itertools.pairwise(v)):
+            fixed = _toml_value(sorted(set(v)))
+            raise _Bad(f"must be {what}; unsorted or repeated, did you mean {fixed}?")
+        return tuple(v)
+
+
+_Rule = _Int | _Float | _Bool | _Str | _Address | _IntList
+
+
+class _Bad(Exception):
+    """Internal: a rule rejected a value; `load_config` turns it into a `ConfigError`."""
+
+
+def _f(default: Any, rule: _Rule) -> Any:
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# --- sections ---------------------------------------------------------------------------
+
+_QUEUE = _Int(1, 1 << 24)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """`[ingest]`: sensor listeners and the bounded ingest queue."""
+
+    tcp: str = _f("127.0.0.1:7400", _Address())
+    udp: str = _f("127.0.0.1:7400", _Address())
+    max_frame_bytes: int = _f(1 << 20, _Int(64, 64 << 20))
+    queue: int = _f(8192, _QUEUE)
+    udp_buffer: int = _f(8192, _QUEUE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutputConfig:
+    """`[output]`: where integrated moments go."""
+
+    tcp: str = _f("127.0.0.1:7401", _Address())
+    jsonl: str = _f("", _Str())
+    stdout: bool = _f(False, _Bool())
+    subscriber_buffer: int = _f(4096, _QUEUE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`[metrics]`: the HTTP endpoint for /metrics, /healthz, /readyz."""
+
+    listen: str = _f("127.0.0.1:9400", _Address())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """`[batching]`: fixed batch buckets and the batch deadline."""
+
+    buckets: tuple[int, ...] = _f((1, 8, 64, 256), _IntList(None, 1, 65536))
+    max_wait_ms: float = _f(2.0, _Float(0, 1000))
+    adaptive: bool = _f(False, _Bool())
+    slo_p99_ms: float = _f(5.0, _Float(0, 60000, lo_open=True))
+
+
+_DIM = _Int(1, 4096)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """`[model]`: model sizes, seed and weights file."""
+
+    state_dim: int = _f(32, _DIM)
+    proprio_dim: int = _f(64, _DIM)
+    tactile_dim: int = _f(32, _DIM)
+    motor_dim: int = _f(32, _DIM)
+    retention_depth: int = _f(10, _DIM)
+    protention_horizon: int = _f(5, _DIM)
+    hidden_dim: int = _f(64, _DIM)
+    som_grid: tuple[int, int] = _f((20, 20), _IntList(2, 1, 128))
+    attention_heads: int = _f(2, _DIM)
+    seed: int = _f(0, _Int(0, (1 << 32) - 1))
+    params: str = _f("", _Str())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StateConfig:
+    """`[state]`: checkpoint directory and cadence, stream-table size."""
+
+    dir: str = _f("", _Str())
+    checkpoint_interval_s: float = _f(5.0, _Float(0, 86400, lo_open=True))
+    max_streams: int = _f(4096, _Int(1, 10_000_000))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyntheticConfig:
+    """`[synthetic]`: the built-in synthetic sensor feed (0 streams = off)."""
+
+    streams: int = _f(0, _Int(0, 1_000_000))
+    rate_hz: float = _f(100.0, _Float(0, 100_000, lo_open=True))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """`[device]`: accelerators and the persistent compilation cache."""
+
+    count: int = _f(1, _Int(1, 4096))
+    compilation_cache_dir: str = _f("", _Str())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogConfig:
+    """`[log]`: log level and the live status line."""
+
+    level: str = _f("info", _Str(LOG_LEVELS))
+    status_interval_s: float = _f(1.0, _Float(0, 3600))
+
+
+_SECTIONS: dict[str, type] = {
+    "ingest": IngestConfig,
+    "output": OutputConfig,
+    "metrics": MetricsConfig,
+    "batching": BatchingConfig,
+    "model": ModelConfig,
+    "state": StateConfig,
+    "synthetic": SyntheticConfig,
+    "device": DeviceConfig,
+    "log": LogConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration; build it with `load_config`."""
+
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    state: StateConfig = dataclasses.field(default_factory=StateConfig)
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    @property
+    def dims(self) -> Dims:
+        """Input modality sizes: `Dims(state_dim, proprio_dim, tactile_dim, motor_dim)`."""
+        m = self.model
+        return Dims(m.state_dim, m.proprio_dim, m.tactile_dim, m.motor_dim)
+
+    def as_dict(self) -> dict[str, dict[str, object]]:
+        """Returns `{section: {key: value}}`, tuples as lists (JSON- and TOML-ready)."""
+        return {
+            name: {
+                f.name: list(v) if isinstance(v := getattr(section, f.name), tuple) else v
+                for f in dataclasses.fields(section)
+            }
+            for name in _SECTIONS
+            for section in [getattr(self, name)]
+        }
+
+    def to_toml(self) -> str:
+        """Returns the effective configuration as TOML; `load_config` reads it back equal."""
+        blocks = []
+        for name, values in self.as_dict().items():
+            lines = [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            blocks.append("\n".join(lines) + "\n")
+        return "\n".join(blocks)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        out = []
+        for c in v:
+            if c in '"\\':
+                out.append("\\" + c)
+            elif ord(c) < 0x20 or ord(c) == 0x7F:
+                out.append(f"\\u{ord(c):04x}")
+            else:
+                out.append(c)
+        return '"' + "".join(out) + '"'
+    return repr(v)
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Load, layer and validate the configuration.
+
+    **Arguments:**
+
+    - `path`: a TOML file; `None` reads the file named by `ENACTIVE_CONFIG` if set, else none.
+    - `env`: the environment (default `os.environ`). Only `ENACTIVE_*` keys are read, plus
+        `XDG_STATE_HOME` / `XDG_CACHE_HOME` for default directories. Values are parsed as
+        TOML values where possible (`"[1, 8]"` is a list, `"true"` a bool), else taken as
+        strings.
+    - `overrides`: `{"section.key": value}`, applied last; string values for non-string
+        keys are parsed like environment values.
+
+    **Returns:**
+
+    A frozen `Config`, with `state.dir` and `device.compilation_cache_dir` resolved.
+
+    **Raises:**
+
+    `ConfigError` on a missing or unparsable file, an unknown section or key, or a bad value.
+    """
+    env = os.environ if env is None else env
+    raw: _Raw = {name: {} for name in _SECTIONS}
+    if path is None and env.get(ENV_CONFIG_FILE):
+        path = env[ENV_CONFIG_FILE]
+    if path is not None:
+        for section, table in _read_file(path).items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _set(raw, section, key, value, f"file {os.fspath(path)}")
+    for var, text in env.items():
+        if var.startswith(ENV_PREFIX) and var != ENV_CONFIG_FILE:
+            section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
+            _set(raw, section, key, _from_text(section, key, text), f"environment {var}")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if isinstance(value, str):
+            value = _from_text(section, key, value)
+        _set(raw, section, key, value, f"override {dotted}")
+    sections = {name: _build(name, cls, raw[name]) for name, cls in _SECTIONS.items()}
+    cfg = Config(**sections)
+    _check_cross(cfg, raw)
+    return _resolve_dirs(cfg, env)
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{os.fspath(path)}: invalid TOML: {exc}") from None
+
+
+def _field_rule(section: str, key: str) -> _Rule | None:
+    cls = _SECTIONS.get(section)
+    if cls is None:
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return f.metadata["rule"]
+    return None
+
+
+_Raw = dict[str, dict[str, tuple[object, str]]]  # section -> key -> (value, origin)
+
+
+def _set(raw: _Raw, section: str, key: str, value: object, origin: str) -> None:
+    if section not in _SECTIONS:
+        raise ConfigError(
+            f"unknown section [{section}] (from {origin}); "
+            f"valid sections: {', '.join(_SECTIONS)}{_did_you_mean(section, _SECTIONS)}"
+        )
+    names = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+    if key not in names:
+        raise ConfigError(
+            f"unknown key {section}.{key} (from {origin}); "
+            f"valid keys in [{section}]: {', '.join(names)}{_did_you_mean(key, names)}"
+        )
+    raw[section][key] = (value, origin)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _from_text(section: str, key: str, text: str) -> object:
+    """Parses an env/CLI string as a TOML value; plain text stays a string."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    rule = _field_rule(section, key)
+    if isinstance(rule, _Str | _Address) and not isinstance(value, str):
+        return text  # e.g. params = 123 means the file named "123"
+    return value
+
+
+def _build(name: str, cls: type, given: dict[str, tuple[object, str]]) -> Any:
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            value, origin = given[f.name]
+            try:
+                values[f.name] = f.metadata["rule"].check(value)
+            except _Bad as bad:
+                raise ConfigError(
+                    f"{name}.{f.name} = {_toml_value(value)}: {bad} (from {origin})"
+                ) from None
+    return cls(**values)
+
+
+def _check_cross(cfg: Config, raw: _Raw) -> None:
+    heads, dim = cfg.model.attention_heads, cfg.model.state_dim
+    if dim % heads:
+        origin = raw["model"].get("attention_heads", (None, "default"))[1]
+        divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+        raise ConfigError(
+            f"model.attention_heads = {heads}: must divide model.state_dim = {dim}; "
+            f"choose one of {', '.join(map(str, divisors))} (from {origin})"
+        )
+
+
+def _resolve_dirs(cfg: Config, env: Mapping[str, str]) -> Config:
+    def base(var: str, fallback: str) -> Path:
+        xdg = env.get(var, "")
+        if xdg and os.path.isabs(xdg):
+            return Path(xdg)
+        return Path(env.get("HOME") or Path.home()) / fallback
+
+    state, device = cfg.state, cfg.device
+    if not state.dir:
+        state_dir = base("XDG_STATE_HOME", ".local/state") / "enactive-stream"
+        state = dataclasses.replace(state, dir=str(state_dir))
+    if not device.compilation_cache_dir:
+        cache_dir = base("XDG_CACHE_HOME", ".cache") / "enactive-stream" / "jax"
+        device = dataclasses.replace(device, compilation_cache_dir=str(cache_dir))
+    return dataclasses.replace(cfg, state=state, device=device)

@@ -1,0 +1,345 @@
+"""Every Prometheus metric the daemon exposes, in one place.
+
+`Metrics` owns its metric objects and registers them on the `registry` it is given (a new
+`CollectorRegistry` by default, never the process-global one). Names use the `enactive_`
+prefix, base units and `_total` counters; known label sets start at 0 so dashboards and
+`rate()` see every series from the first scrape. No label ever carries a stream id. The
+reference, with a PromQL example per metric, is `docs/metrics.md`.
+
+Hot-path helpers (`received`, `reject`, `observe_stage`, ...) look up pre-bound label
+children in dicts. A label value outside the known set is recorded as `"other"`, so no
+caller can grow the number of series without bound.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+
+from .protocol import REASONS
+
+__all__ = [
+    "BATCH_FILL_BUCKETS",
+    "CHECKPOINT_BUCKETS",
+    "DROP_REASONS",
+    "JIT_FALLBACK_REASONS",
+    "JIT_PROCESSORS",
+    "LATENCY_BUCKETS",
+    "PHASES",
+    "SINKS",
+    "SINK_DROP_REASONS",
+    "SOURCES",
+    "STAGES",
+    "Metrics",
+]
+
+SOURCES = ("tcp", "udp", "json", "synthetic", "nats", "mqtt", "lsl", "replay")
+DROP_REASONS = ("overload", "slow_sink")
+STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
+PHASES = ("warmup", "runtime")
+SINKS = ("tcp", "jsonl", "stdout", "nats", "mqtt")
+SINK_DROP_REASONS = ("slow_sink", "error")
+JIT_PROCESSORS = ("temporal", "body_schema", "step")
+JIT_FALLBACK_REASONS = ("compile_error", "runtime_error")
+OTHER = "other"
+
+# Seconds, roughly log-spaced from 50 µs to 5 s, finer around the 1-10 ms batch deadline.
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 200e-6, 500e-6,
+    1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3,
+    10e-3, 20e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0,
+)  # fmt: skip
+BATCH_FILL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+CHECKPOINT_BUCKETS = (1e-3, 5e-3, 10e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _QueueDepthCollector:
+    """Reads `enactive_queue_depth{stage}` from registered callables at scrape time."""
+
+    def __init__(self) -> None:
+        self.watched: dict[str, Callable[[], int]] = {}
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "enactive_queue_depth", "Items waiting in a pipeline queue.", labels=["stage"]
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for stage, fn in list(self.watched.items()):
+            try:
+                depth = float(fn())
+            except Exception:  # a scrape must not fail because one queue went away
+                continue
+            family.add_metric([stage], depth)
+        yield family
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """The daemon's metrics, registered on one registry.
+
+    **Arguments:**
+
+    - `registry`: where to register; default a new `CollectorRegistry()`.
+    - `buckets`: the batch buckets (batch sizes, ints); `batches_total` and
+        `jit_compile_seconds` start with one series per bucket.
+    - `version`, `jax_version`, `backend`: build metadata for `enactive_build_info`
+        (defaults: installed distribution versions and `"unknown"`; see `set_build_info`).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        buckets: Sequence[int] = (),
+        version: str | None = None,
+        jax_version: str | None = None,
+        backend: str = "unknown",
+    ) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self.buckets = tuple(int(b) for b in buckets)
+
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(f"enactive_{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(f"enactive_{name}", doc, labels, registry=r)
+
+        def histogram(
+            name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
+        ) -> Histogram:
+            return Histogram(f"enactive_{name}", doc, labels, registry=r, buckets=buckets)
+
+        self.frames_received = counter(
+            "frames_received_total", "Frames received, by transport.", ["source"]
+        )
+        self.frames_rejected = counter(
+            "frames_rejected_total", "Frames rejected by protocol checks.", ["source", "reason"]
+        )
+        self.frames_dropped = counter(
+            "frames_dropped_total", "Well-formed frames dropped by overload policy.", ["reason"]
+        )
+        self.frames_processed = counter(
+            "frames_processed_total", "Frames stepped through the model."
+        )
+        self.batches = counter("batches_total", "Device batches, by bucket size.", ["bucket"])
+        self.batch_fill = histogram(
+            "batch_fill_ratio", "Real rows / bucket size of each batch.", BATCH_FILL_BUCKETS
+        )
+        self.stage_latency = histogram(
+            "stage_latency_seconds", "Time spent in one pipeline stage.", LATENCY_BUCKETS,
+            ["stage"],
+        )  # fmt: skip
+        self.end_to_end = histogram(
+            "end_to_end_latency_seconds", "From a frame's receipt to its moment's emission.",
+            LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.jit_fallbacks = counter(
+            "jit_fallback_total", "Steps that fell back from compiled to eager code.",
+            ["processor", "reason"],
+        )  # fmt: skip
+        self.jit_compilations = counter(
+            "jit_compilations_total", "XLA compilations, at warm-up or at runtime.", ["phase"]
+        )
+        self.jit_compile_seconds = gauge(
+            "jit_compile_seconds", "Seconds the bucket's executable took to compile.", ["bucket"]
+        )
+        self.active_streams = gauge("active_streams", "Streams holding a state slot.")
+        self.ready = gauge("ready", "1 once every bucket is compiled and sources are bound.")
+        self.checkpoints = counter("state_checkpoints_total", "State checkpoints written.")
+        self.checkpoint_seconds = histogram(
+            "checkpoint_seconds", "Time to write one state checkpoint.", CHECKPOINT_BUCKETS
+        )
+        self.evictions = counter("state_evictions_total", "Idle stream states evicted.")
+        self.restores = counter("state_restores_total", "Stream states restored.")
+        self.moments_emitted = counter(
+            "moments_emitted_total", "Moments delivered, by sink.", ["sink"]
+        )
+        self.moments_dropped = counter(
+            "moments_dropped_total", "Moments a sink could not take.", ["sink", "reason"]
+        )
+        self.subscribers = gauge("subscribers", "Connected TCP moment subscribers.")
+        self.build = Info("enactive_build", "Build metadata; the value is always 1.", registry=r)
+        self._queues = _QueueDepthCollector()
+        r.register(self._queues)
+
+        # Pre-bound children: known label sets exist (at 0) from the first scrape.
+        self._received = {s: self.frames_received.labels(s) for s in SOURCES}
+        self._rejected = {
+            (s, why): self.frames_rejected.labels(s, why) for s in SOURCES for why in REASONS
+        }
+        self._dropped = {why: self.frames_dropped.labels(why) for why in DROP_REASONS}
+        self._batches = {b: self.batches.labels(str(b)) for b in self.buckets}
+        self._compile_s = {b: self.jit_compile_seconds.labels(str(b)) for b in self.buckets}
+        self._stage = {s: self.stage_latency.labels(s) for s in STAGES}
+        self._phase = {p: self.jit_compilations.labels(p) for p in PHASES}
+        self._fallback = {
+            (p, why): self.jit_fallbacks.labels(p, why)
+            for p in JIT_PROCESSORS
+            for why in JIT_FALLBACK_REASONS
+        }
+        self._emitted = {s: self.moments_emitted.labels(s) for s in SINKS}
+        self._sink_dropped = {
+            (s, why): self.moments_dropped.labels(s, why)
+            for s in SINKS
+            for why in SINK_DROP_REASONS
+        }
+        self.ready.set(0)
+        self.set_build_info(
+            version=version or _version("enactive-stream"),
+            jax=jax_version or _version("jax"),
+            backend=backend,
+        )
+
+    # --- hot path -----------------------------------------------------------------------
+
+    def received(self, source: str, n: int = 1) -> None:
+        """Counts `n` frames received from `source` (one of `SOURCES`)."""
+        child = self._received.get(source)
+        if child is None:
+            child = _other(self.frames_received, (source, SOURCES))
+        child.inc(n)
+
+    def reject(self, source: str, reason: str) -> None:
+        """Counts one frame rejected from `source` for `reason` (one of `protocol.REASONS`)."""
+        child = self._rejected.get((source, reason))
+        if child is None:
+            child = _other(self.frames_rejected, (source, SOURCES), (reason, REASONS))
+        child.inc()
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Counts `n` well-formed frames dropped for `reason` (one of `DROP_REASONS`)."""
+        child = self._dropped.get(reason)
+        if child is None:
+            child = _other(self.frames_dropped, (reason, DROP_REASONS))
+        child.inc(n)
+
+    def processed(self, n: int) -> None:
+        """Counts `n` frames stepped through the model."""
+        self.frames_processed.inc(n)
+
+    def batch(self, bucket: int, rows: int) -> None:
+        """Records one batch of `rows` real frames padded to `bucket` rows."""
+        child = self._batches.get(bucket)
+        if child is None:
+            child = self.batches.labels(OTHER)
+        child.inc()
+        self.batch_fill.observe(rows / bucket if bucket > 0 else 0.0)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Records the time one frame (or batch) spent in `stage` (one of `STAGES`)."""
+        child = self._stage.get(stage)
+        if child is None:
+            child = _other(self.stage_latency, (stage, STAGES))
+        child.observe(seconds)
+
+    def observe_stage_many(self, stage: str, seconds: Iterable[float]) -> None:
+        """Records one `stage` latency per frame of a batch, in seconds."""
+        child = self._stage.get(stage)
+        if child is None:
+            child = _other(self.stage_latency, (stage, STAGES))
+        observe = child.observe
+        for s in seconds:
+            observe(s)
+
+    def observe_end_to_end(self, seconds: Iterable[float]) -> None:
+        """Records end-to-end latencies, one per emitted moment, in seconds."""
+        observe = self.end_to_end.observe
+        for s in seconds:
+            observe(s)
+
+    def emitted(self, sink: str, n: int = 1) -> None:
+        """Counts `n` moments delivered to `sink` (one of `SINKS`)."""
+        child = self._emitted.get(sink)
+        if child is None:
+            child = _other(self.moments_emitted, (sink, SINKS))
+        child.inc(n)
+
+    def sink_drop(self, sink: str, reason: str, n: int = 1) -> None:
+        """Counts `n` moments `sink` could not take, for `reason` (`SINK_DROP_REASONS`)."""
+        child = self._sink_dropped.get((sink, reason))
+        if child is None:
+            child = _other(self.moments_dropped, (sink, SINKS), (reason, SINK_DROP_REASONS))
+        child.inc(n)
+
+    # --- lifecycle and state ------------------------------------------------------------
+
+    def jit_fallback(self, processor: str, reason: str) -> None:
+        """Counts one eager fallback of `processor` for `reason`."""
+        child = self._fallback.get((processor, reason))
+        if child is None:
+            labels = ((processor, JIT_PROCESSORS), (reason, JIT_FALLBACK_REASONS))
+            child = _other(self.jit_fallbacks, *labels)
+        child.inc()
+
+    def jit_compiled(self, phase: str, n: int = 1) -> None:
+        """Counts `n` compilations in `phase` (`"warmup"` or `"runtime"`)."""
+        child = self._phase.get(phase)
+        if child is None:
+            child = _other(self.jit_compilations, (phase, PHASES))
+        child.inc(n)
+
+    def set_compile_seconds(self, bucket: int, seconds: float) -> None:
+        """Sets how long `bucket`'s executable took to compile."""
+        child = self._compile_s.get(bucket)
+        if child is None:
+            child = self.jit_compile_seconds.labels(OTHER)
+        child.set(seconds)
+
+    def checkpointed(self, seconds: float) -> None:
+        """Records one checkpoint that took `seconds` to write."""
+        self.checkpoints.inc()
+        self.checkpoint_seconds.observe(seconds)
+
+    def evicted(self, n: int = 1) -> None:
+        """Counts `n` stream states evicted from the slab."""
+        self.evictions.inc(n)
+
+    def restored(self, n: int = 1) -> None:
+        """Counts `n` stream states restored into the slab."""
+        self.restores.inc(n)
+
+    def set_ready(self, ready: bool) -> None:
+        """Sets `enactive_ready` to 1 or 0."""
+        self.ready.set(1 if ready else 0)
+
+    def set_build_info(self, *, version: str, jax: str, backend: str) -> None:
+        """Sets the labels of `enactive_build_info` (e.g. once the JAX backend is known)."""
+        self.build.info({"version": version, "jax": jax, "backend": backend})
+
+    def watch_queue(self, stage: str, depth: Callable[[], int]) -> None:
+        """Reports `depth()` as `enactive_queue_depth{stage}` at every scrape."""
+        self._queues.watched[stage] = depth
+
+    def unwatch_queue(self, stage: str) -> None:
+        """Stops reporting `stage`'s queue depth."""
+        self._queues.watched.pop(stage, None)
+
+    def exposition(self) -> bytes:
+        """Returns the registry in the Prometheus text format (version 0.0.4)."""
+        return generate_latest(self.registry)
+
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
+
+def _other(metric: _M, *pairs: tuple[str, Sequence[str]]) -> _M:
+    """The child for label values outside the known sets: each unknown one is `"other"`."""
+    return metric.labels(*(value if value in known else OTHER for value, known in pairs))
