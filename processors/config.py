@@ -24,7 +24,9 @@ def _float_in(cls: str, name: str, value: Any, lo: float, hi: float, *, open_lo:
         ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
     if not ok:
         left, right = "(" if open_lo else "[", ")" if open_hi else "]"
-        raise ModelConfigError(f"{cls}.{name} = {value!r}: must be a number in {left}{lo}, {hi}{right}")
+        raise ModelConfigError(
+            f"{cls}.{name} = {value!r}: must be a number in {left}{lo}, {hi}{right}"
+        )
 
 
 MAX_DIM = 4096
@@ -146,15 +148,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.moment_dim is None:
             object.__setattr__(self, "moment_dim", self.state_dim)
-        _int_in(type(self).__name__, "moment_dim", self.moment_dim, 1, MAX_DIM)
         try:
-            self.temporal
-            self.body
+            _ = self.temporal
+            # The normalised (hashable) tuple: this config is a static field of the model.
+            object.__setattr__(self, "som_grid", self.body.som_grid)
         except ModelConfigError as e:
             raise ModelConfigError(
                 str(e).replace("TemporalConfig.", "ModelConfig.").replace(
                     "BodySchemaConfig.", "ModelConfig.")
             ) from None
+        _int_in(type(self).__name__, "moment_dim", self.moment_dim, 1, MAX_DIM)
 
     @property
     def temporal(self) -> TemporalConfig:

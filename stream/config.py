@@ -262,6 +262,7 @@ class StateConfig:
     dir: str = _f("", _Str())
     checkpoint_interval_s: float = _f(5.0, _Float(0, 86400, lo_open=True))
     max_streams: int = _f(4096, _Int(1, 10_000_000))
+    max_known_streams: int = _f(65536, _Int(1, 100_000_000))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -397,7 +398,10 @@ def load_config(
     if path is not None:
         for section, table in _read_file(path).items():
             if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+                raise ConfigError(
+                    f"{os.fspath(path)}: top-level key {section!r} must be inside a [section]; "
+                    f"valid sections: {', '.join(_SECTIONS)}"
+                )
             for key, value in table.items():
                 _set(raw, section, key, value, f"file {os.fspath(path)}")
     for var, text in env.items():
@@ -485,6 +489,19 @@ def _build(name: str, cls: type, given: dict[str, tuple[object, str]]) -> Any:
 
 
 def _check_cross(cfg: Config, raw: _Raw) -> None:
+    largest = max(cfg.batching.buckets)
+    if cfg.state.max_streams < largest:
+        origin = raw["state"].get("max_streams", (None, "default"))[1]
+        raise ConfigError(
+            f"state.max_streams = {cfg.state.max_streams}: must be at least the largest "
+            f"batching bucket, {largest} (from {origin})"
+        )
+    if cfg.state.max_known_streams < cfg.state.max_streams:
+        origin = raw["state"].get("max_known_streams", (None, "default"))[1]
+        raise ConfigError(
+            f"state.max_known_streams = {cfg.state.max_known_streams}: must be at least "
+            f"state.max_streams = {cfg.state.max_streams} (from {origin})"
+        )
     heads, dim = cfg.model.attention_heads, cfg.model.state_dim
     if dim % heads:
         origin = raw["model"].get("attention_heads", (None, "default"))[1]

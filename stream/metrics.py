@@ -27,9 +27,9 @@ __all__ = [
     "BATCH_FILL_BUCKETS",
     "CHECKPOINT_BUCKETS",
     "DROP_REASONS",
-    "JIT_FALLBACK_REASONS",
     "JIT_PROCESSORS",
     "LATENCY_BUCKETS",
+    "MAX_FALLBACK_REASONS",
     "PHASES",
     "SINKS",
     "SINK_DROP_REASONS",
@@ -44,8 +44,10 @@ STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
 PHASES = ("warmup", "runtime")
 SINKS = ("tcp", "jsonl", "stdout", "nats", "mqtt")
 SINK_DROP_REASONS = ("slow_sink", "error")
-JIT_PROCESSORS = ("temporal", "body_schema", "step")
-JIT_FALLBACK_REASONS = ("compile_error", "runtime_error")
+JIT_PROCESSORS = ("temporal", "body_schema", "slab_step")
+# Fallback reasons are the failing exception's class name (what `processors` reports); the
+# first MAX_FALLBACK_REASONS distinct ones get their own series, later ones count as "other".
+MAX_FALLBACK_REASONS = 16
 OTHER = "other"
 
 # Seconds, roughly log-spaced from 50 µs to 5 s, finer around the 1-10 ms batch deadline.
@@ -190,11 +192,7 @@ class Metrics:
         self._compile_s = {b: self.jit_compile_seconds.labels(str(b)) for b in self.buckets}
         self._stage = {s: self.stage_latency.labels(s) for s in STAGES}
         self._phase = {p: self.jit_compilations.labels(p) for p in PHASES}
-        self._fallback = {
-            (p, why): self.jit_fallbacks.labels(p, why)
-            for p in JIT_PROCESSORS
-            for why in JIT_FALLBACK_REASONS
-        }
+        self._fallback_reasons: set[str] = set()
         self._emitted = {s: self.moments_emitted.labels(s) for s in SINKS}
         self._sink_dropped = {
             (s, why): self.moments_dropped.labels(s, why)
@@ -282,12 +280,14 @@ class Metrics:
     # --- lifecycle and state ------------------------------------------------------------
 
     def jit_fallback(self, processor: str, reason: str) -> None:
-        """Counts one eager fallback of `processor` for `reason`."""
-        child = self._fallback.get((processor, reason))
-        if child is None:
-            labels = ((processor, JIT_PROCESSORS), (reason, JIT_FALLBACK_REASONS))
-            child = _other(self.jit_fallbacks, *labels)
-        child.inc()
+        """Counts one eager fallback of `processor` (one of `JIT_PROCESSORS`); `reason` is
+        the failure's exception class name, e.g. `"XlaRuntimeError"`. Rare: not cached."""
+        if reason not in self._fallback_reasons:
+            if len(self._fallback_reasons) < MAX_FALLBACK_REASONS:
+                self._fallback_reasons.add(reason)
+            else:
+                reason = OTHER
+        self.jit_fallbacks.labels(_known(processor, JIT_PROCESSORS), reason).inc()
 
     def jit_compiled(self, phase: str, n: int = 1) -> None:
         """Counts `n` compilations in `phase` (`"warmup"` or `"runtime"`)."""
@@ -337,9 +337,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _known(value: str, known: Sequence[str]) -> str:
+    return value if value in known else OTHER
+
+
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
 def _other(metric: _M, *pairs: tuple[str, Sequence[str]]) -> _M:
     """The child for label values outside the known sets: each unknown one is `"other"`."""
-    return metric.labels(*(value if value in known else OTHER for value, known in pairs))
+    return metric.labels(*(_known(value, known) for value, known in pairs))

@@ -1,0 +1,254 @@
+"""Kernel benchmark: the compiled slab step against eager execution, in one run.
+
+For every bucket it measures, with `time.perf_counter`, each figure the median of
+`repeats` timed runs:
+
+- **compiled**: the AOT-compiled `SlabStep` for that bucket, inputs already on the device,
+    called in a tight loop with the slab threaded through (donated), blocking once at the
+    end of each run — the kernel ceiling the daemon can approach;
+- **eager batch**: the same batched step (`gather → vmap(model) → scatter`) executed op by
+    op under `jax.disable_jit()` — what a bucket that failed to compile costs;
+- **eager frame**: one frame through `model(state, …)` under `jax.disable_jit()` — the
+    research framework's per-frame call. It is slow, so only `eager_frames` frames per run.
+
+`speedup` is compiled frames/s divided by eager per-frame frames/s.
+
+```
+python -m processors.bench [--quick] [--json FILE]
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .jit import get_jit_info
+from .model import EnactiveModel
+from .slab import FLAG_VALID, SlabStep, _slab_step
+
+__all__ = ["machine_info", "main", "run_kernel_bench"]
+
+ALL_PRESENT = 0b1111
+
+
+def _timed(fn: Callable[[], Any], n: int) -> float:
+    """Seconds for `n` back-to-back calls of `fn`, blocking on the last result only."""
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+
+def _seconds_per_call(fn: Callable[[], Any], repeats: int, min_time: float) -> float:
+    """Median seconds per call over `repeats` runs, each run at least `min_time` long."""
+    jax.block_until_ready(fn())  # warm-up: first-call costs are not the steady state
+    n, elapsed = 1, _timed(fn, 1)
+    while elapsed < min_time:
+        n = max(2 * n, int(n * 1.2 * min_time / max(elapsed, 1e-9)))
+        elapsed = _timed(fn, n)
+    samples = [elapsed / n] + [_timed(fn, n) / n for _ in range(repeats - 1)]
+    return statistics.median(samples)
+
+
+def _batch(step: SlabStep, bucket: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(bucket, step.input_width)).astype(np.float32)
+    meta = np.stack(
+        [np.arange(bucket, dtype=np.int32), np.full(bucket, FLAG_VALID | ALL_PRESENT, np.int32)],
+        axis=1,
+    )
+    return x, meta
+
+
+def _eager_frame_seconds(model: EnactiveModel, repeats: int, frames: int) -> float:
+    """Median seconds of one eager per-frame call of `model`."""
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    sensory, proprio, tactile, motor = (
+        jnp.asarray(rng.normal(size=n).astype(np.float32))
+        for n in (cfg.state_dim, cfg.proprio_dim, cfg.tactile_dim, cfg.motor_dim)
+    )
+    present = jnp.ones(4, bool)
+    samples = []
+    with jax.disable_jit():
+        state, out = model(model.init_state(), sensory, proprio, tactile, motor, present)  # warm
+        jax.block_until_ready(out)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(frames):
+                state, out = model(state, sensory, proprio, tactile, motor, present)
+            jax.block_until_ready(out)
+            samples.append((time.perf_counter() - t0) / frames)
+    return statistics.median(samples)
+
+
+def run_kernel_bench(
+    config: ModelConfig | None = None,
+    buckets: Sequence[int] = (1, 8, 64, 256),
+    *,
+    repeats: int = 5,
+    min_time: float = 0.2,
+    eager_frames: int = 3,
+) -> list[dict[str, Any]]:
+    """Measure the compiled slab step, the eager batched step and the eager per-frame call.
+
+    **Arguments:**
+
+    - `config`: the model's `ModelConfig` (default: `ModelConfig()`, the original
+        framework's sizes).
+    - `buckets`: batch sizes to compile and measure.
+    - `repeats`: timed runs per figure; each figure is their median.
+    - `min_time`: the shortest a timed run of a batched step may be, in seconds (the
+        number of calls per run is chosen to reach it).
+    - `eager_frames`: frames per timed run of the eager per-frame call.
+
+    **Returns:** one dict per bucket (ascending): `bucket`, `compile_s`,
+    `compiled_step_us`, `compiled_frames_per_s`, `eager_batch_step_us`,
+    `eager_batch_frames_per_s`, `eager_frame_us`, `eager_frames_per_s`, `speedup`
+    (compiled frames/s ÷ eager per-frame frames/s) — floats except `bucket`.
+    """
+    if repeats < 1 or eager_frames < 1 or min_time < 0:
+        raise ValueError(
+            f"repeats = {repeats}, eager_frames = {eager_frames}, min_time = {min_time}: "
+            "need repeats >= 1, eager_frames >= 1, min_time >= 0"
+        )
+    config = ModelConfig() if config is None else config
+    model = EnactiveModel(config, key=jax.random.PRNGKey(0))
+    step = SlabStep(model, buckets=buckets, capacity=max(buckets))
+    compile_seconds = step.compile()
+    frame_s = _eager_frame_seconds(model, repeats, eager_frames)
+    rows = []
+    for bucket in step.buckets:
+        x, meta = _batch(step, bucket, bucket)
+        xs, ms = jax.device_put((x, meta), step._batch_sharding(bucket))
+        box = [step.init_slab()]
+
+        def compiled(box: list[Any] = box, xs: Any = xs, ms: Any = ms, b: int = bucket) -> Any:
+            box[0], records, eager = step(box[0], xs, ms)
+            if eager:
+                raise RuntimeError(f"bucket {b} ran eagerly: {step.eager_buckets.get(b)}")
+            return records
+
+        slab = step.init_slab()
+
+        def eager_batch(slab: Any = slab, xs: Any = xs, ms: Any = ms) -> Any:
+            with jax.disable_jit():
+                return _slab_step(step.static, step._params, slab, xs, ms)
+
+        step_s = _seconds_per_call(compiled, repeats, min_time)
+        eager_step_s = _seconds_per_call(eager_batch, repeats, min_time)
+        rows.append(
+            {
+                "bucket": bucket,
+                "compile_s": compile_seconds[bucket],
+                "compiled_step_us": step_s * 1e6,
+                "compiled_frames_per_s": bucket / step_s,
+                "eager_batch_step_us": eager_step_s * 1e6,
+                "eager_batch_frames_per_s": bucket / eager_step_s,
+                "eager_frame_us": frame_s * 1e6,
+                "eager_frames_per_s": 1.0 / frame_s,
+                "speedup": (bucket / step_s) * frame_s,
+            }
+        )
+    return rows
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures were measured: CPU count and model, platform, JAX and devices."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    info = get_jit_info()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": info["jax_version"],
+        "jaxlib": info["jaxlib_version"],
+        "backend": info["backend"],
+        "devices": info["devices"],
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| bucket | compile s | compiled µs/step | compiled frames/s | eager batch µs/step "
+        "| eager batch frames/s | eager µs/frame | eager frames/s | speedup |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['bucket']} | {r['compile_s']:.2f} | {r['compiled_step_us']:,.1f} "
+            f"| {r['compiled_frames_per_s']:,.0f} "
+            f"| {r['eager_batch_step_us']:,.0f} | {r['eager_batch_frames_per_s']:,.0f} "
+            f"| {r['eager_frame_us']:,.0f} | {r['eager_frames_per_s']:,.1f} "
+            f"| {r['speedup']:,.0f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m processors.bench [--quick] [--json FILE]`: run and print the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m processors.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="buckets 1, 8, 64; 3 repeats of 0.05 s; 2 eager frames"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write machine + results as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        buckets: tuple[int, ...] = (1, 8, 64)
+        kwargs: dict[str, Any] = {"repeats": 3, "min_time": 0.05, "eager_frames": 2}
+    else:
+        buckets, kwargs = (1, 8, 64, 256), {"repeats": 5, "min_time": 0.2, "eager_frames": 3}
+    config = ModelConfig()
+    machine = machine_info()
+    print(
+        f"machine: {machine['nproc']} × {machine['cpu']}, {machine['platform']}, "
+        f"jax {machine['jax']} ({machine['backend']}: {', '.join(machine['devices'])})"
+    )
+    print(f"model: {config}")
+    rows = run_kernel_bench(config, buckets, **kwargs)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "machine": machine,
+                    "config": dataclasses.asdict(config),
+                    "settings": {"buckets": list(buckets), **kwargs},
+                    "results": rows,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

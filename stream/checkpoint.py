@@ -1,0 +1,118 @@
+"""Durable state: the slab, the slot map, evicted states and sequence numbers, written
+atomically (temporary file, fsync, rename) and read back at start.
+
+One file, `<state dir>/checkpoint.npz`: the slab's leaves as arrays `slab_<i>`, the
+evicted streams' leaves stacked as `evicted_<i>`, and a JSON `meta` with the model
+fingerprint, the slot map, the evicted stream ids and the processed sequence numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .streams import StreamTable
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+FILENAME = "checkpoint.npz"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used with this configuration."""
+
+
+def save_checkpoint(directory: str | os.PathLike[str], host_slab: Any, table: StreamTable,
+                    fingerprint: dict[str, Any]) -> Path:
+    """Write everything needed to resume to `directory` atomically.
+
+    **Arguments:** `host_slab`, the slab as numpy arrays (`jax.device_get`); `table`, the
+    stream table; `fingerprint`, what must match at restore (model dims, capacity).
+
+    **Returns:** the checkpoint's path.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        f"slab_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(host_slab))
+    }
+    evicted = [(s, st) for s, st in table.evicted.items() if st is not None]
+    if evicted:
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *[st for _, st in evicted])
+        arrays.update({f"evicted_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(stacked))})
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "slots": dict(table.slot_of),
+        "evicted": [s for s, _ in evicted],
+        "seq": table.processed_seq,
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        path = directory / FILENAME
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(directory: str | os.PathLike[str], like_slab: Any, table: StreamTable,
+                    fingerprint: dict[str, Any]) -> Any | None:
+    """Read the checkpoint in `directory`, if any, into `table`.
+
+    **Arguments:** `like_slab`, a host slab of the expected structure (shapes are
+    checked against it); `table`, an empty stream table to fill; `fingerprint`, as saved.
+
+    **Returns:** the host slab, or None when there is no checkpoint.
+
+    **Raises:** `CheckpointError` when the file was written for another model or
+    capacity, or cannot be read.
+    """
+    path = Path(directory) / FILENAME
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            if meta.get("fingerprint") != fingerprint:
+                raise CheckpointError(
+                    f"{path} was written for {meta.get('fingerprint')}, this daemon runs "
+                    f"{fingerprint}; move it away to start fresh"
+                )
+            leaves, treedef = jax.tree.flatten(like_slab)
+            arrays = [data[f"slab_{i}"] for i in range(len(leaves))]
+            for got, want in zip(arrays, leaves, strict=True):
+                if got.shape != np.shape(want):
+                    raise CheckpointError(f"{path}: slab array {got.shape}, expected "
+                                          f"{np.shape(want)}; move it away to start fresh")
+            slab = treedef.unflatten(arrays)
+            evicted_ids = meta["evicted"]
+            if evicted_ids:
+                stacked = [data[f"evicted_{i}"] for i in range(len(leaves))]
+                for j, stream_id in enumerate(evicted_ids):
+                    table.evicted[stream_id] = treedef.unflatten([a[j] for a in stacked])
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read: {e}") from e
+    for stream_id, slot in meta["slots"].items():  # saved least recently used first
+        table.slot_of[stream_id] = slot
+    taken = set(table.slot_of.values())
+    table.free = [s for s in range(table.capacity - 1, -1, -1) if s not in taken]
+    table.processed_seq = {k: int(v) for k, v in meta["seq"].items()}
+    table.forget_unprocessed()
+    table.restored = set(table.processed_seq)
+    return slab

@@ -1,0 +1,153 @@
+"""`enactive-stream`: run the daemon, send simulated sensor data, inspect, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import EMBEDDED_DEFAULT_OVERRIDES, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one configuration key (repeatable)")
+
+
+def _load(args: argparse.Namespace, *, embedded: bool = False) -> Any:
+    overrides = _overrides(args)
+    if embedded:
+        overrides = {**EMBEDDED_DEFAULT_OVERRIDES, **overrides}
+    return load_config(args.config, overrides=overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    import anyio
+
+    from .daemon import Daemon
+
+    embedded = args.config is None and not os.environ.get("ENACTIVE_CONFIG")
+    config = _load(args, embedded=embedded)
+    if embedded:
+        print(f"enactive-stream: embedded default — {config.synthetic.streams} synthetic bodies "
+              f"at {config.synthetic.rate_hz:g} Hz; sensors on tcp/udp {config.ingest.tcp}, "
+              f"subscribers on {config.output.tcp}, metrics on http://{config.metrics.listen}"
+              f"/metrics", file=sys.stderr, flush=True)
+    daemon = Daemon(config, ready_file=args.ready_file)
+    anyio.run(daemon.run)
+    return 0
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from .protocol import Dims
+    from .send import send
+
+    dims = Dims(args.state_dim, args.proprio_dim, args.tactile_dim, args.motor_dim)
+    report = send(args.host, args.port, streams=args.streams, rate_hz=args.rate,
+                  duration_s=args.duration, transport=args.transport, dims=dims,
+                  seed=args.seed, connections=args.connections, prefix=args.prefix)
+    print(report)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import processors
+
+    config = _load(args)
+    processors.enable_compilation_cache(config.device.compilation_cache_dir)
+    info = {"jit": processors.get_jit_info(), "config": config.as_dict()}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: ok")
+    if args.show:
+        print(config.to_toml())
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from processors import bench
+
+    argv = ["--quick"] if args.quick else []
+    if args.json:
+        argv += ["--json", args.json]
+    return bench.main(argv) or 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enactive-stream",
+        description="Real-time sensor streams through ahead-of-time compiled JAX models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (no arguments: the embedded default)")
+    _add_config_args(run)
+    run.add_argument("--ready-file", metavar="FILE",
+                     help="write the bound ports here (JSON) once ready")
+    run.set_defaults(fn=_cmd_run)
+
+    send = sub.add_parser("send", help="a simulated sensor client")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=7400)
+    send.add_argument("--streams", type=int, default=8)
+    send.add_argument("--rate", type=float, default=100.0, help="frames/s per stream")
+    send.add_argument("--duration", type=float, default=5.0, help="seconds")
+    send.add_argument("--transport", choices=("tcp", "udp", "json"), default="tcp")
+    send.add_argument("--connections", type=int, default=1)
+    send.add_argument("--prefix", default="sim", help="stream id prefix")
+    send.add_argument("--seed", type=int, default=0)
+    send.add_argument("--state-dim", type=int, default=32)
+    send.add_argument("--proprio-dim", type=int, default=64)
+    send.add_argument("--tactile-dim", type=int, default=32)
+    send.add_argument("--motor-dim", type=int, default=32)
+    send.set_defaults(fn=_cmd_send)
+
+    info = sub.add_parser("info", help="JIT backend, devices and the effective configuration")
+    _add_config_args(info)
+    info.set_defaults(fn=_cmd_info)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    check.add_argument("--show", action="store_true", help="print the effective configuration")
+    check.set_defaults(fn=_cmd_check_config)
+
+    bench = sub.add_parser("bench", help="measure the compiled kernel against eager execution")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--json", metavar="FILE")
+    bench.set_defaults(fn=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        print(f"enactive-stream: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

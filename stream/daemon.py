@@ -1,0 +1,315 @@
+"""The daemon: one anyio task group of bounded stages.
+
+```
+ sources ──► ingest ──► admit+batcher ──► executor ──► stepped ──► integrator ──► sinks
+ tcp  (block)  stream     (one frame per     (AOT bucket   stream    (moments,     offer():
+ udp  (drop_oldest)  [queue]  stream, deadline,  step in a     [2]       latency)      subscribers,
+ synthetic (block)           ≤ limit frames)    worker thread)                         jsonl, stdout
+```
+
+Every arrow is a bounded memory object stream (or the batcher's bounded buffer), so a
+full stage slows the one before it; sources that cannot be slowed drop and count.
+`/readyz` turns 200 once every bucket is compiled and every listener is bound.
+SIGTERM/SIGINT: stop the sources, drain what was received, checkpoint, exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jax
+from anyio.abc import TaskStatus
+
+import processors
+from processors import CompilationCounter, EnactiveModel, SlabStep
+
+from .batcher import Batcher
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, parse_address
+from .executor import Executor, Stepped
+from .http import serve_http
+from .ingest import Ingest
+from .integrator import Sink, integrate
+from .metrics import Metrics
+from .protocol import Frame, FrameRejected, MomentSizes
+from .sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
+from .sources import serve_tcp, serve_udp
+from .synthetic import run_synthetic
+from .status import StatusLine
+from .streams import StreamTable
+
+__all__ = ["Daemon", "build_model"]
+
+
+def build_model(config: Config) -> EnactiveModel:
+    """The model the configuration describes: initialised from `model.seed`, then loaded
+    from `model.params` when set."""
+    m = config.model
+    model_config = processors.ModelConfig(
+        state_dim=m.state_dim, proprio_dim=m.proprio_dim, tactile_dim=m.tactile_dim,
+        motor_dim=m.motor_dim, retention_depth=m.retention_depth,
+        protention_horizon=m.protention_horizon, som_grid=tuple(m.som_grid),
+        hidden_dim=m.hidden_dim, attention_heads=m.attention_heads,
+    )
+    model = EnactiveModel(model_config, key=jax.random.PRNGKey(m.seed))
+    if m.params:
+        model = processors.load_params(model, m.params)
+    return model
+
+
+class Daemon:
+    """The whole service for one `Config`.
+
+    **Arguments:**
+
+    - `config`: the validated configuration.
+    - `metrics`: where to count (default: a fresh `Metrics` on its own registry).
+    - `status`: called with one line of live status every `log.status_interval_s`, and
+        with progress lines while buckets compile (default: print to stderr).
+    - `ready_file`: when set, the bound ports are written there (JSON, atomically) once
+        the daemon is ready — so a supervisor or a test can use port 0.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        status: Callable[[str], None] | None = None,
+        ready_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(buckets=config.batching.buckets,
+                                          backend=jax.default_backend())
+        self._status = status or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._ready_file = ready_file
+        self.ready = False
+        self.ports: dict[str, int] = {}
+        self._stop = anyio.Event()
+        self.counter: CompilationCounter | None = None
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def _prepare(self) -> tuple[SlabStep, StreamTable, Any]:
+        """Build, compile and restore (runs in a worker thread: it takes seconds)."""
+        cfg = self.config
+        processors.enable_compilation_cache(cfg.device.compilation_cache_dir)
+        devices = jax.local_devices()
+        if cfg.device.count > len(devices):
+            raise ConfigError(f"device.count = {cfg.device.count}: only {len(devices)} "
+                              f"local {jax.default_backend()} device(s) present")
+        model = build_model(cfg)
+        step = SlabStep(model, buckets=cfg.batching.buckets, capacity=cfg.state.max_streams,
+                        devices=devices[:cfg.device.count], on_fallback=self._on_fallback)
+        total = len(step.buckets)
+
+        def progress(bucket: int, seconds: float) -> None:
+            self.metrics.set_compile_seconds(bucket, seconds)
+            done = sum(1 for b in step.buckets if b in step.compile_seconds)
+            self._status(f"compiled bucket {bucket:>5} ({done}/{total}) in {seconds:.2f} s")
+
+        self._status(f"compiling {total} buckets {step.buckets} on "
+                     f"{cfg.device.count} {jax.default_backend()} device(s)…")
+        step.compile(progress)
+        table = StreamTable(step.capacity, cfg.state.max_known_streams)
+        host = load_checkpoint(cfg.state.dir, jax.device_get(step.init_slab()), table,
+                               self._fingerprint(step))
+        if host is None:
+            slab = step.init_slab()
+        else:
+            slab = step.put_slab(host)
+            self._status(f"restored {len(table.processed_seq)} streams from "
+                         f"{Path(cfg.state.dir) / 'checkpoint.npz'}")
+        return step, table, slab
+
+    def _fingerprint(self, step: SlabStep) -> dict[str, Any]:
+        m = self.config.model
+        return {"dims": [m.state_dim, m.proprio_dim, m.tactile_dim, m.motor_dim],
+                "model": [m.retention_depth, m.protention_horizon, m.hidden_dim,
+                          list(m.som_grid), m.attention_heads],
+                "capacity": step.capacity}
+
+    def _on_fallback(self, name: str, reason: str) -> None:
+        self.metrics.jit_fallback("slab_step", reason)
+        self._status(f"JIT fallback: {name} runs eagerly ({reason})")
+
+    # -- the service --------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until `request_stop()` or SIGTERM/SIGINT; `task_status.started(ports)`
+        once ready."""
+        cfg, metrics = self.config, self.metrics
+        self.counter = CompilationCounter(lambda phase: metrics.jit_compiled(phase))
+        try:
+            async with anyio.create_task_group() as outer:
+                if cfg.metrics.listen:
+                    self.ports["metrics"] = await outer.start(
+                        serve_http, parse_address(cfg.metrics.listen), metrics,
+                        lambda: self.ready,
+                    )
+                outer.start_soon(self._signals)
+                step, table, slab = await anyio.to_thread.run_sync(self._prepare)
+                await self._serve(step, table, slab, task_status)
+                outer.cancel_scope.cancel()
+        finally:
+            self.counter.close()
+            self.ready = False
+            metrics.set_ready(False)
+
+    async def _signals(self) -> None:
+        try:
+            receiver = anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
+        except (NotImplementedError, ValueError, RuntimeError):  # not the main thread
+            return
+        with receiver as signals:
+            async for signum in signals:
+                self._status(f"{signal.Signals(signum).name}: draining and checkpointing…")
+                self.request_stop()
+                return
+
+    async def _serve(self, step: SlabStep, table: StreamTable, slab: Any,
+                     task_status: TaskStatus[dict[str, int]]) -> None:
+        cfg, metrics = self.config, self.metrics
+        sizes = MomentSizes(step.model.config.moment_dim or cfg.model.state_dim,
+                            cfg.model.state_dim, cfg.model.proprio_dim, cfg.model.motor_dim)
+        ingest_send, ingest_receive = anyio.create_memory_object_stream[Frame](cfg.ingest.queue)
+        stepped_send, stepped_receive = anyio.create_memory_object_stream[Stepped](2)
+        ingest = Ingest(ingest_send, dims=cfg.dims, max_frame_bytes=cfg.ingest.max_frame_bytes,
+                        on_received=metrics.received, on_rejected=metrics.reject,
+                        on_dropped=metrics.drop)
+        batcher = Batcher(max(step.buckets), cfg.batching.max_wait_ms / 1000.0)
+        directory = cfg.state.dir
+        fingerprint = self._fingerprint(step)
+
+        def checkpoint(host_slab: Any, t: StreamTable) -> None:
+            save_checkpoint(directory, host_slab, t, fingerprint)
+
+        status = StatusLine(metrics, table, self.counter)
+        executor = Executor(step, table, slab, checkpoint=checkpoint,
+                            checkpoint_interval_s=cfg.state.checkpoint_interval_s,
+                            observe=self._observer(table, status))
+
+        def admit(frame: Frame) -> bool:
+            try:
+                table.admit(frame.stream_id, frame.seq)
+            except FrameRejected as r:
+                metrics.reject(frame.source, r.reason)
+                return False
+            metrics.observe_stage("queue", (time.monotonic_ns() - frame.received_ns) / 1e9)
+            return True
+
+        metrics.watch_queue("ingest", lambda: ingest_send.statistics().current_buffer_used)
+        metrics.watch_queue("batcher", lambda: len(batcher))
+        metrics.watch_queue("device", lambda: executor.in_flight)
+        metrics.watch_queue("integrate", lambda: stepped_send.statistics().current_buffer_used)
+
+        async with anyio.create_task_group() as sink_group:
+            sinks = await self._start_sinks(sink_group)
+            async with anyio.create_task_group() as pipeline:
+                pipeline.start_soon(batcher.collect, ingest_receive, admit)
+                pipeline.start_soon(executor.run, batcher, stepped_send)
+                pipeline.start_soon(
+                    lambda: integrate(stepped_receive, sinks, sizes,
+                                      observe=self._observer(table, status)))
+                async with ingest_send, anyio.create_task_group() as sources:
+                    await self._start_sources(sources, ingest)
+                    self.counter.seal()
+                    self.ready = True
+                    metrics.set_ready(True)
+                    self._write_ready_file()
+                    task_status.started(dict(self.ports))
+                    if cfg.log.status_interval_s > 0:
+                        sources.start_soon(status.run, cfg.log.status_interval_s, self._status)
+                    await self._stop.wait()
+                    self.ready = False
+                    metrics.set_ready(False)
+                    sources.cancel_scope.cancel()
+            sink_group.cancel_scope.cancel()
+        processed = metrics.registry.get_sample_value("enactive_frames_processed_total") or 0
+        self._status(f"stopped: {int(processed)} frames processed, checkpoint in {directory}")
+
+    async def _start_sinks(self, group: anyio.abc.TaskGroup) -> list[Sink]:
+        cfg, metrics = self.config, self.metrics
+        sinks: list[Any] = []
+        counters = {"on_emitted": metrics.emitted, "on_dropped": metrics.sink_drop,
+                    "cache": EncodingCache()}
+        if cfg.output.tcp:
+            server = SubscriberServer(
+                parse_address(cfg.output.tcp), buffer=cfg.output.subscriber_buffer,
+                on_subscribers=metrics.subscribers.set, **counters)
+            self.ports["output"] = await group.start(server.run)
+            sinks.append(server)
+        if cfg.output.jsonl:
+            sinks.append(JsonlSink(cfg.output.jsonl, buffer=cfg.output.subscriber_buffer,
+                                   **counters))
+        if cfg.output.stdout:
+            sinks.append(StdoutSink(buffer=cfg.output.subscriber_buffer, **counters))
+        for sink in sinks[1 if cfg.output.tcp else 0:]:
+            await group.start(sink.run)
+        return sinks
+
+    async def _start_sources(self, group: anyio.abc.TaskGroup, ingest: Ingest) -> None:
+        cfg = self.config
+        if cfg.ingest.tcp:
+            self.ports["tcp"] = await group.start(serve_tcp, ingest, parse_address(cfg.ingest.tcp))
+        if cfg.ingest.udp:
+            host, port = parse_address(cfg.ingest.udp)
+            if port == 0 and cfg.ingest.tcp and parse_address(cfg.ingest.tcp)[0] == host:
+                port = self.ports["tcp"]  # "same port number" also for ephemeral ports
+            self.ports["udp"] = await group.start(
+                lambda task_status: serve_udp(ingest, (host, port),
+                                              buffer=cfg.ingest.udp_buffer,
+                                              task_status=task_status))
+        if cfg.synthetic.streams:
+            await group.start(
+                lambda task_status: run_synthetic(ingest, streams=cfg.synthetic.streams,
+                                                  rate_hz=cfg.synthetic.rate_hz,
+                                                  seed=cfg.model.seed,
+                                                  task_status=task_status))
+
+    def _observer(self, table: StreamTable, status: StatusLine) -> Callable[[str, Any], None]:
+        metrics = self.metrics
+
+        def observe(event: str, value: Any) -> None:
+            if event == "batch":
+                metrics.batch(*value)
+                metrics.active_streams.set(table.active)
+            elif event in ("device", "integrate", "emit"):
+                metrics.observe_stage(event, value)
+            elif event == "batch_wait":
+                metrics.observe_stage_many("batch_wait", value)
+            elif event == "end_to_end":
+                metrics.observe_end_to_end(value)
+                status.latencies(value)
+            elif event == "processed":
+                metrics.processed(value)
+            elif event == "evicted":
+                metrics.evicted(value)
+            elif event == "restored":
+                metrics.restored(value)
+            elif event == "checkpoint":
+                metrics.checkpointed(value)
+
+        return observe
+
+    def _write_ready_file(self) -> None:
+        if self._ready_file is None:
+            return
+        path = Path(self._ready_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**self.ports, "pid": os.getpid()}))
+        os.replace(tmp, path)
+

@@ -1,0 +1,152 @@
+"""The device executor: turns batches of frames into records on the device.
+
+It owns the device-resident state slab. For each batch it asks the stream table for
+slots (evicting idle streams to the host, restoring returning ones), packs the frames'
+payloads into one float32 array and their slots/flags into one int32 array, and runs the
+batch's compiled bucket in a worker thread — so the event loop keeps receiving and the
+batcher keeps forming the next batch meanwhile. It also writes the checkpoints, between
+batches, when nothing else touches the slab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import jax
+import numpy as np
+from anyio.streams.memory import MemoryObjectSendStream
+
+from processors import FLAG_RESET, FLAG_VALID, SlabStep
+
+from .batcher import Batcher
+from .protocol import Frame
+from .streams import SlotPlan, StreamTable
+
+__all__ = ["Executor", "Stepped"]
+
+
+@dataclasses.dataclass(slots=True)
+class Stepped:
+    """One batch after the device step.
+
+    - `frames`: the batch's frames, in row order.
+    - `records`: float32 `(bucket, K+D+P+M+3)`, rows past `len(frames)` are padding.
+    - `eager`: True when the eager fallback produced the records.
+    - `restored`: per frame, True when its stream's state came from a checkpoint.
+    - `taken_ns`, `stepped_ns`: when the batch left the batcher, and when the step ended.
+    """
+
+    frames: list[Frame]
+    records: np.ndarray
+    eager: bool
+    restored: list[bool]
+    taken_ns: int
+    stepped_ns: int
+
+
+class Executor:
+    """**Arguments:**
+
+    - `step`: the compiled `SlabStep`.
+    - `table`: the `StreamTable` (its capacity equals the slab's).
+    - `slab`: the initial (fresh or restored) device slab.
+    - `checkpoint`: `checkpoint(host_slab, table)` writes a checkpoint (called in a worker
+        thread); None disables checkpoints.
+    - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
+    - `observe`: `observe(event, value)` for metrics: `("batch", (bucket, rows))`,
+        `("device", seconds)`, `("batch_wait", [seconds…])`, `("evicted", n)`,
+        `("restored", n)`, `("checkpoint", seconds)`.
+    """
+
+    def __init__(
+        self,
+        step: SlabStep,
+        table: StreamTable,
+        slab: Any,
+        *,
+        checkpoint: Callable[[Any, StreamTable], Any] | None = None,
+        checkpoint_interval_s: float = 5.0,
+        observe: Callable[[str, Any], None] = lambda event, value: None,
+    ) -> None:
+        self.step = step
+        self.table = table
+        self.slab = slab
+        self._checkpoint = checkpoint
+        self._interval_ns = int(checkpoint_interval_s * 1e9)
+        self._observe = observe
+        self._limiter = anyio.CapacityLimiter(1)
+        self._dirty = False
+        self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        self.in_flight = 0
+
+    def _assemble(self, frames: list[Frame], plan: SlotPlan) -> tuple[np.ndarray, np.ndarray]:
+        bucket = self.step.bucket_for(len(frames))
+        x = np.zeros((bucket, self.step.input_width), np.float32)
+        meta = np.zeros((bucket, 2), np.int32)
+        n = len(frames)
+        x[:n] = np.stack([f.payload for f in frames])
+        meta[:n, 0] = plan.slots
+        meta[:n, 1] = [f.present | FLAG_VALID | (FLAG_RESET if fresh else 0)
+                       for f, fresh in zip(frames, plan.fresh, strict=True)]
+        return x, meta
+
+    def _device(self, plan: SlotPlan, x: np.ndarray, meta: np.ndarray) -> tuple[list[Any], Any, bool]:
+        """Runs in the worker thread: evictions, restores, the step; waits for the result."""
+        evicted = [self.step.read_slot(self.slab, slot) for slot, _ in plan.evict]
+        for slot, state in plan.restore:
+            self.slab = self.step.write_slot(self.slab, slot, state)
+        self.slab, records, eager = self.step(self.slab, x, meta)
+        return evicted, jax.device_get(records), eager
+
+    async def run(self, batcher: Batcher, send: MemoryObjectSendStream[Stepped]) -> None:
+        """Step batches until the batcher is drained, then write a final checkpoint."""
+        async with send:
+            while (frames := await batcher.next_batch()) is not None:
+                taken = time.monotonic_ns()
+                self.in_flight = len(frames)
+                self._observe("batch_wait", [(taken - f.received_ns) / 1e9 for f in frames])
+                plan = self.table.plan([f.stream_id for f in frames])
+                x, meta = self._assemble(frames, plan)
+                evicted, records, eager = await anyio.to_thread.run_sync(
+                    self._device, plan, x, meta, limiter=self._limiter
+                )
+                stepped = time.monotonic_ns()
+                for (_, stream_id), state in zip(plan.evict, evicted, strict=True):
+                    self.table.evicted_state(stream_id, state)
+                restored = []
+                for f in frames:
+                    self.table.processed(f.stream_id, f.seq)
+                    was_restored = f.stream_id in self.table.restored
+                    if was_restored:
+                        self.table.restored.discard(f.stream_id)
+                    restored.append(was_restored)
+                self._dirty = True
+                self._observe("batch", (len(x), len(frames)))
+                self._observe("device", (stepped - taken) / 1e9)
+                if plan.evict:
+                    self._observe("evicted", len(plan.evict))
+                if plan.restore:
+                    self._observe("restored", len(plan.restore))
+                self.in_flight = 0
+                await send.send(Stepped(frames, records, eager, restored, taken, stepped))
+                if stepped >= self._next_checkpoint:
+                    await self.checkpoint()
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Write a checkpoint now if anything changed since the last one."""
+        if self._checkpoint is None or not self._dirty:
+            return
+        t0 = time.perf_counter()
+        await anyio.to_thread.run_sync(self._write_checkpoint, limiter=self._limiter)
+        self._dirty = False
+        self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        self._observe("checkpoint", time.perf_counter() - t0)
+
+    def _write_checkpoint(self) -> None:
+        assert self._checkpoint is not None
+        self._checkpoint(jax.device_get(self.slab), self.table)

@@ -1,0 +1,112 @@
+"""The doorway between sources and the pipeline.
+
+Every source (TCP, UDP, synthetic, brokers) decodes bytes into `Frame`s and hands them to
+one `Ingest`, which owns the bounded stream into the admission stage and the counters a
+source must touch. Sources never see metrics objects or queues directly.
+
+Overload policies:
+
+- `block`: `await ingest.put(frame)` waits while the pipeline is full, so a TCP sender
+  is slowed down by TCP's own flow control. Nothing is lost.
+- `drop_oldest`: the source keeps its own bounded ring (`DropOldest`), dropping — and
+  counting — the oldest frame when it is full, and a pump task `put`s from the ring.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from .protocol import Dims, Frame
+
+__all__ = ["DropOldest", "Ingest"]
+
+
+class Ingest:
+    """What a source hands frames to.
+
+    **Arguments:**
+
+    - `send`: the bounded stream into the admission stage (shared by all sources; each
+        source gets `send.clone()` via `ingest.clone()` if it wants to close its own end).
+    - `dims`: the configured modality sizes, for decoding.
+    - `max_frame_bytes`: the configured frame size limit, for decoding.
+    - `on_received(source)`, `on_rejected(source, reason)`, `on_dropped(reason)`: counters.
+        A source calls `ingest.received(source)` once for every frame that arrives, whether
+        it then decodes or is rejected, so that received = processed + rejected + dropped.
+    """
+
+    def __init__(
+        self,
+        send: MemoryObjectSendStream[Frame],
+        *,
+        dims: Dims,
+        max_frame_bytes: int,
+        on_received: Callable[[str], None] = lambda source: None,
+        on_rejected: Callable[[str, str], None] = lambda source, reason: None,
+        on_dropped: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self._send = send
+        self.dims = dims
+        self.max_frame_bytes = max_frame_bytes
+        self.received = on_received
+        self.rejected = on_rejected
+        self.dropped = on_dropped
+        self.accepting = True
+
+    async def put(self, frame: Frame) -> None:
+        """Hand one decoded frame to the pipeline, waiting while it is full (`block`)."""
+        await self._send.send(frame)
+
+    def put_nowait(self, frame: Frame) -> bool:
+        """Hand one frame over if there is room now; False (nothing counted) if not."""
+        try:
+            self._send.send_nowait(frame)
+        except anyio.WouldBlock:
+            return False
+        return True
+
+    def clone(self) -> Ingest:
+        """The same doorway with its own send end (close it when the source stops)."""
+        return Ingest(self._send.clone(), dims=self.dims, max_frame_bytes=self.max_frame_bytes,
+                      on_received=self.received, on_rejected=self.rejected,
+                      on_dropped=self.dropped)
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
+class DropOldest:
+    """A bounded ring for sources that cannot be slowed down (UDP, LSL).
+
+    `push()` never waits: when the ring is full the oldest frame is dropped and counted
+    as `overload`. `run()` pumps frames into the ingest (waiting while it is full).
+    """
+
+    def __init__(self, ingest: Ingest, size: int) -> None:
+        self._ingest = ingest
+        self._ring: collections.deque[Frame] = collections.deque()
+        self._size = size
+        self._ready = anyio.Event()
+
+    def push(self, frame: Frame) -> None:
+        if len(self._ring) >= self._size:
+            self._ring.popleft()
+            self._ingest.dropped("overload")
+        self._ring.append(frame)
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    async def run(self) -> None:
+        """Forward frames to the ingest until cancelled."""
+        while True:
+            if not self._ring:
+                self._ready = anyio.Event()
+                await self._ready.wait()
+                continue
+            await self._ingest.put(self._ring.popleft())

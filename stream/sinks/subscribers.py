@@ -1,0 +1,242 @@
+"""TCP moment subscribers (default 127.0.0.1:7401).
+
+A client connects and sends one line, `SUB <binary|json> <glob>\\n`; from then on it
+receives the moments of the streams whose id matches the glob (`fnmatch` rules, case
+sensitive; `*` for all): binary records back to back, or JSON lines. A missing or bad
+line is answered `ERR <why>\\n` and the connection closed.
+
+Each subscriber has its own bounded buffer filled by `offer()` and drained by its writer
+task, so a slow subscriber only loses its own moments (counted `slow_subscriber`); one
+whose buffer stays full for `stall_timeout` seconds, or whose socket fails, is cut off
+(counted `disconnected`, once).
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import cast
+
+import anyio
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from ..protocol import Moment
+from .base import DISCONNECTED, SLOW_SUBSCRIBER, EncodingCache, Format, OnDropped, OnEmitted
+
+__all__ = ["SubscriberServer"]
+
+log = logging.getLogger(__name__)
+
+MAX_SUB_LINE = 1024
+"""The longest accepted `SUB` line, in bytes."""
+WRITE_CHUNK = 256
+"""Moments joined into one socket write at most."""
+FLUSH_S = 1.0
+"""How long a subscriber may take to receive what it holds at shutdown."""
+_MEMO_LIMIT = 1 << 16  # per-subscriber memo of stream-id matches
+
+
+class _Subscriber:
+    def __init__(self, fmt: Format, glob: str) -> None:
+        self.fmt = fmt
+        self.glob = glob
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.full_since: float | None = None
+        self.ready = anyio.Event()
+        self.scope = anyio.CancelScope()
+        self.cut_off = False
+        self._match = re.compile(fnmatch.translate(glob)).match
+        self._memo: dict[str, bool] = {}
+
+    def matches(self, stream_id: str) -> bool:
+        hit = self._memo.get(stream_id)
+        if hit is None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            hit = self._memo[stream_id] = self._match(stream_id) is not None
+        return hit
+
+
+class SubscriberServer:
+    """The TCP moment-subscriber sink (`name` `"tcp"`).
+
+    **Arguments:**
+
+    - `address`: `(host, port)` to listen on; port 0 picks a free port.
+    - `buffer`: moments buffered per subscriber, >= 1.
+    - `on_emitted(sink_name)`, `on_dropped(sink_name, reason)`: counters.
+    - `on_subscribers(n)`: called with the number of subscribers whenever it changes.
+    - `cache`: shared with other sinks to encode each moment once per format.
+    - `handshake_timeout`: seconds a client has to send its `SUB` line.
+    - `stall_timeout`: seconds a subscriber's buffer may stay full before it is cut off.
+    """
+
+    name = "tcp"
+
+    def __init__(
+        self,
+        address: tuple[str, int] = ("127.0.0.1", 7401),
+        *,
+        buffer: int,
+        on_emitted: OnEmitted,
+        on_dropped: OnDropped,
+        on_subscribers: Callable[[int], None] = lambda n: None,
+        cache: EncodingCache | None = None,
+        handshake_timeout: float = 10.0,
+        stall_timeout: float = 5.0,
+    ) -> None:
+        if buffer < 1:
+            raise ValueError(f"buffer={buffer}, expected >= 1")
+        self.address = address
+        self.buffer = buffer
+        self._on_emitted = on_emitted
+        self._on_dropped = on_dropped
+        self._on_subscribers = on_subscribers
+        self._cache = cache or EncodingCache()
+        self._handshake_timeout = handshake_timeout
+        self._stall_timeout = stall_timeout
+        self._subscribers: list[_Subscriber] = []
+
+    @property
+    def subscribers(self) -> int:
+        """Subscribers connected now."""
+        return len(self._subscribers)
+
+    def offer(self, moment: Moment) -> None:
+        """Queue `moment` for every matching subscriber; never blocks."""
+        now = 0.0
+        for sub in self._subscribers:
+            if not sub.matches(moment.stream_id):
+                continue
+            if len(sub.queue) < self.buffer:
+                sub.queue.append(self._cache.get(moment, sub.fmt))
+                sub.ready.set()
+                continue
+            self._on_dropped(self.name, SLOW_SUBSCRIBER)
+            now = now or time.monotonic()
+            if sub.full_since is None:
+                sub.full_since = now
+            elif now - sub.full_since > self._stall_timeout:
+                self._cut_off(sub)
+
+    def _cut_off(self, sub: _Subscriber) -> None:
+        if not sub.cut_off:
+            sub.cut_off = True
+            self._on_dropped(self.name, DISCONNECTED)
+            sub.scope.cancel()
+
+    async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve subscribers until cancelled; `started(port)` with the bound port."""
+        host, port = self.address
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        async with listener, anyio.create_task_group() as tg:
+            for each in listener.listeners:
+                tg.start_soon(self._accept_loop, cast(SocketListener, each), tg)
+            task_status.started(listener.extra(SocketAttribute.local_port))
+
+    async def _accept_loop(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.ClosedResourceError:
+                return
+            except (OSError, anyio.BrokenResourceError):
+                log.warning("subscriber accept failed; retrying", exc_info=True)
+                await anyio.sleep(0.1)
+                continue
+            tg.start_soon(self._serve, stream)
+
+    async def _serve(self, stream: SocketStream) -> None:
+        async with stream:
+            receive = BufferedByteReceiveStream(stream)
+            sub, error = await self._handshake(receive)
+            if sub is None:
+                with anyio.move_on_after(1.0):
+                    try:
+                        await stream.send(f"ERR {error}\n".encode())
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+                return
+            self._subscribers.append(sub)
+            self._on_subscribers(len(self._subscribers))
+            try:
+                with sub.scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._watch_hangup, receive, tg.cancel_scope)
+                        await self._write(stream, sub)
+            finally:
+                self._subscribers.remove(sub)
+                self._on_subscribers(len(self._subscribers))
+
+    async def _handshake(
+        self, receive: BufferedByteReceiveStream
+    ) -> tuple[_Subscriber | None, str]:
+        try:
+            with anyio.fail_after(self._handshake_timeout):
+                line = await receive.receive_until(b"\n", MAX_SUB_LINE)
+        except TimeoutError:
+            return None, f"no SUB line within {self._handshake_timeout:g} s"
+        except anyio.DelimiterNotFound:
+            return None, f"SUB line longer than {MAX_SUB_LINE} bytes"
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+            return None, "connection closed before a SUB line"
+        return _parse_sub(line)
+
+    async def _watch_hangup(
+        self, receive: BufferedByteReceiveStream, scope: anyio.CancelScope
+    ) -> None:
+        # Nothing is expected after the SUB line; end the subscription at end of stream.
+        try:
+            while True:
+                await receive.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    async def _write(self, stream: SocketStream, sub: _Subscriber) -> None:
+        try:
+            while True:
+                if not sub.queue:
+                    sub.ready = anyio.Event()
+                    await sub.ready.wait()
+                    continue
+                await self._send_some(stream, sub)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._cut_off(sub)
+        except anyio.get_cancelled_exc_class():
+            if not sub.cut_off:  # shutting down or hung up: deliver what is held
+                with anyio.move_on_after(FLUSH_S, shield=True):
+                    try:
+                        while sub.queue:
+                            await self._send_some(stream, sub)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+            raise
+
+    async def _send_some(self, stream: SocketStream, sub: _Subscriber) -> None:
+        n = min(len(sub.queue), WRITE_CHUNK)
+        chunk = b"".join([sub.queue.popleft() for _ in range(n)])
+        sub.full_since = None
+        await stream.send(chunk)
+        for _ in range(n):
+            self._on_emitted(self.name)
+
+
+def _parse_sub(line: bytes) -> tuple[_Subscriber | None, str]:
+    """A subscriber for a `SUB <binary|json> <glob>` line, or `(None, why)`."""
+    try:
+        text = line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "SUB line is not UTF-8"
+    parts = text.split()
+    if len(parts) != 3 or parts[0] != "SUB":
+        return None, f"expected 'SUB <binary|json> <glob>', got {text[:80]!r}"
+    _, fmt, glob = parts
+    if fmt not in ("binary", "json"):
+        return None, f"format {fmt[:20]!r}, expected 'binary' or 'json'"
+    return _Subscriber(cast(Format, fmt), glob), ""

@@ -1,0 +1,116 @@
+"""UDP ingest: one frame per datagram (overload policy `drop_oldest`).
+
+A datagram holds one binary frame or one JSON object (first byte `{`); either way its
+source label is `udp`. A UDP sender cannot be slowed down, so decoded frames go into a
+bounded `DropOldest` ring whose pump task feeds the ingest; when the ring is full the
+oldest frame is dropped and counted as `overload`. Rejections are counted, never answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..ingest import DropOldest, Ingest
+from ..protocol import FrameRejected, decode_message
+from ._accepting import wait_not_accepting
+
+__all__ = ["serve_udp"]
+
+log = logging.getLogger(__name__)
+
+RECEIVE_BUFFER_BYTES = 4 << 20
+"""Kernel receive buffer asked for (best effort), to ride out short bursts."""
+MAX_DATAGRAM_BYTES = 1 << 16
+"""The largest UDP payload (anything longer is truncated by the kernel and rejected)."""
+READ_BATCH = 256
+"""Datagrams read per wake-up before yielding to other tasks."""
+
+
+async def serve_udp(
+    ingest: Ingest,
+    address: tuple[str, int],
+    *,
+    buffer: int,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Receive frames as datagrams on `address` and feed them into `ingest`.
+
+    Runs until cancelled. Once `ingest.accepting` turns false it stops receiving; frames
+    already in the ring are still handed over.
+
+    **Arguments:**
+
+    - `ingest`: the pipeline's doorway.
+    - `address`: `(host, port)` to bind; port 0 picks a free port.
+    - `buffer`: frames the drop-oldest ring holds, >= 1.
+    - `task_status`: `started(port)` with the bound port once bound.
+    """
+    if buffer < 1:
+        raise ValueError(f"buffer={buffer}, expected >= 1")
+    ring = DropOldest(ingest, buffer)
+    with await _bind(address) as sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ring.run)
+            with anyio.CancelScope() as receiving:
+                tg.start_soon(_cancel_when_not_accepting, ingest, receiving)
+                task_status.started(sock.getsockname()[1])
+                await _receive(sock, ingest, ring)
+            await anyio.sleep_forever()
+
+
+async def _bind(address: tuple[str, int]) -> socket.socket:
+    host, port = address
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"no address for {host}:{port}")
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        except OSError:
+            log.debug("could not enlarge the UDP receive buffer", exc_info=True)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _cancel_when_not_accepting(ingest: Ingest, scope: anyio.CancelScope) -> None:
+    await wait_not_accepting(ingest)
+    scope.cancel()
+
+
+async def _receive(sock: socket.socket, ingest: Ingest, ring: DropOldest) -> None:
+    # Reading the socket directly (rather than through a transport with its own queue)
+    # leaves the kernel's receive buffer as the only buffer before the counted ring.
+    dims, max_frame_bytes = ingest.dims, ingest.max_frame_bytes
+    while True:
+        await anyio.wait_readable(sock)
+        for _ in range(READ_BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionError:  # an ICMP error echoed back for an unrelated send
+                continue
+            ingest.received("udp")
+            try:
+                frame = decode_message(
+                    data,
+                    dims,
+                    max_frame_bytes=max_frame_bytes,
+                    received_ns=time.monotonic_ns(),
+                    source="udp",
+                )
+            except FrameRejected as exc:
+                ingest.rejected("udp", exc.reason)
+                continue
+            ring.push(frame)

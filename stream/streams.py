@@ -1,0 +1,113 @@
+"""Per-stream bookkeeping on the host: sequence numbers, slots in the device slab, and
+the states of streams evicted from it.
+
+The device slab has `capacity` slots. A stream gets a slot the first time one of its
+frames is stepped; when the slab is full, the least recently stepped stream not in the
+current batch is evicted (its state read back to the host) and restored into a slot
+when it returns. The table knows at most `max_known` streams (in the slab + evicted);
+a frame of a new stream beyond that is rejected as `too_many_streams`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+from .protocol import FrameRejected
+
+__all__ = ["SlotPlan", "StreamTable"]
+
+
+@dataclasses.dataclass(slots=True)
+class SlotPlan:
+    """Where one batch's streams live, and what must move first.
+
+    - `slots`: one slot per frame of the batch, in batch order.
+    - `fresh`: per frame, True when its stream starts from a fresh state.
+    - `evict`: `(slot, stream_id)` to read back to the host *before* the step.
+    - `restore`: `(slot, host_state)` to write into the slab *before* the step (after
+        the evictions).
+    """
+
+    slots: list[int]
+    fresh: list[bool]
+    evict: list[tuple[int, str]]
+    restore: list[tuple[int, Any]]
+
+
+class StreamTable:
+    """**Arguments:** `capacity`, slots in the device slab; `max_known`, streams known at
+    most (slab + evicted)."""
+
+    def __init__(self, capacity: int, max_known: int) -> None:
+        self.capacity = capacity
+        self.max_known = max(max_known, capacity)
+        self.admitted_seq: dict[str, int] = {}  # last seq let into the pipeline
+        self.processed_seq: dict[str, int] = {}  # last seq whose effect is in the state
+        self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
+        self.evicted: dict[str, Any] = {}  # stream -> host state
+        self.free: list[int] = list(range(capacity - 1, -1, -1))
+        self.restored: set[str] = set()  # restored from a checkpoint, flag not yet shown
+
+    def __len__(self) -> int:
+        """Streams known: in the slab or evicted to the host."""
+        return len(self.slot_of) + len(self.evicted)
+
+    @property
+    def active(self) -> int:
+        """Streams holding a slot in the device slab."""
+        return len(self.slot_of)
+
+    def admit(self, stream_id: str, seq: int) -> None:
+        """Check a frame's sequence number against its stream's last admitted one and
+        record it. Raises `FrameRejected` (`duplicate_seq`, `stale_seq`,
+        `too_many_streams`); a rejected frame changes nothing."""
+        last = self.admitted_seq.get(stream_id)
+        if last is None:
+            if len(self.admitted_seq) >= self.max_known:
+                raise FrameRejected("too_many_streams",
+                                    f"{len(self.admitted_seq)} streams known, limit {self.max_known}")
+        elif seq == last:
+            raise FrameRejected("duplicate_seq", f"seq {seq} of {stream_id!r} seen already")
+        elif seq < last:
+            raise FrameRejected("stale_seq", f"seq {seq} of {stream_id!r} < last {last}")
+        self.admitted_seq[stream_id] = seq
+
+    def plan(self, stream_ids: list[str]) -> SlotPlan:
+        """Give each stream of a batch (distinct ids) a slot, evicting the least recently
+        used streams that are not in this batch when the slab is full."""
+        in_batch = set(stream_ids)
+        plan = SlotPlan([], [], [], [])
+        for stream_id in stream_ids:
+            slot = self.slot_of.get(stream_id)
+            if slot is not None:
+                self.slot_of.move_to_end(stream_id)
+                plan.slots.append(slot)
+                plan.fresh.append(False)
+                continue
+            if not self.free:
+                victim = next(s for s in self.slot_of if s not in in_batch)
+                free_slot = self.slot_of.pop(victim)
+                plan.evict.append((free_slot, victim))
+                self.evicted[victim] = None  # filled in by `evicted_state` after the read
+                self.free.append(free_slot)
+            slot = self.free.pop()
+            self.slot_of[stream_id] = slot
+            plan.slots.append(slot)
+            state = self.evicted.pop(stream_id, None)
+            if state is not None:
+                plan.restore.append((slot, state))
+            plan.fresh.append(state is None)
+        return plan
+
+    def evicted_state(self, stream_id: str, state: Any) -> None:
+        """Keep the host copy of an evicted stream's state (read by the executor)."""
+        self.evicted[stream_id] = state
+
+    def processed(self, stream_id: str, seq: int) -> None:
+        self.processed_seq[stream_id] = seq
+
+    def forget_unprocessed(self) -> None:
+        """After a restart: frames admitted but never processed are forgotten."""
+        self.admitted_seq = dict(self.processed_seq)

@@ -1,0 +1,39 @@
+"""Suite-wide settings: strict dtype promotion, one persistent compilation cache, small dims."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+import processors
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+CACHE_DIR = os.environ.get("ENACTIVE_TEST_CACHE") or str(
+    Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache() -> str:
+    """JAX's persistent compilation cache, shared by the whole session (and by later runs)."""
+    return processors.enable_compilation_cache(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def small_config() -> processors.ModelConfig:
+    """A `ModelConfig` small enough that every test compiles in well under a second."""
+    return processors.ModelConfig(
+        state_dim=8,
+        proprio_dim=6,
+        tactile_dim=4,
+        motor_dim=3,
+        retention_depth=3,
+        protention_horizon=2,
+        som_grid=(3, 3),
+        hidden_dim=8,
+        attention_heads=2,
+    )

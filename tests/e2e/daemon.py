@@ -1,0 +1,188 @@
+"""Run the daemon as a real process and talk to it over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.protocol import Dims, Moment, MomentReader
+
+DIMS = Dims(8, 6, 4, 3)
+CONFIG = """\
+[ingest]
+tcp = "127.0.0.1:0"
+udp = "127.0.0.1:0"
+[output]
+tcp = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[batching]
+buckets = [1, 8, 64]
+max_wait_ms = 2
+[model]
+state_dim = 8
+proprio_dim = 6
+tactile_dim = 4
+motor_dim = 3
+retention_depth = 3
+protention_horizon = 2
+hidden_dim = 8
+som_grid = [3, 3]
+attention_heads = 2
+[state]
+dir = "{state}"
+checkpoint_interval_s = 60
+max_streams = 512
+[device]
+compilation_cache_dir = "{cache}"
+[log]
+status_interval_s = 0
+"""
+
+
+class DaemonProcess:
+    """`enactive-stream run --config …` in a subprocess, ready once its ports are known."""
+
+    def __init__(self, tmp: Path, cache_dir: str, extra: str = "", env: dict | None = None):
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.config = tmp / "daemon.toml"
+        self.config.write_text(CONFIG.format(state=self.state, cache=cache_dir) + extra)
+        self.ready_file = tmp / "ready.json"
+        self.log = tmp / "daemon.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
+        self._sockets: list[socket.socket] = []
+
+    def start(self, timeout: float = 120.0) -> DaemonProcess:
+        self.ready_file.unlink(missing_ok=True)
+        self._log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "run", "--config", str(self.config),
+             "--ready-file", str(self.ready_file)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():  # the daemon writes it once /readyz is 200
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"daemon not ready in {timeout} s:\n{self.output()}")
+            time.sleep(0.05)
+        self.ports = json.loads(self.ready_file.read_text())
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def close_clients(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        self.close_clients()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+
+    def kill(self) -> None:
+        self.close_clients()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+
+    # -- clients ------------------------------------------------------------------------
+
+    def http(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.ports['metrics']}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        _, text = self.http("/metrics")
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.ports["tcp"]), timeout=10)
+        self._sockets.append(sock)
+        return sock
+
+    def udp(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sockets.append(sock)
+        return sock
+
+    def subscribe(self, glob: str = "*", fmt: str = "binary") -> Subscriber:
+        sub = Subscriber(self.ports["output"], glob, fmt)
+        self._sockets.append(sub.sock)
+        return sub
+
+    def wait_metric(self, name: str, labels: dict, at_least: float, timeout: float = 30.0) -> float:
+        """Poll /metrics until a sample reaches a value (a readiness check, not a sleep)."""
+        key = (name, tuple(sorted(labels.items())))
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metrics().get(key, 0.0)
+            if value >= at_least or time.monotonic() > deadline:
+                return value
+            time.sleep(0.05)
+
+
+class Subscriber:
+    """A binary moment subscriber."""
+
+    def __init__(self, port: int, glob: str, fmt: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(f"SUB {fmt} {glob}\n".encode())
+        self.reader = MomentReader()
+        self.moments: list[Moment] = []
+
+    def read(self, n: int, timeout: float = 30.0) -> list[Moment]:
+        """Receive until `n` moments in all arrived (or raise on timeout)."""
+        deadline = time.monotonic() + timeout
+        while len(self.moments) < n:
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                raise TimeoutError(f"got {len(self.moments)} of {n} moments") from None
+            if not data:
+                raise ConnectionError(f"subscriber closed after {len(self.moments)} moments")
+            self.moments += self.reader.feed(data)
+        return self.moments
+
+
+def payload(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "sensory": rng.standard_normal(DIMS.sensory).astype(np.float32),
+        "proprio": rng.standard_normal(DIMS.proprio).astype(np.float32),
+        "tactile": rng.standard_normal(DIMS.tactile).astype(np.float32),
+        "motor": rng.standard_normal(DIMS.motor).astype(np.float32),
+    }

@@ -1,0 +1,336 @@
+"""SlabStep: gather/step/scatter over the state slab, pad rows, donation, buckets, fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from processors import (
+    FLAG_RESET,
+    FLAG_VALID,
+    CompilationCounter,
+    EnactiveModel,
+    ModelConfig,
+    SlabStep,
+    pack_record,
+)
+
+BUCKETS = (1, 4, 8)
+CAPACITY = 32
+ALL_PRESENT = 0b1111
+
+
+@pytest.fixture(scope="module")
+def model(small_config: ModelConfig) -> EnactiveModel:
+    return EnactiveModel(small_config, key=jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def step(model: EnactiveModel) -> SlabStep:
+    s = SlabStep(model, buckets=BUCKETS, capacity=CAPACITY)
+    s.compile()
+    return s
+
+
+def _x(step: SlabStep, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, step.input_width)).astype(np.float32)
+
+
+def _host(slab) -> list[np.ndarray]:
+    return [np.array(leaf) for leaf in jax.tree.leaves(jax.device_get(slab))]
+
+
+def _stepped_slab(step: SlabStep, seed: int = 100):
+    """A slab whose every slot has moved away from the fresh state."""
+    slab = step.init_slab()
+    for t in range(2):
+        slab, _ = step.run(slab, np.arange(CAPACITY), _x(step, CAPACITY, seed + t))
+    return slab
+
+
+def test_bucket_for(step: SlabStep) -> None:
+    assert [step.bucket_for(n) for n in (1, 2, 4, 5, 8, 9, 100)] == [1, 4, 4, 8, 8, 8, 8]
+
+
+def test_shuffled_slots_give_same_per_stream_results(step: SlabStep) -> None:
+    n, steps = 6, 3
+    rng = np.random.default_rng(0)
+    slots = rng.permutation(CAPACITY)[:n]  # stream i lives in slot slots[i]
+    xs = [_x(step, n, t) for t in range(steps)]
+    in_order, shuffled = step.init_slab(), step.init_slab()
+    for t in range(steps):
+        in_order, want = step.run(in_order, np.arange(n), xs[t])
+        rows = rng.permutation(n)  # and the rows arrive in another order every step
+        shuffled, got = step.run(shuffled, slots[rows], xs[t][rows])
+        np.testing.assert_allclose(got, want[rows], rtol=1e-6, atol=1e-7)
+    for i in range(n):
+        for a, b in zip(
+            jax.tree.leaves(step.read_slot(in_order, i)),
+            jax.tree.leaves(step.read_slot(shuffled, int(slots[i]))),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_pad_rows_leave_every_slot_untouched(step: SlabStep) -> None:
+    slab = _stepped_slab(step)
+    before = _host(slab)
+    meta = np.zeros((8, 2), np.int32)
+    meta[:, 0] = [0, 3, 3, CAPACITY - 1, 0, 7, -1, CAPACITY + 5]  # any slot value at all
+    meta[:, 1] = [0, ALL_PRESENT, FLAG_RESET, FLAG_RESET | 0b0101, 0, 0b1000, 0, ALL_PRESENT]
+    slab, records, eager = step(slab, _x(step, 8, 1), meta)
+    assert not eager
+    assert records.shape == (8, step.record_width)
+    for a, b in zip(before, _host(slab), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pad_row_sharing_a_real_rows_slot_changes_nothing(step: SlabStep) -> None:
+    host = _host(_stepped_slab(step))
+    treedef = jax.tree.structure(step.init_slab())
+    x = _x(step, 4, 2)
+    alone = np.zeros((4, 2), np.int32)
+    alone[0] = [3, FLAG_VALID | ALL_PRESENT]
+    mixed = alone.copy()
+    mixed[1:, 0] = [3, 3, 5]  # pad rows naming the real row's slot, before and after it
+    mixed[1:, 1] = [ALL_PRESENT | FLAG_RESET, 0, ALL_PRESENT]
+    slab_a, rec_a, _ = step(step.put_slab(jax.tree.unflatten(treedef, host)), x, alone)
+    slab_m, rec_m, _ = step(step.put_slab(jax.tree.unflatten(treedef, host)), x, mixed)
+    np.testing.assert_array_equal(np.asarray(rec_m)[0], np.asarray(rec_a)[0])
+    after_a, after_m = _host(slab_a), _host(slab_m)
+    for old, a, m in zip(host, after_a, after_m, strict=True):
+        np.testing.assert_array_equal(m, a)
+        untouched = np.arange(CAPACITY) != 3
+        np.testing.assert_array_equal(m[untouched], old[untouched])
+    assert any(not np.array_equal(o[3], m[3]) for o, m in zip(host, after_m, strict=True))
+
+
+def test_identical_streams_stay_identical(step: SlabStep) -> None:
+    slab = step.init_slab()
+    for t in range(3):
+        x = _x(step, 1, t)
+        slab, records = step.run(slab, np.array([5, 9]), np.concatenate([x, x]))
+        np.testing.assert_array_equal(records[0], records[1])
+    for a, b in zip(
+        jax.tree.leaves(step.read_slot(slab, 5)),
+        jax.tree.leaves(step.read_slot(slab, 9)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_after_batched_steps_equals_eager_model(step: SlabStep, model) -> None:
+    steps, slots = 3, np.array([2, 11, 4])
+    rng = np.random.default_rng(7)
+    xs = [_x(step, 3, 20 + t) for t in range(steps)]
+    present = rng.random((steps, 3, 4)) < 0.7
+    slab = step.init_slab()
+    records = []
+    for t in range(steps):
+        slab, rec = step.run(slab, slots, xs[t], present=present[t])
+        records.append(rec)
+    cuts = np.cumsum([model.config.state_dim, model.config.proprio_dim, model.config.tactile_dim])
+    for i, slot in enumerate(slots):
+        state = model.init_state()
+        with jax.disable_jit():
+            for t in range(steps):
+                # Callers zero-fill absent modalities; the model ignores them anyway.
+                parts = [jnp.asarray(p) for p in np.split(xs[t][i], cuts)]
+                state, out = model(state, *parts, jnp.asarray(present[t, i]))
+                np.testing.assert_allclose(records[t][i], pack_record(out), rtol=1e-4, atol=1e-5)
+        got = step.read_slot(slab, int(slot))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_reset_starts_from_init_state(step: SlabStep) -> None:
+    slab = _stepped_slab(step)
+    fresh_state = jax.tree.leaves(jax.device_get(step.model.init_state()))
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(step.read_slot(slab, 1)), fresh_state, strict=True)
+    )
+    x = _x(step, 1, 3)
+    slab, used = step.run(slab, np.array([1]), x, reset=np.array([True]))
+    new = step.init_slab()
+    new, fresh = step.run(new, np.array([1]), x)
+    np.testing.assert_array_equal(used, fresh)
+    for a, b in zip(
+        jax.tree.leaves(step.read_slot(slab, 1)),
+        jax.tree.leaves(step.read_slot(new, 1)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_read_write_slot_round_trip(step: SlabStep) -> None:
+    slab = _stepped_slab(step)
+    before = _host(slab)
+    rng = np.random.default_rng(5)
+    state = jax.tree.map(
+        lambda a: rng.normal(size=a.shape).astype(a.dtype), step.read_slot(slab, 0)
+    )
+    slab = step.write_slot(slab, 3, state)
+    for a, b in zip(jax.tree.leaves(step.read_slot(slab, 3)), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    others = np.arange(CAPACITY) != 3
+    for old, new in zip(before, _host(slab), strict=True):
+        np.testing.assert_array_equal(new[others], old[others])
+
+
+def test_run_splits_beyond_the_largest_bucket(step: SlabStep) -> None:
+    n = 2 * BUCKETS[-1] + 3
+    slots = np.random.default_rng(1).permutation(CAPACITY)[:n]
+    x = _x(step, n, 9)
+    present = np.random.default_rng(2).random((n, 4)) < 0.8
+    big, records = step.run(step.init_slab(), slots, x, present=present)
+    assert records.shape == (n, step.record_width)
+    one = step.init_slab()
+    for i in range(n):  # the same rows, one frame per call (bucket 1)
+        one, rec = step.run(one, slots[i : i + 1], x[i : i + 1], present=present[i : i + 1])
+        np.testing.assert_allclose(records[i], rec[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(_host(big), _host(one), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_compilation_after_warmup(model: EnactiveModel) -> None:
+    rng = np.random.default_rng(11)
+    with CompilationCounter() as counter:
+        step = SlabStep(model, buckets=BUCKETS, capacity=CAPACITY)
+        step.compile()
+        slab = step.init_slab()
+        assert counter.warmup > 0
+        counter.seal()
+        x = _x(step, CAPACITY, 0)
+        for _ in range(500):
+            n = int(rng.integers(1, 2 * BUCKETS[-1] + 1))
+            slots = rng.choice(CAPACITY, n, replace=False)
+            present = rng.random((n, 4)) < 0.9
+            reset = rng.random(n) < 0.05
+            slab, records = step.run(slab, slots, x[:n], present=present, reset=reset)
+            assert records.shape == (n, step.record_width)
+        slab = step.write_slot(slab, 0, step.read_slot(slab, 1))
+        assert counter.runtime == 0
+        assert np.all(np.isfinite(records))
+        jax.jit(lambda a: a * 3)(jnp.ones(5, jnp.float32)).block_until_ready()
+        assert counter.runtime >= 1  # the counter is live: a new function after seal counts
+
+
+def test_step_donates_the_slab(step: SlabStep) -> None:
+    slab = step.init_slab()
+    meta = np.array([[0, FLAG_VALID | ALL_PRESENT]] * 4, np.int32)
+    meta[:, 0] = [0, 1, 2, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new, records, _ = step(slab, _x(step, 4, 0), meta)
+        jax.block_until_ready((new, records))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(slab))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new))
+
+
+def test_failed_bucket_falls_back_alone(model: EnactiveModel, monkeypatch) -> None:
+    reports: list[tuple[str, str]] = []
+    step = SlabStep(
+        model,
+        buckets=(2, 4),
+        capacity=8,
+        on_fallback=lambda name, reason: reports.append((name, reason)),
+    )
+    lower = step._lower
+
+    def broken(bucket: int):
+        if bucket == 4:
+            raise RuntimeError("no compiler for this bucket today")
+        return lower(bucket)
+
+    monkeypatch.setattr(step, "_lower", broken)
+    seconds = step.compile()
+    assert set(seconds) == {2, 4}
+    assert reports == [("slab_step[4]", "RuntimeError")]
+    assert set(step.executables) == {2}
+    assert "no compiler" in step.eager_buckets[4]
+
+    x = np.zeros((4, step.input_width), np.float32)
+    x[:2] = _x(step, 2, 4)
+    meta = np.zeros((4, 2), np.int32)
+    meta[:2] = [[6, FLAG_VALID | ALL_PRESENT], [1, FLAG_VALID | 0b0011]]
+    eager_slab, eager_rec, eager = step(step.init_slab(), x, meta)
+    comp_slab, comp_rec, compiled_eager = step(step.init_slab(), x[:2], meta[:2])
+    assert eager and not compiled_eager
+    np.testing.assert_allclose(np.asarray(eager_rec)[:2], comp_rec, rtol=1e-4, atol=1e-5)
+    for a, b in zip(_host(eager_slab), _host(comp_slab), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert reports == [("slab_step[4]", "RuntimeError")]  # serving did not re-report
+
+
+MULTI_DEVICE = textwrap.dedent(
+    """
+    import jax, numpy as np
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    import processors
+    processors.enable_compilation_cache({cache!r})
+    assert len(jax.devices()) == 2, jax.devices()
+    cfg = processors.ModelConfig(state_dim=8, proprio_dim=6, tactile_dim=4, motor_dim=3,
+        retention_depth=3, protention_horizon=2, som_grid=(3, 3), hidden_dim=8,
+        attention_heads=2)
+    model = processors.EnactiveModel(cfg, key=jax.random.PRNGKey(0))
+    steps = [processors.SlabStep(model, buckets=(1, 4), capacity=7, devices=d)
+             for d in (jax.devices()[:1], jax.devices()[:2])]
+    results = []
+    for step in steps:
+        step.compile()
+        slab = step.init_slab()
+        recs = []
+        for t in range(3):
+            rng = np.random.default_rng(t)
+            n = 3 if t < 2 else 1  # bucket 4 (split over devices) and bucket 1 (replicated)
+            x = rng.normal(size=(n, step.input_width)).astype(np.float32)
+            slab, r = step.run(slab, np.array([5, 0, 2][:n]), x)
+            recs.append(r)
+        results.append((np.concatenate(recs), jax.device_get(slab), slab))
+    (r1, h1, _), (r2, h2, s2) = results
+    assert steps[1].capacity == 8
+    assert len(jax.tree.leaves(s2)[0].sharding.device_set) == 2
+    np.testing.assert_allclose(r2, r1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(h1), jax.tree.leaves(h2), strict=True):
+        np.testing.assert_allclose(b[:7], a, rtol=1e-5, atol=1e-6)
+    print("OK", float(np.abs(r2).sum()))
+    """
+)
+
+
+def test_two_devices_match_one(compilation_cache: str) -> None:
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE.format(cache=compilation_cache)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.startswith("OK ")
+
+
+def test_kernel_bench_smoke(small_config: ModelConfig) -> None:
+    from processors.bench import format_table, run_kernel_bench
+
+    rows = run_kernel_bench(small_config, (4,), repeats=1, min_time=0.0, eager_frames=1)
+    assert [r["bucket"] for r in rows] == [4]
+    for r in rows:
+        assert all(v > 0 for v in r.values()), r
+        assert r["compiled_frames_per_s"] == pytest.approx(
+            r["bucket"] * 1e6 / r["compiled_step_us"]
+        )
+        assert r["speedup"] == pytest.approx(r["compiled_frames_per_s"] / r["eager_frames_per_s"])
+    assert format_table(rows).count("\n") == 2

@@ -1,0 +1,173 @@
+"""The metrics/health HTTP server, over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.http import MAX_HEAD_BYTES, serve_http
+from stream.metrics import Metrics
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@asynccontextmanager
+async def server(
+    readiness: Callable[[], bool] = lambda: True,
+    metrics: object | None = None,
+    **kwargs: object,
+) -> AsyncIterator[int]:
+    metrics = metrics or Metrics(CollectorRegistry(), buckets=(1, 8))
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            partial(serve_http, metrics=metrics, readiness=readiness, **kwargs),
+            ("127.0.0.1", 0),
+        )
+        yield port
+        tg.cancel_scope.cancel()
+
+
+async def raw(port: int, request: bytes, *, eof: bool = True) -> bytes:
+    """Sends raw bytes (then EOF) and returns everything the server sends until it closes."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as s:
+        if request:
+            await s.send(request)
+        if eof:
+            await s.send_eof()
+        chunks = []
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    chunks.append(await s.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return b"".join(chunks)
+
+
+async def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    reply = await raw(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert int(headers["content-length"]) == len(body) or method == "HEAD"
+    return int(status_line.split(" ")[1]), headers, body
+
+
+async def test_metrics_endpoint_parses_as_prometheus_text() -> None:
+    m = Metrics(CollectorRegistry(), buckets=(1, 8))
+    m.received("tcp", 4)
+    async with server(metrics=m) as port:
+        status, headers, body = await get(port, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert headers["connection"] == "close"
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"enactive_frames_received", "enactive_ready", "enactive_build_info"} <= names
+    assert b'enactive_frames_received_total{source="tcp"} 4.0' in body
+
+
+async def test_urllib_client_in_a_thread() -> None:
+    def fetch(url: str) -> tuple[int, bytes]:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+
+    async with server() as port:
+        status, body = await anyio.to_thread.run_sync(fetch, f"http://127.0.0.1:{port}/healthz")
+    assert (status, body) == (200, b"ok\n")
+
+
+async def test_readyz_follows_the_readiness_callable() -> None:
+    ready = anyio.Event()
+    async with server(readiness=ready.is_set) as port:
+        status, _, body = await get(port, "/readyz")
+        assert (status, body) == (503, b"not ready\n")
+        ready.set()
+        status, _, body = await get(port, "/readyz")
+        assert (status, body) == (200, b"ready\n")
+
+
+async def test_readiness_that_raises_means_not_ready() -> None:
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    async with server(readiness=broken) as port:
+        status, _, _ = await get(port, "/readyz")
+        assert status == 503
+        assert (await get(port, "/healthz"))[0] == 200
+
+
+async def test_not_found_and_method_not_allowed() -> None:
+    async with server() as port:
+        assert (await get(port, "/nope"))[0] == 404
+        assert (await get(port, "/metrics/extra"))[0] == 404
+        status, headers, _ = await get(port, "/metrics", method="POST")
+        assert status == 405
+        assert headers["allow"] == "GET, HEAD"
+        assert (await get(port, "/healthz?verbose=1"))[0] == 200
+
+
+async def test_head_has_headers_but_no_body() -> None:
+    async with server() as port:
+        status, headers, body = await get(port, "/healthz", method="HEAD")
+    assert status == 200
+    assert headers["content-length"] == "3"
+    assert body == b""
+
+
+async def test_garbage_does_not_kill_the_server() -> None:
+    async with server() as port:
+        reply = await raw(port, b"\x00\xff\x16\x03garbage\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400 ")
+        reply = await raw(port, b"GET / HTTP/2.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 505 ")
+        assert await raw(port, b"GET /metr") == b""  # client gives up half-way
+        assert (await get(port, "/healthz"))[0] == 200
+
+
+async def test_oversized_head_gets_431() -> None:
+    async with server() as port:
+        big = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * (MAX_HEAD_BYTES + 100) + b"\r\n\r\n"
+        reply = await raw(port, big)
+        assert reply.startswith(b"HTTP/1.1 431 ")
+        assert (await get(port, "/healthz"))[0] == 200
+
+
+async def test_silent_client_is_cut_off_after_the_read_timeout() -> None:
+    async with server(read_timeout=0.2) as port:
+        with anyio.fail_after(2):
+            assert await raw(port, b"", eof=False) == b""  # the server closed on us
+        assert (await get(port, "/healthz"))[0] == 200
+
+
+async def test_connections_over_the_cap_get_503() -> None:
+    async with server(max_connections=1, read_timeout=5) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as idle:
+            await anyio.wait_all_tasks_blocked()  # the idle connection holds the only slot
+            status, _, body = await get(port, "/healthz")
+            assert (status, body) == (503, b"busy\n")
+            await idle.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert (await idle.receive()).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_port_zero_reports_the_bound_port() -> None:
+    async with server() as port:
+        assert 0 < port < 65536
+        status, _, _ = await get(port, "/healthz")
+        assert status == 200
+
+
+async def test_positional_arguments_work_with_tg_start() -> None:
+    m = Metrics(CollectorRegistry())
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_http, ("127.0.0.1", 0), m, lambda: False)
+        assert (await get(port, "/readyz"))[0] == 503
+        tg.cancel_scope.cancel()

@@ -1,0 +1,266 @@
+"""Metrics: names, types, initial label sets, scrape-time queue depths, helpers."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.metrics import (
+    DROP_REASONS,
+    LATENCY_BUCKETS,
+    MAX_FALLBACK_REASONS,
+    PHASES,
+    SINKS,
+    SOURCES,
+    STAGES,
+    Metrics,
+)
+from stream.protocol import REASONS
+
+BUCKETS = (1, 8, 64)
+
+# family name (as the parser reports it) -> type
+EXPECTED = {
+    "enactive_frames_received": "counter",
+    "enactive_frames_rejected": "counter",
+    "enactive_frames_dropped": "counter",
+    "enactive_frames_processed": "counter",
+    "enactive_batches": "counter",
+    "enactive_batch_fill_ratio": "histogram",
+    "enactive_stage_latency_seconds": "histogram",
+    "enactive_end_to_end_latency_seconds": "histogram",
+    "enactive_jit_fallback": "counter",  # no series until the first fallback
+    "enactive_jit_compilations": "counter",
+    "enactive_jit_compile_seconds": "gauge",
+    "enactive_active_streams": "gauge",
+    "enactive_queue_depth": "gauge",
+    "enactive_ready": "gauge",
+    "enactive_state_checkpoints": "counter",
+    "enactive_state_evictions": "counter",
+    "enactive_state_restores": "counter",
+    "enactive_checkpoint_seconds": "histogram",
+    "enactive_build_info": "gauge",  # an Info metric; the text format shows a gauge
+    "enactive_moments_emitted": "counter",
+    "enactive_moments_dropped": "counter",
+    "enactive_subscribers": "gauge",
+}
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry, buckets=BUCKETS, version="1.2.3", jax_version="0.0.1", backend="cpu")
+
+
+def families(m: Metrics) -> dict[str, str]:
+    return {f.name: f.type for f in text_string_to_metric_families(m.exposition().decode())}
+
+
+def test_every_metric_present_with_its_type(metrics: Metrics) -> None:
+    metrics.watch_queue("ingest", lambda: 0)
+    found = families(metrics)
+    for name, kind in EXPECTED.items():
+        assert found.get(name) == kind, (name, found.get(name))
+    assert all(name.startswith("enactive_") for name in found)
+
+
+def test_exposition_sample_names(metrics: Metrics) -> None:
+    text = metrics.exposition().decode()
+    for sample in [
+        "enactive_frames_received_total{",
+        "enactive_frames_processed_total ",
+        "enactive_end_to_end_latency_seconds_bucket{",
+        "enactive_build_info{",
+        "enactive_state_checkpoints_total ",
+        "enactive_jit_compilations_total{",
+    ]:
+        assert sample in text, sample
+
+
+def test_own_registry_by_default() -> None:
+    a, b = Metrics(), Metrics()  # would clash with "Duplicated timeseries" on a shared one
+    assert a.registry is not b.registry
+
+
+def test_known_label_sets_start_at_zero(registry: CollectorRegistry, metrics: Metrics) -> None:
+    get = registry.get_sample_value
+    for source in SOURCES:
+        assert get("enactive_frames_received_total", {"source": source}) == 0
+        for reason in REASONS:
+            labels = {"source": source, "reason": reason}
+            assert get("enactive_frames_rejected_total", labels) == 0
+    for reason in DROP_REASONS:
+        assert get("enactive_frames_dropped_total", {"reason": reason}) == 0
+    for bucket in BUCKETS:
+        assert get("enactive_batches_total", {"bucket": str(bucket)}) == 0
+        assert get("enactive_jit_compile_seconds", {"bucket": str(bucket)}) == 0
+    for phase in PHASES:
+        assert get("enactive_jit_compilations_total", {"phase": phase}) == 0
+    for stage in STAGES:
+        assert get("enactive_stage_latency_seconds_count", {"stage": stage}) == 0
+    for sink in SINKS:
+        assert get("enactive_moments_emitted_total", {"sink": sink}) == 0
+    assert get("enactive_ready") == 0
+    assert get("enactive_frames_processed_total") == 0
+
+
+def test_build_info(registry: CollectorRegistry, metrics: Metrics) -> None:
+    labels = {"version": "1.2.3", "jax": "0.0.1", "backend": "cpu"}
+    assert registry.get_sample_value("enactive_build_info", labels) == 1
+    metrics.set_build_info(version="1.2.3", jax="0.0.1", backend="gpu")
+    assert registry.get_sample_value("enactive_build_info", labels) is None
+    assert registry.get_sample_value("enactive_build_info", {**labels, "backend": "gpu"}) == 1
+
+
+def test_queue_depth_is_read_at_scrape_time(registry: CollectorRegistry, metrics: Metrics) -> None:
+    depth = [3]
+    metrics.watch_queue("ingest", lambda: depth[0])
+    assert registry.get_sample_value("enactive_queue_depth", {"stage": "ingest"}) == 3
+    depth[0] = 41
+    assert registry.get_sample_value("enactive_queue_depth", {"stage": "ingest"}) == 41
+    assert 'enactive_queue_depth{stage="ingest"} 41.0' in metrics.exposition().decode()
+    metrics.unwatch_queue("ingest")
+    assert registry.get_sample_value("enactive_queue_depth", {"stage": "ingest"}) is None
+
+
+def test_failing_queue_callable_does_not_break_the_scrape(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    def gone() -> int:
+        raise RuntimeError("queue closed")
+
+    metrics.watch_queue("sink", gone)
+    metrics.watch_queue("batch", lambda: 2)
+    assert registry.get_sample_value("enactive_queue_depth", {"stage": "batch"}) == 2
+    assert registry.get_sample_value("enactive_queue_depth", {"stage": "sink"}) is None
+
+
+def test_reject_counting(registry: CollectorRegistry, metrics: Metrics) -> None:
+    metrics.reject("tcp", "bad_magic")
+    metrics.reject("tcp", "bad_magic")
+    metrics.reject("udp", "non_finite")
+    get = registry.get_sample_value
+    assert get("enactive_frames_rejected_total", {"source": "tcp", "reason": "bad_magic"}) == 2
+    assert get("enactive_frames_rejected_total", {"source": "udp", "reason": "non_finite"}) == 1
+    assert get("enactive_frames_rejected_total", {"source": "udp", "reason": "bad_magic"}) == 0
+
+
+def test_unknown_label_values_fold_into_other(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    for i in range(50):
+        metrics.reject(f"weird-{i}", "bad_magic")
+        metrics.reject("tcp", f"why-{i}")
+    get = registry.get_sample_value
+    assert get("enactive_frames_rejected_total", {"source": "other", "reason": "bad_magic"}) == 50
+    assert get("enactive_frames_rejected_total", {"source": "tcp", "reason": "other"}) == 50
+    assert "weird-" not in metrics.exposition().decode()
+
+
+def test_hot_path_helpers(registry: CollectorRegistry, metrics: Metrics) -> None:
+    get = registry.get_sample_value
+    metrics.received("tcp", 5)
+    metrics.drop("overload", 2)
+    metrics.processed(7)
+    metrics.batch(8, 2)
+    metrics.batch(8, 8)
+    metrics.observe_stage("device", 0.0012)
+    metrics.observe_stage_many("queue", [1e-5, 0.003, 10.0])
+    metrics.observe_end_to_end([0.0009, 0.004])
+    metrics.emitted("tcp", 3)
+    metrics.sink_drop("tcp", "slow_sink")
+    assert get("enactive_frames_received_total", {"source": "tcp"}) == 5
+    assert get("enactive_frames_dropped_total", {"reason": "overload"}) == 2
+    assert get("enactive_frames_processed_total") == 7
+    assert get("enactive_batches_total", {"bucket": "8"}) == 2
+    assert get("enactive_batch_fill_ratio_sum") == pytest.approx(1.25)
+    assert get("enactive_batch_fill_ratio_bucket", {"le": "0.2"}) == 0
+    assert get("enactive_batch_fill_ratio_bucket", {"le": "0.3"}) == 1
+    assert get("enactive_stage_latency_seconds_bucket", {"stage": "device", "le": "0.001"}) == 0
+    assert get("enactive_stage_latency_seconds_bucket", {"stage": "device", "le": "0.002"}) == 1
+    assert get("enactive_stage_latency_seconds_count", {"stage": "queue"}) == 3
+    assert get("enactive_stage_latency_seconds_bucket", {"stage": "queue", "le": "5.0"}) == 2
+    assert get("enactive_end_to_end_latency_seconds_bucket", {"le": "0.001"}) == 1
+    assert get("enactive_end_to_end_latency_seconds_count") == 2
+    assert get("enactive_moments_emitted_total", {"sink": "tcp"}) == 3
+    labels = {"sink": "tcp", "reason": "slow_sink"}
+    assert get("enactive_moments_dropped_total", labels) == 1
+
+
+def test_lifecycle_helpers(registry: CollectorRegistry, metrics: Metrics) -> None:
+    get = registry.get_sample_value
+    metrics.jit_compiled("warmup", 3)
+    metrics.jit_fallback("slab_step", "XlaRuntimeError")
+    metrics.set_compile_seconds(64, 1.5)
+    metrics.checkpointed(0.02)
+    metrics.evicted(4)
+    metrics.restored()
+    metrics.set_ready(True)
+    metrics.active_streams.set(12)
+    metrics.subscribers.set(2)
+    assert get("enactive_jit_compilations_total", {"phase": "warmup"}) == 3
+    assert get("enactive_jit_compilations_total", {"phase": "runtime"}) == 0
+    labels = {"processor": "slab_step", "reason": "XlaRuntimeError"}
+    assert get("enactive_jit_fallback_total", labels) == 1
+    assert get("enactive_jit_compile_seconds", {"bucket": "64"}) == 1.5
+    assert get("enactive_state_checkpoints_total") == 1
+    assert get("enactive_checkpoint_seconds_count") == 1
+    assert get("enactive_state_evictions_total") == 4
+    assert get("enactive_state_restores_total") == 1
+    assert get("enactive_ready") == 1
+    assert get("enactive_active_streams") == 12
+    assert get("enactive_subscribers") == 2
+    metrics.set_ready(False)
+    assert get("enactive_ready") == 0
+
+
+def test_fallback_reasons_are_capped(registry: CollectorRegistry, metrics: Metrics) -> None:
+    for i in range(MAX_FALLBACK_REASONS + 5):
+        metrics.jit_fallback("slab_step", f"Error{i}")
+    metrics.jit_fallback("mystery", "Error0")
+    get = registry.get_sample_value
+    assert get("enactive_jit_fallback_total", {"processor": "slab_step", "reason": "Error0"}) == 1
+    last = {"processor": "slab_step", "reason": f"Error{MAX_FALLBACK_REASONS - 1}"}
+    assert get("enactive_jit_fallback_total", last) == 1
+    assert get("enactive_jit_fallback_total", {"processor": "slab_step", "reason": "other"}) == 5
+    assert get("enactive_jit_fallback_total", {"processor": "other", "reason": "Error0"}) == 1
+
+
+def test_latency_buckets_span_50us_to_5s() -> None:
+    assert LATENCY_BUCKETS[0] == 50e-6
+    assert LATENCY_BUCKETS[-1] == 5.0
+    assert 15 <= len(LATENCY_BUCKETS) <= 22
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+    ratios = [b / a for a, b in itertools.pairwise(LATENCY_BUCKETS)]
+    assert max(ratios) <= 2.5  # roughly log-spaced: no coarse gaps
+
+
+def test_no_stream_label_anywhere(metrics: Metrics) -> None:
+    metrics.watch_queue("ingest", lambda: 1)
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            assert not {"stream", "stream_id", "host", "instance"} & set(sample.labels)
+
+
+def test_docs_describe_every_metric(metrics: Metrics) -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    metrics.watch_queue("ingest", lambda: 0)
+    metrics.jit_fallback("slab_step", "XlaRuntimeError")
+    names = set()
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            if not sample.name.endswith(("_created", "_bucket", "_count", "_sum")):
+                names.add(sample.name)
+            elif family.type == "histogram":
+                names.add(family.name)
+    assert len(names) == len(EXPECTED)
+    for name in names:
+        assert f"### `{name}" in docs, name

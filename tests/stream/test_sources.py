@@ -1,0 +1,273 @@
+"""TCP and UDP ingest over real loopback sockets, into a recording `Ingest`."""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import numpy as np
+import pytest
+from anyio.abc import SocketStream
+
+from stream.ingest import Ingest
+from stream.protocol import Dims, Frame, encode_frame, encode_json_frame
+from stream.sources import serve_tcp, serve_udp
+
+DIMS = Dims(4, 3, 2, 2)
+HOST = "127.0.0.1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Recorder:
+    """An `Ingest` over a memory stream that records every counter call."""
+
+    def __init__(self, capacity: int = 10_000, max_frame_bytes: int = 4096) -> None:
+        self.send, self.receive = anyio.create_memory_object_stream[Frame](capacity)
+        self.received: collections.Counter[str] = collections.Counter()
+        self.rejected: list[tuple[str, str]] = []
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self._changed = anyio.Event()
+        self.ingest = Ingest(
+            self.send,
+            dims=DIMS,
+            max_frame_bytes=max_frame_bytes,
+            on_received=self._on_received,
+            on_rejected=self._on_rejected,
+            on_dropped=self._on_dropped,
+        )
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.send.close()
+        self.receive.close()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _on_received(self, source: str) -> None:
+        self.received[source] += 1
+        self._touch()
+
+    def _on_rejected(self, source: str, reason: str) -> None:
+        self.rejected.append((source, reason))
+        self._touch()
+
+    def _on_dropped(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        self._touch()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    async def frames(self, n: int, timeout: float = 5.0) -> list[Frame]:
+        with anyio.fail_after(timeout):
+            return [await self.receive.receive() for _ in range(n)]
+
+
+def payload(seq: int) -> dict[str, np.ndarray]:
+    base = np.arange(DIMS.total, dtype=np.float32) + seq
+    return {"sensory": base[:4], "proprio": base[4:7], "tactile": base[7:9], "motor": base[9:]}
+
+
+def frame_bytes(stream_id: str, seq: int) -> bytes:
+    return encode_frame(stream_id, seq, seq * 0.01, **payload(seq))
+
+
+def json_line(stream_id: str, seq: int) -> bytes:
+    return encode_json_frame(stream_id, seq, seq * 0.01, **payload(seq))
+
+
+async def read_until_closed(stream: SocketStream, timeout: float = 5.0) -> bytes:
+    data = b""
+    with anyio.fail_after(timeout):
+        try:
+            while True:
+                data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return data
+
+
+@pytest.fixture
+async def tcp() -> AsyncIterator[tuple[Recorder, int]]:
+    with Recorder() as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_tcp, rec.ingest, (HOST, 0))
+            yield rec, port
+            tg.cancel_scope.cancel()
+
+
+async def test_tcp_binary_frames_arrive_in_order_per_connection(tcp: tuple[Recorder, int]):
+    rec, port = tcp
+    links = [await anyio.connect_tcp(HOST, port) for _ in range(3)]
+    blobs = [b"".join(frame_bytes(f"s-{c}", seq) for seq in range(1, 21)) for c in range(3)]
+    # Connection 0 in 7-byte pieces (frames split anywhere), the others in one write.
+    for i in range(0, len(blobs[0]), 7):
+        await links[0].send(blobs[0][i : i + 7])
+    for link, blob in zip(links[1:], blobs[1:], strict=True):
+        await link.send(blob)
+    frames = await rec.frames(60)
+    by_stream: dict[str, list[int]] = collections.defaultdict(list)
+    for f in frames:
+        by_stream[f.stream_id].append(f.seq)
+        assert f.source == "tcp"
+        assert f.received_ns > 0
+        np.testing.assert_array_equal(f.payload, np.arange(DIMS.total, dtype=np.float32) + f.seq)
+    assert by_stream == {f"s-{c}": list(range(1, 21)) for c in range(3)}
+    assert rec.received == {"tcp": 60}
+    assert rec.rejected == []
+    for link in links:
+        await link.aclose()
+
+
+async def test_tcp_json_connection_gets_error_replies_and_stays_usable(tcp: tuple[Recorder, int]):
+    rec, port = tcp
+    async with await anyio.connect_tcp(HOST, port) as link:
+        bad_dims = json.dumps({"stream": "j", "seq": 3, "t": 0.0, "motor": [1.0]}).encode()
+        await link.send(json_line("j", 1) + b"not json\n" + bad_dims + b"\n" + json_line("j", 2))
+        frames = await rec.frames(2)
+        assert [(f.stream_id, f.seq, f.source) for f in frames] == [
+            ("j", 1, "json"),
+            ("j", 2, "json"),
+        ]
+        replies = b""
+        with anyio.fail_after(5):
+            while replies.count(b"\n") < 2:
+                replies += await link.receive()
+        first, second = (json.loads(line) for line in replies.splitlines())
+        assert first["error"] == "bad_json" and first["detail"]
+        assert set(first) == {"error", "detail", "stream", "seq"}
+        assert second["error"] == "dim_mismatch"
+        assert rec.rejected == [("json", "bad_json"), ("json", "dim_mismatch")]
+        assert rec.received == {"json": 4}
+        await link.send(json_line("j", 3))  # still open and decoding
+        assert (await rec.frames(1))[0].seq == 3
+
+
+async def test_tcp_json_client_that_never_reads_replies_is_not_blocked(
+    tcp: tuple[Recorder, int],
+):
+    rec, port = tcp
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(json_line("j", 1))
+        await rec.frames(1)
+        bad = b'{"stream": "j", "seq": 1}\n' * 20_000  # 20,000 replies of ~80 bytes, unread
+        await link.send(bad + json_line("j", 2))
+        assert (await rec.frames(1, timeout=10))[0].seq == 2
+        assert len(rec.rejected) == 20_000
+
+
+async def test_tcp_bad_magic_closes_only_that_connection(tcp: tuple[Recorder, int]):
+    rec, port = tcp
+    good = await anyio.connect_tcp(HOST, port)
+    bad = await anyio.connect_tcp(HOST, port)
+    await good.send(frame_bytes("good", 1))
+    await bad.send(frame_bytes("bad", 1))
+    frames = await rec.frames(2)
+    await bad.send(b"XXXX" + bytes(60))
+    assert await read_until_closed(bad) == b""  # closed, and binary clients get no replies
+    await rec.until(lambda: ("tcp", "bad_magic") in rec.rejected)
+    await good.send(frame_bytes("good", 2))
+    frames += await rec.frames(1)
+    assert sorted((f.stream_id, f.seq) for f in frames) == [("bad", 1), ("good", 1), ("good", 2)]
+    assert rec.received == {"tcp": 4}
+    assert rec.rejected == [("tcp", "bad_magic")]
+    await good.aclose()
+    await bad.aclose()
+
+
+async def test_tcp_reset_connection_does_not_disturb_the_server(tcp: tuple[Recorder, int]):
+    rec, port = tcp
+    broken = await anyio.connect_tcp(HOST, port)
+    await broken.send(frame_bytes("x", 1)[:20])  # half a frame, then a reset
+    raw = broken.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await broken.aclose()
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(frame_bytes("y", 1))
+        assert (await rec.frames(1))[0].stream_id == "y"
+
+
+async def test_tcp_block_policy_loses_nothing_when_the_pipeline_is_full():
+    with Recorder(capacity=1) as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_tcp, rec.ingest, (HOST, 0))
+            async with await anyio.connect_tcp(HOST, port) as link:
+                await link.send(b"".join(frame_bytes("s", seq) for seq in range(1, 301)))
+                frames = await rec.frames(300)
+            assert [f.seq for f in frames] == list(range(1, 301))
+            assert rec.dropped == {}
+            tg.cancel_scope.cancel()
+
+
+async def test_tcp_stops_reading_and_accepting_once_not_accepting(tcp: tuple[Recorder, int]):
+    rec, port = tcp
+    link = await anyio.connect_tcp(HOST, port)
+    await link.send(frame_bytes("s", 1))
+    await rec.frames(1)
+    rec.ingest.accepting = False
+    assert await read_until_closed(link) == b""  # closed by the server
+    await link.aclose()
+    with pytest.raises(OSError):
+        await anyio.connect_tcp(HOST, port)
+
+
+@pytest.fixture
+async def udp() -> AsyncIterator[tuple[Recorder, int]]:
+    with Recorder() as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(lambda **kw: serve_udp(rec.ingest, (HOST, 0), buffer=64, **kw))
+            yield rec, port
+            tg.cancel_scope.cancel()
+
+
+async def test_udp_binary_and_json_datagrams_arrive(udp: tuple[Recorder, int]):
+    rec, port = udp
+    async with await anyio.create_connected_udp_socket(HOST, port) as sock:
+        await sock.send(frame_bytes("b", 1))
+        await sock.send(json_line("j", 1))
+        await sock.send(b"garbage!")
+        await sock.send(frame_bytes("b", 2))
+        frames = await rec.frames(3)
+    assert [(f.stream_id, f.seq, f.source) for f in frames] == [
+        ("b", 1, "udp"),
+        ("j", 1, "udp"),
+        ("b", 2, "udp"),
+    ]
+    np.testing.assert_array_equal(frames[1].payload, np.arange(DIMS.total, dtype=np.float32) + 1)
+    await rec.until(lambda: rec.received["udp"] == 4)
+    assert rec.rejected == [("udp", "bad_magic")]
+
+
+async def test_udp_overload_drops_the_oldest_and_counts_it():
+    with Recorder(capacity=1) as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(lambda **kw: serve_udp(rec.ingest, (HOST, 0), buffer=4, **kw))
+            async with await anyio.create_connected_udp_socket(HOST, port) as sock:
+                for seq in range(1, 11):
+                    await sock.send(frame_bytes("u", seq))
+            await rec.until(lambda: rec.received["udp"] == 10)
+            await anyio.wait_all_tasks_blocked()
+            dropped = rec.dropped["overload"]
+            # 1 in the stream, 1 held by the blocked pump, 4 in the ring: at least 4 dropped.
+            assert 4 <= dropped <= 9
+            frames = await rec.frames(10 - dropped)
+            seqs = [f.seq for f in frames]
+            assert seqs == sorted(seqs) and seqs[-1] == 10  # the newest survive, in order
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(anyio.WouldBlock):
+                rec.receive.receive_nowait()
+            assert rec.rejected == []
+            tg.cancel_scope.cancel()

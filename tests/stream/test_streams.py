@@ -1,0 +1,65 @@
+"""Stream table: sequence checks, slot assignment, LRU eviction and restore."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream.protocol import FrameRejected
+from stream.streams import StreamTable
+
+
+def test_sequence_checks() -> None:
+    t = StreamTable(4, 8)
+    t.admit("a", 5)
+    with pytest.raises(FrameRejected) as e:
+        t.admit("a", 5)
+    assert e.value.reason == "duplicate_seq"
+    with pytest.raises(FrameRejected) as e:
+        t.admit("a", 4)
+    assert e.value.reason == "stale_seq"
+    t.admit("a", 9)  # gaps are fine
+    assert t.admitted_seq["a"] == 9
+
+
+def test_too_many_streams_only_past_the_known_limit() -> None:
+    t = StreamTable(2, 3)
+    for s in "abc":
+        t.admit(s, 1)
+    with pytest.raises(FrameRejected) as e:
+        t.admit("d", 1)
+    assert e.value.reason == "too_many_streams"
+    t.admit("a", 2)  # known streams go on
+    assert "d" not in t.admitted_seq
+
+
+def test_slots_are_stable_and_distinct() -> None:
+    t = StreamTable(4, 8)
+    p1 = t.plan(["a", "b"])
+    assert p1.fresh == [True, True] and len(set(p1.slots)) == 2
+    p2 = t.plan(["b", "a", "c"])
+    assert p2.slots[:2] == [p1.slots[1], p1.slots[0]]
+    assert p2.fresh == [False, False, True]
+    assert not p2.evict and not p2.restore
+
+
+def test_lru_eviction_and_restore() -> None:
+    t = StreamTable(2, 8)
+    t.plan(["a"])
+    t.plan(["b"])
+    t.plan(["a"])  # b is now least recently used
+    p = t.plan(["c"])
+    assert [s for _, s in p.evict] == ["b"]
+    t.evicted_state("b", {"h": 1})
+    assert t.active == 2 and len(t) == 3
+    p = t.plan(["b", "c"])  # a is evicted (c is in the batch)
+    assert [s for _, s in p.evict] == ["a"]
+    assert p.restore == [(p.slots[0], {"h": 1})]
+    assert p.fresh == [False, False]
+
+
+def test_victim_never_in_the_current_batch() -> None:
+    t = StreamTable(2, 8)
+    t.plan(["a", "b"])
+    p = t.plan(["b", "c"])
+    assert [s for _, s in p.evict] == ["a"]
+    assert len(set(p.slots)) == 2
