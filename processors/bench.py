@@ -236,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_kernel_bench(config, buckets, **kwargs)
     print(format_table(rows))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(
                 {

@@ -86,12 +86,14 @@ class BodySchemaProcessor(eqx.Module):
         self.motor_mlp = eqx.nn.MLP(2 * hd, hd, hd, depth=1, activation=jax.nn.gelu, key=keys[3])
         self.motor_decoder = eqx.nn.Linear(hd, m, key=keys[4])
         self.motor_confidence = eqx.nn.Linear(hd, "scalar", key=keys[5])
-        self.boundary_mlp = eqx.nn.MLP(2 * (p + t + m), hd, hd, depth=1, activation=jax.nn.gelu,
-                                       key=keys[6])
+        self.boundary_mlp = eqx.nn.MLP(
+            2 * (p + t + m), hd, hd, depth=1, activation=jax.nn.gelu, key=keys[6]
+        )
         k_head, k_schema = jax.random.split(keys[7])
         self.boundary_head = eqx.nn.Linear(hd, 2, key=k_head)
-        self.schema_mlp = eqx.nn.MLP(3 * hd, p, hd, depth=2, activation=jax.nn.gelu,
-                                     final_activation=jnp.tanh, key=k_schema)
+        self.schema_mlp = eqx.nn.MLP(
+            3 * hd, p, hd, depth=2, activation=jax.nn.gelu, final_activation=jnp.tanh, key=k_schema
+        )
         self.proprio_dim, self.tactile_dim, self.motor_dim, self.hidden_dim = p, t, m, hd
         self.som_temperature = config.som_temperature
         self.som_adaptation = config.som_adaptation
@@ -102,8 +104,9 @@ class BodySchemaProcessor(eqx.Module):
         """A fresh stream: zero GRU state, zero boundary memory, the shared map if adapting."""
         features = self.proprio_dim + self.tactile_dim + self.motor_dim
         som = self.som if self.som_adaptation == "per_stream" else None
-        return BodyState(jnp.zeros(self.hidden_dim, jnp.float32),
-                         jnp.zeros(features, jnp.float32), som)
+        return BodyState(
+            jnp.zeros(self.hidden_dim, jnp.float32), jnp.zeros(features, jnp.float32), som
+        )
 
     def __call__(
         self,
@@ -140,8 +143,9 @@ class BodySchemaProcessor(eqx.Module):
             rate = jnp.where(present[0], self.som_learning_rate, 0.0)
             new_som = state.som + rate * activation[:, None] * (proprio - state.som)
 
-        hidden = jnp.where(present[2], self.motor_cell(motor, state.motor_hidden),
-                           state.motor_hidden)
+        hidden = jnp.where(
+            present[2], self.motor_cell(motor, state.motor_hidden), state.motor_hidden
+        )
         intention = self.motor_mlp(jnp.concatenate([hidden, som_features]))
         motor_command = jnp.tanh(self.motor_decoder(intention))
         confidence = jax.nn.sigmoid(self.motor_confidence(intention))
@@ -153,6 +157,7 @@ class BodySchemaProcessor(eqx.Module):
         memory = self.boundary_decay * state.boundary_memory + (1.0 - self.boundary_decay) * felt
 
         schema = self.schema_mlp(jnp.concatenate([som_features, intention, boundary_hidden]))
-        out = BodySchemaOutput(schema, activation, motor_command, confidence, boundary,
-                               boundary_confidence)
+        out = BodySchemaOutput(
+            schema, activation, motor_command, confidence, boundary, boundary_confidence
+        )
         return BodyState(hidden, memory, new_som), out

@@ -17,8 +17,16 @@ def _int_in(cls: str, name: str, value: Any, lo: int, hi: int) -> None:
         raise ModelConfigError(f"{cls}.{name} = {value!r}: must be an integer in [{lo}, {hi}]")
 
 
-def _float_in(cls: str, name: str, value: Any, lo: float, hi: float, *, open_lo: bool = False,
-              open_hi: bool = False) -> None:
+def _float_in(
+    cls: str,
+    name: str,
+    value: Any,
+    lo: float,
+    hi: float,
+    *,
+    open_lo: bool = False,
+    open_hi: bool = False,
+) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
         ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
@@ -154,8 +162,9 @@ class ModelConfig:
             object.__setattr__(self, "som_grid", self.body.som_grid)
         except ModelConfigError as e:
             raise ModelConfigError(
-                str(e).replace("TemporalConfig.", "ModelConfig.").replace(
-                    "BodySchemaConfig.", "ModelConfig.")
+                str(e)
+                .replace("TemporalConfig.", "ModelConfig.")
+                .replace("BodySchemaConfig.", "ModelConfig.")
             ) from None
         _int_in(type(self).__name__, "moment_dim", self.moment_dim, 1, MAX_DIM)
 

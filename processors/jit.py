@@ -62,7 +62,7 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         elif isinstance(leaf, Hashable):
             sig.append((type(leaf), leaf))
         else:
-            sig.append(type(leaf))
+            sig.append(repr(type(leaf)))
     return tuple(sig)
 
 
@@ -117,8 +117,10 @@ def safe_jit(
             except Exception as e:
                 if not fallback:
                     raise JITCompilationError(f"{name}: {type(e).__name__}: {e}") from e
-                if any(isinstance(x, jax.Array) and x.is_deleted()
-                       for x in jax.tree.leaves((args, kwargs))):
+                if any(
+                    isinstance(x, jax.Array) and x.is_deleted()
+                    for x in jax.tree.leaves((args, kwargs))
+                ):
                     raise JITCompilationError(
                         f"{name} failed after its inputs were donated; cannot fall back: {e}"
                     ) from e
@@ -151,7 +153,7 @@ class CompilationCounter:
         self._lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
-    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+    def _on_event(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event != LOWERING_EVENT:
             return
         with self._lock:
@@ -186,13 +188,17 @@ def enable_compilation_cache(path: str | os.PathLike[str]) -> str:
     """
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=True)
-    if jax.config.jax_compilation_cache_dir != path:
+    if _flag("jax_compilation_cache_dir") != path:
         compilation_cache.set_cache_dir(path)
         # A compile before this point may have decided "no cache" for the process.
         compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def _flag(name: str) -> Any:
+    return getattr(jax.config, name)  # typed stubs do not list JAX's flags
 
 
 def get_jit_info() -> dict[str, Any]:
@@ -203,12 +209,13 @@ def get_jit_info() -> dict[str, Any]:
     devices = jax.devices()
     return {
         "backend": jax.default_backend(),
-        "devices": [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
-                    for d in devices],
+        "devices": [
+            f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in devices
+        ],
         "device_count": len(devices),
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         "equinox_version": eqx.__version__,
-        "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
-        "x64": bool(jax.config.jax_enable_x64),
+        "compilation_cache_dir": _flag("jax_compilation_cache_dir") or None,
+        "x64": bool(_flag("jax_enable_x64")),
     }

@@ -11,13 +11,20 @@ from .body_schema import BodySchemaProcessor, BodyState
 from .config import ModelConfig
 from .temporal import TemporalProcessor, TemporalState
 
-__all__ = ["MODALITIES", "EnactiveModel", "EnactiveOutput", "EnactiveState", "RECORD_FIELDS"]
+__all__ = ["MODALITIES", "RECORD_FIELDS", "EnactiveModel", "EnactiveOutput", "EnactiveState"]
 
 MODALITIES = ("sensory", "proprio", "tactile", "motor")
 """Input modalities, in the order of the presence mask and of the wire payload."""
 
-RECORD_FIELDS = ("moment", "synthesis", "schema", "motor_command", "coherence", "boundary",
-                 "confidence")
+RECORD_FIELDS = (
+    "moment",
+    "synthesis",
+    "schema",
+    "motor_command",
+    "coherence",
+    "boundary",
+    "confidence",
+)
 """Output fields packed, in this order, into one float32 record row by `pack_record`."""
 
 
@@ -82,8 +89,15 @@ class EnactiveModel(eqx.Module):
         self.body = BodySchemaProcessor(config.body, key=k_b)
         self.time_projection = eqx.nn.Linear(config.state_dim, k, key=k_tp)
         self.body_projection = eqx.nn.Linear(config.proprio_dim, k, key=k_bp)
-        self.integration = eqx.nn.MLP(2 * k, k, config.hidden_dim, depth=1,
-                                      activation=jax.nn.gelu, final_activation=jnp.tanh, key=k_i)
+        self.integration = eqx.nn.MLP(
+            2 * k,
+            k,
+            config.hidden_dim,
+            depth=1,
+            activation=jax.nn.gelu,
+            final_activation=jnp.tanh,
+            key=k_i,
+        )
         self.config = config
 
     def init_state(self) -> EnactiveState:
@@ -123,8 +137,18 @@ class EnactiveModel(eqx.Module):
         )
         coherence = 0.5 * (1.0 + cosine)
         out = EnactiveOutput(
-            moment, coherence, t.synthesis, t.impression, t.retention, t.protention,
-            t.attention, b.schema, b.som_activation, b.motor_command, b.confidence, b.boundary,
+            moment,
+            coherence,
+            t.synthesis,
+            t.impression,
+            t.retention,
+            t.protention,
+            t.attention,
+            b.schema,
+            b.som_activation,
+            b.motor_command,
+            b.confidence,
+            b.boundary,
             b.boundary_confidence,
         )
         return EnactiveState(temporal_state, body_state), out

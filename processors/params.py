@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import equinox as eqx
 import jax
@@ -42,7 +42,7 @@ def load_params(like: M, path: str | os.PathLike[str]) -> M:
     """
     path = os.fspath(path)
 
-    def check(f, leaf):  # type: ignore[no-untyped-def]
+    def check(f: BinaryIO, leaf: Any) -> Any:
         value = eqx.default_deserialise_filter_spec(f, leaf)
         if isinstance(leaf, (jax.Array, np.ndarray)) and (
             value.shape != leaf.shape or value.dtype != leaf.dtype

@@ -33,7 +33,10 @@ FLAG_RESET = 1 << 5
 
 
 def _slab_step(
-    static: EnactiveModel, params: EnactiveModel, slab: EnactiveState, x: jax.Array,
+    static: EnactiveModel,
+    params: EnactiveModel,
+    slab: EnactiveState,
+    x: jax.Array,
     meta: jax.Array,
 ) -> tuple[EnactiveState, jax.Array]:
     model = eqx.combine(params, static)
@@ -128,9 +131,11 @@ class SlabStep:
 
     def _slab_spec(self) -> Any:
         return jax.tree.map(
-            lambda leaf, sh: jax.ShapeDtypeStruct((self.capacity, *np.shape(leaf)),
-                                                  np.asarray(leaf).dtype, sharding=sh),
-            self._host_fresh, self._slab_sharding,
+            lambda leaf, sh: jax.ShapeDtypeStruct(
+                (self.capacity, *np.shape(leaf)), np.asarray(leaf).dtype, sharding=sh
+            ),
+            self._host_fresh,
+            self._slab_sharding,
         )
 
     def bucket_for(self, n: int) -> int:
@@ -166,19 +171,22 @@ class SlabStep:
             t0 = time.perf_counter()
             try:
                 self.executables[bucket] = self._lower(bucket).compile()
-            except Exception as e:  # noqa: BLE001 — every failure is reported, none hidden
+            except Exception as e:
                 self._fall_back(bucket, e)
             seconds = time.perf_counter() - t0
             self.compile_seconds[bucket] = seconds
             if progress is not None:
                 progress(bucket, seconds)
         slab, slot = self._slab_spec(), jax.ShapeDtypeStruct((), np.int32)
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
-                             self._host_fresh)
+        state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), self._host_fresh
+        )
         self._read = jax.jit(_read_slot).lower(slab, slot).compile()
-        self._write = jax.jit(
-            _write_slot, donate_argnums=(0,), out_shardings=self._slab_sharding
-        ).lower(slab, slot, state).compile()
+        self._write = (
+            jax.jit(_write_slot, donate_argnums=(0,), out_shardings=self._slab_sharding)
+            .lower(slab, slot, state)
+            .compile()
+        )
         return dict(self.compile_seconds)
 
     def _fall_back(self, bucket: int, error: Exception) -> None:
@@ -227,7 +235,7 @@ class SlabStep:
             try:
                 new_slab, records = exe(self._params, slab, xs, ms)
                 return new_slab, records, False
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if any(leaf.is_deleted() for leaf in jax.tree.leaves(slab)):
                     raise
                 self._fall_back(bucket, e)
@@ -264,11 +272,11 @@ class SlabStep:
             rows = min(bucket, n - start)
             xb = np.zeros((bucket, self.input_width), np.float32)
             mb = np.zeros((bucket, 2), np.int32)
-            xb[:rows] = x[start:start + rows]
-            mb[:rows, 0] = slots[start:start + rows]
-            mb[:rows, 1] = flags[start:start + rows]
+            xb[:rows] = x[start : start + rows]
+            mb[:rows, 0] = slots[start : start + rows]
+            mb[:rows, 1] = flags[start : start + rows]
             slab, records, _ = self(slab, xb, mb)
-            out[start:start + rows] = np.asarray(records)[:rows]
+            out[start : start + rows] = np.asarray(records)[:rows]
             start += rows
         return slab, out
 

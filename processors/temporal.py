@@ -87,8 +87,9 @@ class TemporalProcessor(eqx.Module):
         self.protention_bias = jnp.zeros((h, d), jnp.float32)
         self.protention_confidence = 1.0 + 0.1 * jax.random.normal(k_pc, (h,), jnp.float32)
         self.attention = MultiHeadAttention(d, config.attention_heads, key=k_att)
-        self.synthesis = eqx.nn.MLP(3 * d, d, config.hidden_dim, depth=2, activation=jax.nn.gelu,
-                                    key=k_syn)
+        self.synthesis = eqx.nn.MLP(
+            3 * d, d, config.hidden_dim, depth=2, activation=jax.nn.gelu, key=k_syn
+        )
         decay = jnp.power(jnp.float32(config.retention_decay), jnp.arange(r, dtype=jnp.float32))
         self.retention_weights = decay / jnp.sum(decay)
         distance = 1.0 / jnp.arange(1, h + 1, dtype=jnp.float32)

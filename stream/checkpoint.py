@@ -29,8 +29,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used with this configuration."""
 
 
-def save_checkpoint(directory: str | os.PathLike[str], host_slab: Any, table: StreamTable,
-                    fingerprint: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    host_slab: Any,
+    table: StreamTable,
+    fingerprint: dict[str, Any],
+) -> Path:
     """Write everything needed to resume to `directory` atomically.
 
     **Arguments:** `host_slab`, the slab as numpy arrays (`jax.device_get`); `table`, the
@@ -58,7 +62,7 @@ def save_checkpoint(directory: str | os.PathLike[str], host_slab: Any, table: St
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
             f.flush()
             os.fsync(f.fileno())
         path = directory / FILENAME
@@ -69,8 +73,12 @@ def save_checkpoint(directory: str | os.PathLike[str], host_slab: Any, table: St
     return path
 
 
-def load_checkpoint(directory: str | os.PathLike[str], like_slab: Any, table: StreamTable,
-                    fingerprint: dict[str, Any]) -> Any | None:
+def load_checkpoint(
+    directory: str | os.PathLike[str],
+    like_slab: Any,
+    table: StreamTable,
+    fingerprint: dict[str, Any],
+) -> Any | None:
     """Read the checkpoint in `directory`, if any, into `table`.
 
     **Arguments:** `like_slab`, a host slab of the expected structure (shapes are
@@ -96,14 +104,16 @@ def load_checkpoint(directory: str | os.PathLike[str], like_slab: Any, table: St
             arrays = [data[f"slab_{i}"] for i in range(len(leaves))]
             for got, want in zip(arrays, leaves, strict=True):
                 if got.shape != np.shape(want):
-                    raise CheckpointError(f"{path}: slab array {got.shape}, expected "
-                                          f"{np.shape(want)}; move it away to start fresh")
-            slab = treedef.unflatten(arrays)
+                    raise CheckpointError(
+                        f"{path}: slab array {got.shape}, expected "
+                        f"{np.shape(want)}; move it away to start fresh"
+                    )
+            slab = jax.tree.unflatten(treedef, arrays)
             evicted_ids = meta["evicted"]
             if evicted_ids:
                 stacked = [data[f"evicted_{i}"] for i in range(len(leaves))]
                 for j, stream_id in enumerate(evicted_ids):
-                    table.evicted[stream_id] = treedef.unflatten([a[j] for a in stacked])
+                    table.evicted[stream_id] = jax.tree.unflatten(treedef, [a[j] for a in stacked])
     except CheckpointError:
         raise
     except Exception as e:

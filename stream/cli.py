@@ -25,8 +25,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override one configuration key (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration key (repeatable)",
+    )
 
 
 def _load(args: argparse.Namespace, *, embedded: bool = False) -> Any:
@@ -46,10 +50,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     embedded = args.config is None and not os.environ.get("ENACTIVE_CONFIG")
     config = _load(args, embedded=embedded)
     if embedded:
-        print(f"enactive-stream: embedded default — {config.synthetic.streams} synthetic bodies "
-              f"at {config.synthetic.rate_hz:g} Hz; sensors on tcp/udp {config.ingest.tcp}, "
-              f"subscribers on {config.output.tcp}, metrics on http://{config.metrics.listen}"
-              f"/metrics", file=sys.stderr, flush=True)
+        print(
+            f"enactive-stream: embedded default — {config.synthetic.streams} synthetic bodies "
+            f"at {config.synthetic.rate_hz:g} Hz; sensors on tcp/udp {config.ingest.tcp}, "
+            f"subscribers on {config.output.tcp}, metrics on http://{config.metrics.listen}"
+            f"/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
     daemon = Daemon(config, ready_file=args.ready_file)
     anyio.run(daemon.run)
     return 0
@@ -60,9 +68,18 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from .send import send
 
     dims = Dims(args.state_dim, args.proprio_dim, args.tactile_dim, args.motor_dim)
-    report = send(args.host, args.port, streams=args.streams, rate_hz=args.rate,
-                  duration_s=args.duration, transport=args.transport, dims=dims,
-                  seed=args.seed, connections=args.connections, prefix=args.prefix)
+    report = send(
+        args.host,
+        args.port,
+        streams=args.streams,
+        rate_hz=args.rate,
+        duration_s=args.duration,
+        transport=args.transport,
+        dims=dims,
+        seed=args.seed,
+        connections=args.connections,
+        prefix=args.prefix,
+    )
     print(report)
     return 0
 
@@ -97,13 +114,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enactive-stream",
-        description="Real-time sensor streams through ahead-of-time compiled JAX models.")
+        description="Real-time sensor streams through ahead-of-time compiled JAX models.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon (no arguments: the embedded default)")
     _add_config_args(run)
-    run.add_argument("--ready-file", metavar="FILE",
-                     help="write the bound ports here (JSON) once ready")
+    run.add_argument(
+        "--ready-file", metavar="FILE", help="write the bound ports here (JSON) once ready"
+    )
     run.set_defaults(fn=_cmd_run)
 
     send = sub.add_parser("send", help="a simulated sensor client")

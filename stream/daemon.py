@@ -42,9 +42,9 @@ from .metrics import Metrics
 from .protocol import Frame, FrameRejected, MomentSizes
 from .sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
 from .sources import serve_tcp, serve_udp
-from .synthetic import run_synthetic
 from .status import StatusLine
 from .streams import StreamTable
+from .synthetic import run_synthetic
 
 __all__ = ["Daemon", "build_model"]
 
@@ -54,15 +54,25 @@ def build_model(config: Config) -> EnactiveModel:
     from `model.params` when set."""
     m = config.model
     model_config = processors.ModelConfig(
-        state_dim=m.state_dim, proprio_dim=m.proprio_dim, tactile_dim=m.tactile_dim,
-        motor_dim=m.motor_dim, retention_depth=m.retention_depth,
-        protention_horizon=m.protention_horizon, som_grid=tuple(m.som_grid),
-        hidden_dim=m.hidden_dim, attention_heads=m.attention_heads,
+        state_dim=m.state_dim,
+        proprio_dim=m.proprio_dim,
+        tactile_dim=m.tactile_dim,
+        motor_dim=m.motor_dim,
+        retention_depth=m.retention_depth,
+        protention_horizon=m.protention_horizon,
+        som_grid=(m.som_grid[0], m.som_grid[1]),
+        hidden_dim=m.hidden_dim,
+        attention_heads=m.attention_heads,
     )
     model = EnactiveModel(model_config, key=jax.random.PRNGKey(m.seed))
     if m.params:
         model = processors.load_params(model, m.params)
     return model
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class Daemon:
@@ -87,9 +97,10 @@ class Daemon:
         ready_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = config
-        self.metrics = metrics or Metrics(buckets=config.batching.buckets,
-                                          backend=jax.default_backend())
-        self._status = status or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.metrics = metrics or Metrics(
+            buckets=config.batching.buckets, backend=jax.default_backend()
+        )
+        self._status = status or _to_stderr
         self._ready_file = ready_file
         self.ready = False
         self.ports: dict[str, int] = {}
@@ -108,11 +119,18 @@ class Daemon:
         processors.enable_compilation_cache(cfg.device.compilation_cache_dir)
         devices = jax.local_devices()
         if cfg.device.count > len(devices):
-            raise ConfigError(f"device.count = {cfg.device.count}: only {len(devices)} "
-                              f"local {jax.default_backend()} device(s) present")
+            raise ConfigError(
+                f"device.count = {cfg.device.count}: only {len(devices)} "
+                f"local {jax.default_backend()} device(s) present"
+            )
         model = build_model(cfg)
-        step = SlabStep(model, buckets=cfg.batching.buckets, capacity=cfg.state.max_streams,
-                        devices=devices[:cfg.device.count], on_fallback=self._on_fallback)
+        step = SlabStep(
+            model,
+            buckets=cfg.batching.buckets,
+            capacity=cfg.state.max_streams,
+            devices=devices[: cfg.device.count],
+            on_fallback=self._on_fallback,
+        )
         total = len(step.buckets)
 
         def progress(bucket: int, seconds: float) -> None:
@@ -120,26 +138,38 @@ class Daemon:
             done = sum(1 for b in step.buckets if b in step.compile_seconds)
             self._status(f"compiled bucket {bucket:>5} ({done}/{total}) in {seconds:.2f} s")
 
-        self._status(f"compiling {total} buckets {step.buckets} on "
-                     f"{cfg.device.count} {jax.default_backend()} device(s)…")
+        self._status(
+            f"compiling {total} buckets {step.buckets} on "
+            f"{cfg.device.count} {jax.default_backend()} device(s)…"
+        )
         step.compile(progress)
         table = StreamTable(step.capacity, cfg.state.max_known_streams)
-        host = load_checkpoint(cfg.state.dir, jax.device_get(step.init_slab()), table,
-                               self._fingerprint(step))
+        host = load_checkpoint(
+            cfg.state.dir, jax.device_get(step.init_slab()), table, self._fingerprint(step)
+        )
         if host is None:
             slab = step.init_slab()
         else:
             slab = step.put_slab(host)
-            self._status(f"restored {len(table.processed_seq)} streams from "
-                         f"{Path(cfg.state.dir) / 'checkpoint.npz'}")
+            self._status(
+                f"restored {len(table.processed_seq)} streams from "
+                f"{Path(cfg.state.dir) / 'checkpoint.npz'}"
+            )
         return step, table, slab
 
     def _fingerprint(self, step: SlabStep) -> dict[str, Any]:
         m = self.config.model
-        return {"dims": [m.state_dim, m.proprio_dim, m.tactile_dim, m.motor_dim],
-                "model": [m.retention_depth, m.protention_horizon, m.hidden_dim,
-                          list(m.som_grid), m.attention_heads],
-                "capacity": step.capacity}
+        return {
+            "dims": [m.state_dim, m.proprio_dim, m.tactile_dim, m.motor_dim],
+            "model": [
+                m.retention_depth,
+                m.protention_horizon,
+                m.hidden_dim,
+                list(m.som_grid),
+                m.attention_heads,
+            ],
+            "capacity": step.capacity,
+        }
 
     def _on_fallback(self, name: str, reason: str) -> None:
         self.metrics.jit_fallback("slab_step", reason)
@@ -147,25 +177,28 @@ class Daemon:
 
     # -- the service --------------------------------------------------------------------
 
-    async def run(self, *, task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve until `request_stop()` or SIGTERM/SIGINT; `task_status.started(ports)`
         once ready."""
         cfg, metrics = self.config, self.metrics
-        self.counter = CompilationCounter(lambda phase: metrics.jit_compiled(phase))
+        counter = self.counter = CompilationCounter(metrics.jit_compiled)
         try:
             async with anyio.create_task_group() as outer:
                 if cfg.metrics.listen:
                     self.ports["metrics"] = await outer.start(
-                        serve_http, parse_address(cfg.metrics.listen), metrics,
+                        serve_http,
+                        parse_address(cfg.metrics.listen),
+                        metrics,
                         lambda: self.ready,
                     )
                 outer.start_soon(self._signals)
                 step, table, slab = await anyio.to_thread.run_sync(self._prepare)
-                await self._serve(step, table, slab, task_status)
+                await self._serve(step, table, slab, counter, task_status)
                 outer.cancel_scope.cancel()
         finally:
-            self.counter.close()
+            counter.close()
             self.ready = False
             metrics.set_ready(False)
 
@@ -180,16 +213,31 @@ class Daemon:
                 self.request_stop()
                 return
 
-    async def _serve(self, step: SlabStep, table: StreamTable, slab: Any,
-                     task_status: TaskStatus[dict[str, int]]) -> None:
+    async def _serve(
+        self,
+        step: SlabStep,
+        table: StreamTable,
+        slab: Any,
+        counter: CompilationCounter,
+        task_status: TaskStatus[dict[str, int]],
+    ) -> None:
         cfg, metrics = self.config, self.metrics
-        sizes = MomentSizes(step.model.config.moment_dim or cfg.model.state_dim,
-                            cfg.model.state_dim, cfg.model.proprio_dim, cfg.model.motor_dim)
+        sizes = MomentSizes(
+            step.model.config.moment_dim or cfg.model.state_dim,
+            cfg.model.state_dim,
+            cfg.model.proprio_dim,
+            cfg.model.motor_dim,
+        )
         ingest_send, ingest_receive = anyio.create_memory_object_stream[Frame](cfg.ingest.queue)
         stepped_send, stepped_receive = anyio.create_memory_object_stream[Stepped](2)
-        ingest = Ingest(ingest_send, dims=cfg.dims, max_frame_bytes=cfg.ingest.max_frame_bytes,
-                        on_received=metrics.received, on_rejected=metrics.reject,
-                        on_dropped=metrics.drop)
+        ingest = Ingest(
+            ingest_send,
+            dims=cfg.dims,
+            max_frame_bytes=cfg.ingest.max_frame_bytes,
+            on_received=metrics.received,
+            on_rejected=metrics.reject,
+            on_dropped=metrics.drop,
+        )
         batcher = Batcher(max(step.buckets), cfg.batching.max_wait_ms / 1000.0)
         directory = cfg.state.dir
         fingerprint = self._fingerprint(step)
@@ -197,10 +245,15 @@ class Daemon:
         def checkpoint(host_slab: Any, t: StreamTable) -> None:
             save_checkpoint(directory, host_slab, t, fingerprint)
 
-        status = StatusLine(metrics, table, self.counter)
-        executor = Executor(step, table, slab, checkpoint=checkpoint,
-                            checkpoint_interval_s=cfg.state.checkpoint_interval_s,
-                            observe=self._observer(table, status))
+        status = StatusLine(metrics, table, counter)
+        executor = Executor(
+            step,
+            table,
+            slab,
+            checkpoint=checkpoint,
+            checkpoint_interval_s=cfg.state.checkpoint_interval_s,
+            observe=self._observer(table, status),
+        )
 
         def admit(frame: Frame) -> bool:
             try:
@@ -222,11 +275,13 @@ class Daemon:
                 pipeline.start_soon(batcher.collect, ingest_receive, admit)
                 pipeline.start_soon(executor.run, batcher, stepped_send)
                 pipeline.start_soon(
-                    lambda: integrate(stepped_receive, sinks, sizes,
-                                      observe=self._observer(table, status)))
+                    lambda: integrate(
+                        stepped_receive, sinks, sizes, observe=self._observer(table, status)
+                    )
+                )
                 async with ingest_send, anyio.create_task_group() as sources:
                     await self._start_sources(sources, ingest)
-                    self.counter.seal()
+                    counter.seal()
                     self.ready = True
                     metrics.set_ready(True)
                     self._write_ready_file()
@@ -244,20 +299,27 @@ class Daemon:
     async def _start_sinks(self, group: anyio.abc.TaskGroup) -> list[Sink]:
         cfg, metrics = self.config, self.metrics
         sinks: list[Any] = []
-        counters = {"on_emitted": metrics.emitted, "on_dropped": metrics.sink_drop,
-                    "cache": EncodingCache()}
+        counters: dict[str, Any] = {
+            "on_emitted": metrics.emitted,
+            "on_dropped": metrics.sink_drop,
+            "cache": EncodingCache(),
+        }
         if cfg.output.tcp:
             server = SubscriberServer(
-                parse_address(cfg.output.tcp), buffer=cfg.output.subscriber_buffer,
-                on_subscribers=metrics.subscribers.set, **counters)
+                parse_address(cfg.output.tcp),
+                buffer=cfg.output.subscriber_buffer,
+                on_subscribers=metrics.subscribers.set,
+                **counters,
+            )
             self.ports["output"] = await group.start(server.run)
             sinks.append(server)
         if cfg.output.jsonl:
-            sinks.append(JsonlSink(cfg.output.jsonl, buffer=cfg.output.subscriber_buffer,
-                                   **counters))
+            sinks.append(
+                JsonlSink(cfg.output.jsonl, buffer=cfg.output.subscriber_buffer, **counters)
+            )
         if cfg.output.stdout:
             sinks.append(StdoutSink(buffer=cfg.output.subscriber_buffer, **counters))
-        for sink in sinks[1 if cfg.output.tcp else 0:]:
+        for sink in sinks[1 if cfg.output.tcp else 0 :]:
             await group.start(sink.run)
         return sinks
 
@@ -270,15 +332,20 @@ class Daemon:
             if port == 0 and cfg.ingest.tcp and parse_address(cfg.ingest.tcp)[0] == host:
                 port = self.ports["tcp"]  # "same port number" also for ephemeral ports
             self.ports["udp"] = await group.start(
-                lambda task_status: serve_udp(ingest, (host, port),
-                                              buffer=cfg.ingest.udp_buffer,
-                                              task_status=task_status))
+                lambda task_status: serve_udp(
+                    ingest, (host, port), buffer=cfg.ingest.udp_buffer, task_status=task_status
+                )
+            )
         if cfg.synthetic.streams:
             await group.start(
-                lambda task_status: run_synthetic(ingest, streams=cfg.synthetic.streams,
-                                                  rate_hz=cfg.synthetic.rate_hz,
-                                                  seed=cfg.model.seed,
-                                                  task_status=task_status))
+                lambda task_status: run_synthetic(
+                    ingest,
+                    streams=cfg.synthetic.streams,
+                    rate_hz=cfg.synthetic.rate_hz,
+                    seed=cfg.model.seed,
+                    task_status=task_status,
+                )
+            )
 
     def _observer(self, table: StreamTable, status: StatusLine) -> Callable[[str, Any], None]:
         metrics = self.metrics
@@ -312,4 +379,3 @@ class Daemon:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({**self.ports, "pid": os.getpid()}))
         os.replace(tmp, path)
-

@@ -90,11 +90,15 @@ class Executor:
         n = len(frames)
         x[:n] = np.stack([f.payload for f in frames])
         meta[:n, 0] = plan.slots
-        meta[:n, 1] = [f.present | FLAG_VALID | (FLAG_RESET if fresh else 0)
-                       for f, fresh in zip(frames, plan.fresh, strict=True)]
+        meta[:n, 1] = [
+            f.present | FLAG_VALID | (FLAG_RESET if fresh else 0)
+            for f, fresh in zip(frames, plan.fresh, strict=True)
+        ]
         return x, meta
 
-    def _device(self, plan: SlotPlan, x: np.ndarray, meta: np.ndarray) -> tuple[list[Any], Any, bool]:
+    def _device(
+        self, plan: SlotPlan, x: np.ndarray, meta: np.ndarray
+    ) -> tuple[list[Any], Any, bool]:
         """Runs in the worker thread: evictions, restores, the step; waits for the result."""
         evicted = [self.step.read_slot(self.slab, slot) for slot, _ in plan.evict]
         for slot, state in plan.restore:

@@ -71,9 +71,14 @@ class Ingest:
 
     def clone(self) -> Ingest:
         """The same doorway with its own send end (close it when the source stops)."""
-        return Ingest(self._send.clone(), dims=self.dims, max_frame_bytes=self.max_frame_bytes,
-                      on_received=self.received, on_rejected=self.rejected,
-                      on_dropped=self.dropped)
+        return Ingest(
+            self._send.clone(),
+            dims=self.dims,
+            max_frame_bytes=self.max_frame_bytes,
+            on_received=self.received,
+            on_rejected=self.rejected,
+            on_dropped=self.dropped,
+        )
 
     async def aclose(self) -> None:
         await self._send.aclose()

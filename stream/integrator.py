@@ -40,12 +40,18 @@ async def integrate(
         async for item in receive:
             base = FLAG_EAGER if item.eager else 0
             moments = [
-                Moment(f.stream_id, f.seq, f.timestamp, 0,
-                       base | (FLAG_RESTORED if restored else 0)
-                       | (FLAG_ABSENT if f.present != ALL_PRESENT else 0),
-                       sizes, row)
-                for f, restored, row in zip(item.frames, item.restored, item.records,
-                                            strict=False)
+                Moment(
+                    f.stream_id,
+                    f.seq,
+                    f.timestamp,
+                    0,
+                    base
+                    | (FLAG_RESTORED if restored else 0)
+                    | (FLAG_ABSENT if f.present != ALL_PRESENT else 0),
+                    sizes,
+                    row,
+                )
+                for f, restored, row in zip(item.frames, item.restored, item.records, strict=False)
             ]
             t1 = time.monotonic_ns()
             latencies = []

@@ -43,7 +43,7 @@ DROP_REASONS = ("overload", "slow_sink")
 STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
 PHASES = ("warmup", "runtime")
 SINKS = ("tcp", "jsonl", "stdout", "nats", "mqtt")
-SINK_DROP_REASONS = ("slow_sink", "error")
+SINK_DROP_REASONS = ("slow_sink", "slow_subscriber", "disconnected", "error")
 JIT_PROCESSORS = ("temporal", "body_schema", "slab_step")
 # Fallback reasons are the failing exception's class name (what `processors` reports); the
 # first MAX_FALLBACK_REASONS distinct ones get their own series, later ones count as "other".

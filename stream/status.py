@@ -22,8 +22,9 @@ class StatusLine:
     """Frames/s, p50/p99 end-to-end latency over the last interval, active streams,
     rejects, fallbacks and compilations since ready."""
 
-    def __init__(self, metrics: Metrics, table: StreamTable,
-                 counter: CompilationCounter | None) -> None:
+    def __init__(
+        self, metrics: Metrics, table: StreamTable, counter: CompilationCounter | None
+    ) -> None:
         self._metrics = metrics
         self._table = table
         self._counter = counter
@@ -54,10 +55,12 @@ class StatusLine:
             latency = "p50      –     p99      –   "
         self._latencies = []
         runtime = self._counter.runtime if self._counter is not None else 0
-        return (f"{rate:9.0f} frames/s  {latency}  streams {self._table.active:5d}  "
-                f"rejected {self._total('enactive_frames_rejected'):.0f}  "
-                f"fallbacks {self._total('enactive_jit_fallback'):.0f}  "
-                f"compilations since ready {runtime}")
+        return (
+            f"{rate:9.0f} frames/s  {latency}  streams {self._table.active:5d}  "
+            f"rejected {self._total('enactive_frames_rejected'):.0f}  "
+            f"fallbacks {self._total('enactive_jit_fallback'):.0f}  "
+            f"compilations since ready {runtime}"
+        )
 
     async def run(self, interval_s: float, emit: Callable[[str], None]) -> None:
         """Emit a line every `interval_s` until cancelled."""

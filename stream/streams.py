@@ -66,8 +66,10 @@ class StreamTable:
         last = self.admitted_seq.get(stream_id)
         if last is None:
             if len(self.admitted_seq) >= self.max_known:
-                raise FrameRejected("too_many_streams",
-                                    f"{len(self.admitted_seq)} streams known, limit {self.max_known}")
+                raise FrameRejected(
+                    "too_many_streams",
+                    f"{len(self.admitted_seq)} streams known, limit {self.max_known}",
+                )
         elif seq == last:
             raise FrameRejected("duplicate_seq", f"seq {seq} of {stream_id!r} seen already")
         elif seq < last:

@@ -63,7 +63,7 @@ class SyntheticBodies:
         self._w_proprio = _mix(rng, 2 * _JOINTS, dims.proprio)
         self._w_limb = _mix(rng, _JOINTS, _LIMBS)
         self._contact = rng.uniform(-0.6, -0.2, (n, _LIMBS)).astype(np.float32)
-        self._w_tactile = rng.uniform(0.0, 2.0, (_LIMBS, dims.tactile)).astype(np.float32)
+        self._w_tactile = rng.uniform(0.0, 4.0, (_LIMBS, dims.tactile)).astype(np.float32)
         self._w_motor = _mix(rng, _JOINTS, dims.motor)
         self._w_sensory = _mix(rng, dims.proprio + dims.tactile + dims.motor, dims.sensory)
 

@@ -37,3 +37,9 @@ def small_config() -> processors.ModelConfig:
         hidden_dim=8,
         attention_heads=2,
     )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio (the daemon's backend), even where trio is installed."""
+    return "asyncio"

@@ -9,6 +9,8 @@ when the disk is slow. On cancellation the rest of the buffer is written (shield
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -82,17 +84,20 @@ class _LineSink:
                     log.warning("%s sink: close failed", self.name, exc_info=True)
 
     async def _write_batch(self, file: BinaryIO) -> None:
+        # The lines leave the queue only once written: a cancellation before the thread
+        # starts leaves them for the shielded cleanup (once started, the thread finishes).
         n = len(self._queue)
-        data = b"".join([self._queue.popleft() for _ in range(n)])
+        data = b"".join(itertools.islice(self._queue, n))
         try:
             await anyio.to_thread.run_sync(_write_and_flush, file, data)
         except OSError:
             log.warning("%s sink: write failed, %d moments lost", self.name, n, exc_info=True)
-            for _ in range(n):
-                self._on_dropped(self.name, WRITE_ERROR)
-            return
+            outcome = functools.partial(self._on_dropped, self.name, WRITE_ERROR)
+        else:
+            outcome = functools.partial(self._on_emitted, self.name)
         for _ in range(n):
-            self._on_emitted(self.name)
+            self._queue.popleft()
+            outcome()
 
 
 def _write_and_flush(file: BinaryIO, data: bytes) -> None:

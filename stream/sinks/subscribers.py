@@ -74,6 +74,7 @@ class SubscriberServer:
     - `cache`: shared with other sinks to encode each moment once per format.
     - `handshake_timeout`: seconds a client has to send its `SUB` line.
     - `stall_timeout`: seconds a subscriber's buffer may stay full before it is cut off.
+    - `clock`: seconds, for `stall_timeout`.
     """
 
     name = "tcp"
@@ -89,6 +90,7 @@ class SubscriberServer:
         cache: EncodingCache | None = None,
         handshake_timeout: float = 10.0,
         stall_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if buffer < 1:
             raise ValueError(f"buffer={buffer}, expected >= 1")
@@ -100,6 +102,7 @@ class SubscriberServer:
         self._cache = cache or EncodingCache()
         self._handshake_timeout = handshake_timeout
         self._stall_timeout = stall_timeout
+        self._clock = clock
         self._subscribers: list[_Subscriber] = []
 
     @property
@@ -109,7 +112,7 @@ class SubscriberServer:
 
     def offer(self, moment: Moment) -> None:
         """Queue `moment` for every matching subscriber; never blocks."""
-        now = 0.0
+        now: float | None = None
         for sub in self._subscribers:
             if not sub.matches(moment.stream_id):
                 continue
@@ -118,7 +121,8 @@ class SubscriberServer:
                 sub.ready.set()
                 continue
             self._on_dropped(self.name, SLOW_SUBSCRIBER)
-            now = now or time.monotonic()
+            if now is None:
+                now = self._clock()
             if sub.full_since is None:
                 sub.full_since = now
             elif now - sub.full_since > self._stall_timeout:
@@ -219,6 +223,9 @@ class SubscriberServer:
             raise
 
     async def _send_some(self, stream: SocketStream, sub: _Subscriber) -> None:
+        # Past this check `send()` writes before it can be cancelled, so nothing taken off
+        # the queue is lost to a cancellation, nor sent twice by the shutdown flush.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         n = min(len(sub.queue), WRITE_CHUNK)
         chunk = b"".join([sub.queue.popleft() for _ in range(n)])
         sub.full_since = None

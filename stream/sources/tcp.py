@@ -81,13 +81,11 @@ async def serve_tcp(
 
     try:
         async with anyio.create_task_group() as tg:
-            with anyio.CancelScope() as accepting:
-                for each in listener.listeners:
-                    tg.start_soon(_accept_loop, cast(SocketListener, each), tg, handle)
-                task_status.started(listener.extra(SocketAttribute.local_port))
-                await wait_not_accepting(ingest)
-                accepting.cancel()
-            await listener.aclose()
+            for each in listener.listeners:
+                tg.start_soon(_accept_loop, cast(SocketListener, each), tg, handle)
+            task_status.started(listener.extra(SocketAttribute.local_port))
+            await wait_not_accepting(ingest)
+            await listener.aclose()  # ends the accept loops
             for connection in list(connections):
                 connection.stop_reading()
             await anyio.sleep_forever()

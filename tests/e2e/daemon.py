@@ -70,9 +70,19 @@ class DaemonProcess:
         self.ready_file.unlink(missing_ok=True)
         self._log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "run", "--config", str(self.config),
-             "--ready-file", str(self.ready_file)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "stream.cli",
+                "run",
+                "--config",
+                str(self.config),
+                "--ready-file",
+                str(self.ready_file),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():  # the daemon writes it once /readyz is 200

@@ -46,14 +46,19 @@ def test_every_valid_frame_gives_one_moment_in_order(daemon: DaemonProcess) -> N
         for i, s in enumerate(streams):
             conns[i % 4].sendall(encode_frame(s, seq, seq * 0.01, **payload(rng)))
     json_conn = daemon.connect()
-    lines = b"".join(encode_json_frame(f"json-{i}", seq, 0.0, **payload(rng))
-                     for seq in range(1, 6) for i in range(20))
+    lines = b"".join(
+        encode_json_frame(f"json-{i}", seq, 0.0, **payload(rng))
+        for seq in range(1, 6)
+        for i in range(20)
+    )
     json_conn.sendall(lines)
     udp = daemon.udp()
     for seq in range(1, 6):
         for i in range(20):
-            udp.sendto(encode_frame(f"udp-{i}", seq, 0.0, **payload(rng)),
-                       ("127.0.0.1", daemon.ports["udp"]))
+            udp.sendto(
+                encode_frame(f"udp-{i}", seq, 0.0, **payload(rng)),
+                ("127.0.0.1", daemon.ports["udp"]),
+            )
     expected = 300 * 10 + 20 * 5 + 20 * 5
     moments = sub.read(expected)
     assert len(moments) == expected
@@ -67,8 +72,10 @@ def test_every_valid_frame_gives_one_moment_in_order(daemon: DaemonProcess) -> N
     assert all(np.isfinite(m.values).all() for m in moments)
     metrics = daemon.metrics()
     assert metrics[("enactive_frames_processed_total", ())] == expected
-    received = {src: metrics[("enactive_frames_received_total", (("source", src),))]
-                for src in ("tcp", "json", "udp")}
+    received = {
+        src: metrics[("enactive_frames_received_total", (("source", src),))]
+        for src in ("tcp", "json", "udp")
+    }
     assert received == {"tcp": 3000, "json": 100, "udp": 100}
     assert metrics[("enactive_jit_compilations_total", (("phase", "runtime"),))] == 0
     assert sum(v for (name, _), v in metrics.items() if name == M) == 0
@@ -107,24 +114,36 @@ def test_bad_frames_counted_by_reason_and_connection_usable(daemon: DaemonProces
     nan = dict(p, proprio=np.full(6, np.nan, np.float32))
     bad_version = bytearray(encode_frame("ok-1", 2, 0.0, **p))
     bad_version[8] = 9
-    conn.sendall(good + wrong_dims + encode_frame("ok-1", 2, 0.0, **nan) + bytes(bad_version)
-                 + encode_frame("ok-1", 1, 0.0, **p)        # duplicate_seq
-                 + encode_frame("ok-1", 3, 0.0, **p)        # fine
-                 + encode_frame("ok-1", 2, 0.0, **p)        # stale_seq
-                 + encode_frame("bad id", 1, 0.0, **p)      # bad_stream_id
-                 + encode_frame("ok-1", 4, 0.0, **p))       # fine: the connection still works
+    conn.sendall(
+        good
+        + wrong_dims
+        + encode_frame("ok-1", 2, 0.0, **nan)
+        + bytes(bad_version)
+        + encode_frame("ok-1", 1, 0.0, **p)  # duplicate_seq
+        + encode_frame("ok-1", 3, 0.0, **p)  # fine
+        + encode_frame("ok-1", 2, 0.0, **p)  # stale_seq
+        + encode_frame("bad id", 1, 0.0, **p)  # bad_stream_id
+        + encode_frame("ok-1", 4, 0.0, **p)
+    )  # fine: the connection still works
     moments = sub.read(3)
     assert [m.seq for m in moments] == [1, 3, 4]
-    want = {"dim_mismatch": 1, "non_finite": 1, "bad_version": 1, "duplicate_seq": 1,
-            "stale_seq": 1, "bad_stream_id": 1}
+    want = {
+        "dim_mismatch": 1,
+        "non_finite": 1,
+        "bad_version": 1,
+        "duplicate_seq": 1,
+        "stale_seq": 1,
+        "bad_stream_id": 1,
+    }
     for reason, n in want.items():
         key = (M, (("reason", reason), ("source", "tcp")))
         assert daemon.wait_metric(M, {"reason": reason, "source": "tcp"}, n) == n, reason
         assert daemon.metrics()[key] == n
     # JSON: a bad line is answered and counted; the connection goes on.
     jconn = daemon.connect()
-    jconn.sendall(b'{"stream": "ok-2", "seq": "x"}\n'
-                  + encode_json_frame("ok-2", 1, 0.0, **payload(rng)))
+    jconn.sendall(
+        b'{"stream": "ok-2", "seq": "x"}\n' + encode_json_frame("ok-2", 1, 0.0, **payload(rng))
+    )
     with jconn.makefile("rb") as replies:
         reply = replies.readline()
     assert json.loads(reply)["error"] == "bad_json"
@@ -139,8 +158,9 @@ def test_bad_frames_counted_by_reason_and_connection_usable(daemon: DaemonProces
     assert daemon.wait_metric(M, {"reason": "bad_magic", "source": "tcp"}, 1) == 1
 
 
-def test_sigterm_checkpoints_and_restart_continues_exactly(tmp_path: Path,
-                                                           compilation_cache: str) -> None:
+def test_sigterm_checkpoints_and_restart_continues_exactly(
+    tmp_path: Path, compilation_cache: str
+) -> None:
     rng = np.random.default_rng(3)
     frames = [payload(rng) for _ in range(10)]
     d = DaemonProcess(tmp_path, compilation_cache).start()

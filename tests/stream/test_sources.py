@@ -67,13 +67,13 @@ class Recorder:
         self.dropped[reason] += 1
         self._touch()
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        with anyio.fail_after(timeout):
+    async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        with anyio.fail_after(within):
             while not predicate():
                 await self._changed.wait()
 
-    async def frames(self, n: int, timeout: float = 5.0) -> list[Frame]:
-        with anyio.fail_after(timeout):
+    async def frames(self, n: int, within: float = 5.0) -> list[Frame]:
+        with anyio.fail_after(within):
             return [await self.receive.receive() for _ in range(n)]
 
 
@@ -90,9 +90,9 @@ def json_line(stream_id: str, seq: int) -> bytes:
     return encode_json_frame(stream_id, seq, seq * 0.01, **payload(seq))
 
 
-async def read_until_closed(stream: SocketStream, timeout: float = 5.0) -> bytes:
+async def read_until_closed(stream: SocketStream, within: float = 5.0) -> bytes:
     data = b""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(within):
         try:
             while True:
                 data += await stream.receive()
@@ -156,16 +156,26 @@ async def test_tcp_json_connection_gets_error_replies_and_stays_usable(tcp: tupl
         assert (await rec.frames(1))[0].seq == 3
 
 
+async def test_tcp_json_client_that_reads_gets_every_reply(tcp: tuple[Recorder, int]):
+    rec, port = tcp
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(b'{"stream": "j", "seq": 1}\n' * 2000)  # more than the reply queue
+        replies = b""
+        with anyio.fail_after(5):
+            while replies.count(b"\n") < 2000:
+                replies += await link.receive()
+        assert {json.loads(line)["error"] for line in replies.splitlines()} == {"bad_json"}
+        assert len(rec.rejected) == 2000
+
+
 async def test_tcp_json_client_that_never_reads_replies_is_not_blocked(
     tcp: tuple[Recorder, int],
 ):
     rec, port = tcp
     async with await anyio.connect_tcp(HOST, port) as link:
-        await link.send(json_line("j", 1))
-        await rec.frames(1)
-        bad = b'{"stream": "j", "seq": 1}\n' * 20_000  # 20,000 replies of ~80 bytes, unread
+        bad = b'{"stream": "j", "seq": 1}\n' * 20_000  # 20,000 replies of ~90 bytes, unread
         await link.send(bad + json_line("j", 2))
-        assert (await rec.frames(1, timeout=10))[0].seq == 2
+        assert (await rec.frames(1, within=5))[0].seq == 2
         assert len(rec.rejected) == 20_000
 
 

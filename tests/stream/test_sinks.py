@@ -1,0 +1,305 @@
+"""Moment sinks: TCP subscribers over real sockets, JSON-lines file and stdout."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from anyio.abc import SocketStream
+
+from stream.protocol import Moment, MomentReader, MomentSizes, moment_to_json
+from stream.sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
+
+HOST = "127.0.0.1"
+SIZES = MomentSizes(4, 3, 2, 2)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def moment(stream_id: str, seq: int, sizes: MomentSizes = SIZES) -> Moment:
+    values = np.arange(sizes.total, dtype=np.float32) * 0.5 + seq
+    return Moment(stream_id, seq, seq * 0.01, 1000 + seq, 0, sizes, values)
+
+
+class Counts:
+    """Records sink counters and wakes waiters on every change."""
+
+    def __init__(self) -> None:
+        self.emitted: collections.Counter[str] = collections.Counter()
+        self.dropped: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.subscribers = 0
+        self._changed = anyio.Event()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def on_emitted(self, sink: str) -> None:
+        self.emitted[sink] += 1
+        self._touch()
+
+    def on_dropped(self, sink: str, reason: str) -> None:
+        self.dropped[sink, reason] += 1
+        self._touch()
+
+    def on_subscribers(self, n: int) -> None:
+        self.subscribers = n
+        self._touch()
+
+    async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        with anyio.fail_after(within):
+            while not predicate():
+                await self._changed.wait()
+
+
+@pytest.fixture
+async def counts() -> Counts:
+    return Counts()
+
+
+def server(counts: Counts, **kwargs: object) -> SubscriberServer:
+    options: dict = {"buffer": 16} | kwargs
+    return SubscriberServer(
+        (HOST, 0),
+        on_emitted=counts.on_emitted,
+        on_dropped=counts.on_dropped,
+        on_subscribers=counts.on_subscribers,
+        **options,
+    )
+
+
+@pytest.fixture
+async def running(counts: Counts) -> AsyncIterator[tuple[SubscriberServer, int]]:
+    sink = server(counts)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        yield sink, port
+        tg.cancel_scope.cancel()
+
+
+async def subscribe(port: int, line: bytes, counts: Counts, n: int = 1) -> SocketStream:
+    link = await anyio.connect_tcp(HOST, port)
+    await link.send(line)
+    await counts.until(lambda: counts.subscribers == n)
+    return link
+
+
+async def read_moments(link: SocketStream, n: int) -> list[Moment]:
+    reader, got = MomentReader(), []
+    with anyio.fail_after(5):
+        while len(got) < n:
+            got += reader.feed(await link.receive())
+    assert reader.pending_bytes == 0
+    return got
+
+
+async def read_lines(link: SocketStream, n: int) -> list[dict]:
+    data = b""
+    with anyio.fail_after(5):
+        while data.count(b"\n") < n:
+            data += await link.receive()
+    return [json.loads(line) for line in data.splitlines()]
+
+
+async def test_binary_subscriber_gets_matching_moments_only(
+    running: tuple[SubscriberServer, int], counts: Counts
+):
+    sink, port = running
+    async with await subscribe(port, b"SUB binary arm-*\n", counts) as link:
+        for m in [moment("arm-1", 1), moment("leg-1", 1), moment("arm-2", 1), moment("xarm", 1)]:
+            sink.offer(m)
+        sink.offer(moment("arm-1", 2))
+        got = await read_moments(link, 3)
+    assert [(m.stream_id, m.seq) for m in got] == [("arm-1", 1), ("arm-2", 1), ("arm-1", 2)]
+    np.testing.assert_array_equal(got[2].values, moment("arm-1", 2).values)
+    assert got[2].latency_ns == 1002 and got[2].sizes == SIZES
+    await counts.until(lambda: counts.emitted["tcp"] == 3)
+
+
+async def test_json_subscriber_and_binary_subscriber_side_by_side(
+    running: tuple[SubscriberServer, int], counts: Counts
+):
+    sink, port = running
+    async with (
+        await subscribe(port, b"SUB json *\n", counts, 1) as as_json,
+        await subscribe(port, b"SUB binary leg-?\r\n", counts, 2) as as_binary,
+    ):
+        sink.offer(moment("arm-1", 1))
+        sink.offer(moment("leg-7", 4))
+        lines = await read_lines(as_json, 2)
+        records = await read_moments(as_binary, 1)
+    assert lines == [
+        json.loads(moment_to_json(moment(s, q))) for s, q in [("arm-1", 1), ("leg-7", 4)]
+    ]
+    assert [(m.stream_id, m.seq) for m in records] == [("leg-7", 4)]
+    await counts.until(lambda: counts.subscribers == 0)  # both hung up
+
+
+async def test_shutdown_delivers_what_subscribers_hold(counts: Counts):
+    sink = server(counts)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        link = await subscribe(port, b"SUB binary *\n", counts)
+        for seq in range(1, 6):
+            sink.offer(moment("s", seq))
+        tg.cancel_scope.cancel()  # before any writer ran
+    async with link:
+        got = await read_moments(link, 5)
+        with pytest.raises(anyio.EndOfStream):
+            await link.receive()
+    assert [m.seq for m in got] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"SUB xml *\n", b"SUBSCRIBE binary *\n", b"SUB binary\n", b"SUB json a b\n", b"\xff\n"],
+)
+async def test_bad_sub_line_gets_err_and_is_closed(
+    running: tuple[SubscriberServer, int], counts: Counts, line: bytes
+):
+    _, port = running
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(line)
+        answer = b""
+        with anyio.fail_after(5):
+            try:
+                while True:
+                    answer += await link.receive()
+            except anyio.EndOfStream:
+                pass
+    assert answer.startswith(b"ERR ") and answer.endswith(b"\n") and answer.count(b"\n") == 1
+    assert counts.subscribers == 0
+
+
+async def test_silent_client_gets_err_after_the_handshake_timeout(counts: Counts):
+    sink = server(counts, handshake_timeout=0.05)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        async with await anyio.connect_tcp(HOST, port) as link:
+            with anyio.fail_after(5):
+                answer = await link.receive()
+        assert answer.startswith(b"ERR no SUB line")
+        tg.cancel_scope.cancel()
+
+
+async def test_full_buffer_drops_without_blocking_and_counts(counts: Counts):
+    sink = server(counts, buffer=2)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        async with await subscribe(port, b"SUB binary *\n", counts) as link:
+            for seq in range(1, 6):  # no await in between: the writer cannot drain
+                sink.offer(moment("s", seq))
+            assert counts.dropped == {("tcp", "slow_subscriber"): 3}
+            got = await read_moments(link, 2)
+            assert [m.seq for m in got] == [1, 2]
+            await counts.until(lambda: counts.emitted["tcp"] == 2)
+        tg.cancel_scope.cancel()
+
+
+async def test_stalled_subscriber_is_cut_off_once(counts: Counts):
+    now = [0.0]
+    sink = server(counts, buffer=1, stall_timeout=5.0, clock=lambda: now[0])
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        async with await subscribe(port, b"SUB binary *\n", counts) as link:
+            sink.offer(moment("s", 1))
+            sink.offer(moment("s", 2))  # dropped: full since t=0
+            now[0] = 4.0
+            sink.offer(moment("s", 3))  # dropped, still within the stall timeout
+            now[0] = 5.5
+            sink.offer(moment("s", 4))  # dropped, and full for more than 5 s: cut off
+            sink.offer(moment("s", 5))
+            await counts.until(lambda: counts.subscribers == 0)
+            assert counts.dropped[("tcp", "disconnected")] == 1
+            with anyio.fail_after(5):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    while True:
+                        await link.receive()
+        sink.offer(moment("s", 6))  # nobody left to offer to
+        assert counts.dropped[("tcp", "slow_subscriber")] == 4
+        tg.cancel_scope.cancel()
+
+
+async def test_slow_subscriber_never_holds_back_a_fast_one(counts: Counts):
+    big = MomentSizes(16384, 0, 0, 0)  # 64 KiB records: the slow one's socket fills up
+    sink = server(counts, buffer=4)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        slow = await subscribe(port, b"SUB binary *\n", counts, 1)
+        fast = await subscribe(port, b"SUB binary *\n", counts, 2)
+        reader, got = MomentReader(), []
+        for seq in range(1, 401):  # 26 MB for each subscriber
+            sink.offer(moment("s", seq, big))
+            with anyio.fail_after(5):
+                while len(got) < seq:
+                    got += reader.feed(await fast.receive())
+        assert [m.seq for m in got] == list(range(1, 401))
+        assert counts.dropped[("tcp", "slow_subscriber")] > 0
+        assert counts.subscribers == 2
+        await slow.aclose()
+        await fast.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_jsonl_sink_appends_lines_and_flushes_on_cancel(tmp_path: Path, counts: Counts):
+    path = tmp_path / "deep" / "dir" / "moments.jsonl"
+    sink = JsonlSink(path, buffer=100, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sink.run)
+        sink.offer(moment("a", 1))
+        sink.offer(moment("b", 2))
+        await counts.until(lambda: counts.emitted["jsonl"] == 2)
+        assert len(path.read_bytes().splitlines()) == 2  # flushed, not just buffered
+        sink.offer(moment("a", 3))
+        tg.cancel_scope.cancel()  # before the writer ran: the cleanup writes it
+    lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [(d["stream"], d["seq"]) for d in lines] == [("a", 1), ("b", 2), ("a", 3)]
+    assert lines[0] == json.loads(moment_to_json(moment("a", 1)))
+    assert counts.emitted["jsonl"] == 3
+
+
+async def test_jsonl_sink_full_buffer_drops_and_counts(tmp_path: Path, counts: Counts):
+    sink = JsonlSink(
+        tmp_path / "m.jsonl", buffer=2, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(sink.run)
+        for seq in range(1, 5):
+            sink.offer(moment("a", seq))
+        assert counts.dropped == {("jsonl", "slow_sink"): 2}
+        await counts.until(lambda: counts.emitted["jsonl"] == 2)
+        tg.cancel_scope.cancel()
+    assert len((tmp_path / "m.jsonl").read_bytes().splitlines()) == 2
+
+
+async def test_stdout_sink_writes_json_lines(counts: Counts):
+    out = io.BytesIO()
+    sink = StdoutSink(
+        buffer=10, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped, output=out
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(sink.run)
+        sink.offer(moment("a", 1))
+        await counts.until(lambda: counts.emitted["stdout"] == 1)
+        tg.cancel_scope.cancel()
+    assert out.getvalue() == moment_to_json(moment("a", 1))
+    assert not out.closed
+
+
+def test_encoding_cache_encodes_once_per_format():
+    cache = EncodingCache(size=2)
+    m = moment("a", 1)
+    first = cache.get(m, "json")
+    assert cache.get(m, "json") is first
+    assert cache.get(m, "binary") is cache.get(m, "binary")
+    other = moment("a", 1)  # equal but another object: encoded afresh
+    assert cache.get(other, "json") == first and cache.get(other, "json") is not first
