@@ -70,6 +70,10 @@ def build_model(config: Config) -> EnactiveModel:
     return model
 
 
+SOURCE_GRACE_S = 2.0
+"""Seconds the sources get to finish the data in hand at shutdown."""
+
+
 def _to_stderr(line: str) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
@@ -287,11 +291,14 @@ class Daemon:
                     self._write_ready_file()
                     task_status.started(dict(self.ports))
                     if cfg.log.status_interval_s > 0:
-                        sources.start_soon(status.run, cfg.log.status_interval_s, self._status)
+                        sink_group.start_soon(status.run, cfg.log.status_interval_s, self._status)
                     await self._stop.wait()
                     self.ready = False
                     metrics.set_ready(False)
-                    sources.cancel_scope.cancel()
+                    # Sources finish the data in hand and return; a source still blocked
+                    # after the grace period is cancelled.
+                    ingest.stop()
+                    sources.cancel_scope.deadline = anyio.current_time() + SOURCE_GRACE_S
             sink_group.cancel_scope.cancel()
         processed = metrics.registry.get_sample_value("enactive_frames_processed_total") or 0
         self._status(f"stopped: {int(processed)} frames processed, checkpoint in {directory}")

@@ -30,8 +30,8 @@ class Ingest:
 
     **Arguments:**
 
-    - `send`: the bounded stream into the admission stage (shared by all sources; each
-        source gets `send.clone()` via `ingest.clone()` if it wants to close its own end).
+    - `send`: the bounded stream into the admission stage, shared by all sources (the
+        daemon closes it once every source has stopped).
     - `dims`: the configured modality sizes, for decoding.
     - `max_frame_bytes`: the configured frame size limit, for decoding.
     - `on_received(source)`, `on_rejected(source, reason)`, `on_dropped(reason)`: counters.
@@ -55,7 +55,16 @@ class Ingest:
         self.received = on_received
         self.rejected = on_rejected
         self.dropped = on_dropped
-        self.accepting = True
+        self.stopped = anyio.Event()
+
+    @property
+    def accepting(self) -> bool:
+        """False once `stop()` was called: sources stop taking new data."""
+        return not self.stopped.is_set()
+
+    def stop(self) -> None:
+        """Tell every source to stop taking new data (the daemon is shutting down)."""
+        self.stopped.set()
 
     async def put(self, frame: Frame) -> None:
         """Hand one decoded frame to the pipeline, waiting while it is full (`block`)."""
@@ -68,20 +77,6 @@ class Ingest:
         except anyio.WouldBlock:
             return False
         return True
-
-    def clone(self) -> Ingest:
-        """The same doorway with its own send end (close it when the source stops)."""
-        return Ingest(
-            self._send.clone(),
-            dims=self.dims,
-            max_frame_bytes=self.max_frame_bytes,
-            on_received=self.received,
-            on_rejected=self.rejected,
-            on_dropped=self.dropped,
-        )
-
-    async def aclose(self) -> None:
-        await self._send.aclose()
 
 
 class DropOldest:

@@ -132,11 +132,14 @@ async def run_synthetic(
 ) -> None:
     """Feed `streams` synthetic bodies into `ingest` at `rate_hz` ticks per second.
 
-    Tick `k` (seq `k`, timestamp `(k - 1) / rate_hz`) is due at `start + (k - 1) / rate_hz`:
-    absolute deadlines, so the rate does not drift. When the pipeline holds it back
-    (policy `block`) past a deadline, the ticks already missed are skipped rather than sent
-    in a burst, leaving gaps in seq. Returns once `ingest.accepting` turns false, or at
-    once (after `started()`) when `streams` is 0.
+    Ticks are numbered on the wall clock — tick `k` is due at Unix time `k / rate_hz` and
+    its frames carry seq `k` and timestamp `k / rate_hz` — so seq keeps increasing across
+    restarts of the daemon, as a real sensor's would (a restarted daemon resumes each
+    body's checkpointed state instead of rejecting its frames as stale). Deadlines are
+    absolute, so the rate does not drift. When the pipeline holds the feed back (policy
+    `block`) past a deadline, the ticks already missed are skipped rather than sent in a
+    burst, leaving gaps in seq. Returns once `ingest.stop()` was called, or at once
+    (after `started()`) when `streams` is 0.
 
     **Arguments:**
 
@@ -153,15 +156,16 @@ async def run_synthetic(
     if streams == 0:
         return
     period = 1.0 / rate_hz
-    start = anyio.current_time()
-    tick = 0  # zero-based; seq = tick + 1
+    # anyio's clock is monotonic; anchor it to the wall clock once.
+    offset = time.time() - anyio.current_time()
+    tick = math.floor((anyio.current_time() + offset) * rate_hz) + 1
     while ingest.accepting:
-        deadline = start + tick * period
+        deadline = tick * period - offset
         await anyio.sleep_until(deadline)
         late = anyio.current_time() - deadline
         if late > period:  # fell behind: jump to the latest tick already due
             tick += int(late * rate_hz)
-        for frame in bodies.frames(tick * period, tick + 1):
+        for frame in bodies.frames(tick * period, tick):
             ingest.received("synthetic")
             if not ingest.put_nowait(frame):
                 await ingest.put(frame)

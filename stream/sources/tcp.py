@@ -28,7 +28,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..ingest import Ingest
 from ..protocol import Frame, FrameReader, FrameRejected, FramingLost, LineReader
-from ._accepting import wait_not_accepting
 
 __all__ = ["serve_tcp"]
 
@@ -40,7 +39,7 @@ READ_BYTES = 1 << 16
 """The most bytes taken from a connection's socket per read."""
 REPLY_QUEUE = 256
 """Error replies waiting to be written to a JSON client."""
-REPLY_WAIT_S = 0.1
+REPLY_WAIT_S = 1.0
 """How long the reader waits for room in a full reply queue before skipping replies."""
 REPLY_DRAIN_S = 0.5
 """How long a closing JSON connection may spend writing its last replies."""
@@ -84,7 +83,7 @@ async def serve_tcp(
             for each in listener.listeners:
                 tg.start_soon(_accept_loop, cast(SocketListener, each), tg, handle)
             task_status.started(listener.extra(SocketAttribute.local_port))
-            await wait_not_accepting(ingest)
+            await ingest.stopped.wait()
             await listener.aclose()  # ends the accept loops
             for connection in list(connections):
                 connection.stop_reading()

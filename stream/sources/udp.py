@@ -17,7 +17,6 @@ from anyio.abc import TaskStatus
 
 from ..ingest import DropOldest, Ingest
 from ..protocol import FrameRejected, decode_message
-from ._accepting import wait_not_accepting
 
 __all__ = ["serve_udp"]
 
@@ -84,7 +83,7 @@ async def _bind(address: tuple[str, int]) -> socket.socket:
 
 
 async def _cancel_when_not_accepting(ingest: Ingest, scope: anyio.CancelScope) -> None:
-    await wait_not_accepting(ingest)
+    await ingest.stopped.wait()
     scope.cancel()
 
 

@@ -227,7 +227,7 @@ async def test_tcp_stops_reading_and_accepting_once_not_accepting(tcp: tuple[Rec
     link = await anyio.connect_tcp(HOST, port)
     await link.send(frame_bytes("s", 1))
     await rec.frames(1)
-    rec.ingest.accepting = False
+    rec.ingest.stop()
     assert await read_until_closed(link) == b""  # closed by the server
     await link.aclose()
     with pytest.raises(OSError):

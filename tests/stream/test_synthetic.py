@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import numpy as np
 import pytest
@@ -106,9 +108,12 @@ async def test_paced_at_the_rate_with_increasing_seq():
     ticks = len(frames) // 3
     assert 15 <= ticks <= 31  # deadlines at 0, 10, ..., 300 ms: never more than 31
     seqs = [f.seq for f in frames if f.stream_id == "body-0001"]
-    assert seqs == list(range(1, ticks + 1))
+    assert seqs == list(range(seqs[0], seqs[0] + ticks))
+    # Ticks are numbered on the wall clock, so a restarted feed goes on increasing.
+    assert abs(seqs[0] / 100.0 - time.time()) < 5.0
     timestamps = [f.timestamp for f in frames if f.stream_id == "body-0001"]
-    np.testing.assert_allclose(np.diff(timestamps), 0.01)
+    np.testing.assert_allclose(np.diff(timestamps), 0.01, atol=1e-6)
+    np.testing.assert_allclose(timestamps[0], seqs[0] / 100.0)
     sink.close()
 
 
@@ -123,9 +128,9 @@ async def test_falling_behind_skips_ticks_instead_of_bursting():
             async for frame in sink.receive:
                 got.append(frame.seq)
         tg.cancel_scope.cancel()
-    # Taken: 1; then the frames in the stream and held by the blocked put; then a jump to
-    # the tick due when the stall ended (about 100), not a burst of the 100 missed ticks.
-    assert got[0] == 1 and got == sorted(set(got))
+    # Taken: the first; then the frames in the stream and held by the blocked put; then a
+    # jump to the tick due when the stall ended (~100 on), not a burst of the missed ticks.
+    assert got == sorted(set(got))
     assert max(np.diff(got)) > 50
     assert len(got) < 3 + 0.02 * 1000 + 5
     sink.close()
@@ -133,7 +138,7 @@ async def test_falling_behind_skips_ticks_instead_of_bursting():
 
 async def test_stops_when_not_accepting():
     sink = Sink(10_000)
-    sink.ingest.accepting = False
+    sink.ingest.stop()
     with anyio.fail_after(1):
         await run_synthetic(sink.ingest, streams=2, rate_hz=100.0)
     assert sink.received == 0

@@ -1,0 +1,126 @@
+"""The command line: the embedded default, send, check-config, info."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .daemon import DaemonProcess
+
+pytestmark = pytest.mark.timeout(300)
+
+CLI = [sys.executable, "-m", "stream.cli"]
+
+
+def test_embedded_default_runs_the_synthetic_feed(tmp_path: Path, compilation_cache: str) -> None:
+    env = {
+        **os.environ,
+        "ENACTIVE_STATE_DIR": str(tmp_path / "state"),
+        "ENACTIVE_DEVICE_COMPILATION_CACHE_DIR": compilation_cache,
+        # Ephemeral ports so the test never collides with a daemon already running here.
+        "ENACTIVE_INGEST_TCP": "127.0.0.1:0",
+        "ENACTIVE_INGEST_UDP": "127.0.0.1:0",
+        "ENACTIVE_OUTPUT_TCP": "127.0.0.1:0",
+        "ENACTIVE_METRICS_LISTEN": "127.0.0.1:0",
+    }
+    d = DaemonProcess(tmp_path, compilation_cache, env=env)
+    log = d.log.open("wb")
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [*CLI, "run", "--ready-file", str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, d.output()
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+        d.ports = json.loads(ready.read_text())
+        # 64 bodies at 100 Hz: a few ticks' worth arrive within seconds.
+        processed = d.wait_metric("enactive_frames_processed_total", {}, 64 * 5)
+        assert processed >= 64 * 5
+        m = d.metrics()
+        assert m[("enactive_frames_received_total", (("source", "synthetic"),))] >= processed
+        assert m[("enactive_active_streams", ())] == 64
+        while "frames/s" not in d.output():  # the once-a-second status line
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.1)
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = d.output()
+    assert "embedded default — 64 synthetic bodies at 100 Hz" in out
+    assert "compiled bucket" in out and "compilations since ready 0" in out
+    assert (tmp_path / "state" / "checkpoint.npz").exists()
+
+
+def test_send_delivers_to_a_running_daemon(tmp_path: Path, compilation_cache: str) -> None:
+    d = DaemonProcess(tmp_path, compilation_cache).start()
+    try:
+        dims = ["--state-dim", "8", "--proprio-dim", "6", "--tactile-dim", "4", "--motor-dim", "3"]
+        for transport in ("tcp", "json", "udp"):
+            out = subprocess.run(
+                [
+                    *CLI,
+                    "send",
+                    "--port",
+                    str(d.ports["tcp"]),
+                    "--streams",
+                    "5",
+                    "--rate",
+                    "50",
+                    "--duration",
+                    "0.2",
+                    "--transport",
+                    transport,
+                    "--prefix",
+                    transport,
+                    *dims,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            assert "frames" in out.stdout
+        assert d.wait_metric("enactive_frames_processed_total", {}, 150) == 150
+        m = d.metrics()
+        for source in ("tcp", "json", "udp"):
+            assert m[("enactive_frames_received_total", (("source", source),))] == 50, source
+    finally:
+        d.kill()
+
+
+def test_check_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[batching]\nmax_wait_ms = 5\n")
+    r = subprocess.run(
+        [*CLI, "check-config", str(good), "--show"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and "max_wait_ms = 5.0" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[batching]\nmax_wait_ms = -1\n")
+    r = subprocess.run([*CLI, "check-config", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "batching.max_wait_ms = -1" in r.stderr and "[0, 1000]" in r.stderr
+
+
+def test_info_reports_backend_and_config(tmp_path: Path) -> None:
+    env = {**os.environ, "ENACTIVE_DEVICE_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [*CLI, "info"], capture_output=True, text=True, timeout=120, env=env, check=True
+    )
+    info = json.loads(r.stdout)
+    assert info["jit"]["backend"] in ("cpu", "gpu", "cuda", "rocm", "tpu")
+    assert info["jit"]["compilation_cache_dir"] == str(tmp_path / "cache")
+    assert info["config"]["batching"]["buckets"] == [1, 8, 64, 256]
