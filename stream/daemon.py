@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import jax
+import numpy as np
 from anyio.abc import TaskStatus
 
 import processors
@@ -110,6 +111,7 @@ class Daemon:
         self.ports: dict[str, int] = {}
         self._stop = anyio.Event()
         self.counter: CompilationCounter | None = None
+        self._queue_waits: list[int] = []  # ns from receipt to admission, flushed per batch
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -265,7 +267,7 @@ class Daemon:
             except FrameRejected as r:
                 metrics.reject(frame.source, r.reason)
                 return False
-            metrics.observe_stage("queue", (time.monotonic_ns() - frame.received_ns) / 1e9)
+            self._queue_waits.append(time.monotonic_ns() - frame.received_ns)
             return True
 
         metrics.watch_queue("ingest", lambda: ingest_send.statistics().current_buffer_used)
@@ -364,7 +366,9 @@ class Daemon:
             elif event in ("device", "integrate", "emit"):
                 metrics.observe_stage(event, value)
             elif event == "batch_wait":
-                metrics.observe_stage_many("batch_wait", value)
+                metrics.observe_stage("batch_wait", value)
+                metrics.observe_stage("queue", np.asarray(self._queue_waits) / 1e9)
+                self._queue_waits.clear()
             elif event == "end_to_end":
                 metrics.observe_end_to_end(value)
                 status.latencies(value)

@@ -58,7 +58,7 @@ class Executor:
         thread); None disables checkpoints.
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
     - `observe`: `observe(event, value)` for metrics: `("batch", (bucket, rows))`,
-        `("device", seconds)`, `("batch_wait", [seconds…])`, `("evicted", n)`,
+        `("device", seconds)`, `("batch_wait", seconds array)`, `("evicted", n)`,
         `("restored", n)`, `("checkpoint", seconds)`.
     """
 
@@ -112,7 +112,8 @@ class Executor:
             while (frames := await batcher.next_batch()) is not None:
                 taken = time.monotonic_ns()
                 self.in_flight = len(frames)
-                self._observe("batch_wait", [(taken - f.received_ns) / 1e9 for f in frames])
+                received = np.fromiter((f.received_ns for f in frames), np.int64, len(frames))
+                self._observe("batch_wait", (taken - received) / 1e9)
                 plan = self.table.plan([f.stream_id for f in frames])
                 x, meta = self._assemble(frames, plan)
                 evicted, records, eager = await anyio.to_thread.run_sync(

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .executor import Stepped
@@ -33,35 +34,30 @@ async def integrate(
     """Turn every stepped batch into moments and offer each to every sink, until the
     executor closes its stream.
 
-    `observe` receives `("integrate", seconds)` per batch, `("emit", seconds)` per batch,
-    `("end_to_end", [seconds…])` and `("processed", n)`.
+    `observe` receives, per batch, `("integrate", seconds)` (from the end of the device
+    step to the moments' emission), `("emit", seconds)` (offering them to the sinks),
+    `("end_to_end", seconds array)` (receipt to emission, one per moment) and
+    `("processed", n)`.
     """
     async with receive:
         async for item in receive:
+            t0 = time.monotonic_ns()
+            frames = item.frames
+            received = np.fromiter((f.received_ns for f in frames), np.int64, len(frames))
+            # One emission time per batch: offering a whole batch takes microseconds.
+            latency = t0 - received
             base = FLAG_EAGER if item.eager else 0
-            moments = [
-                Moment(
-                    f.stream_id,
-                    f.seq,
-                    f.timestamp,
-                    0,
-                    base
-                    | (FLAG_RESTORED if restored else 0)
-                    | (FLAG_ABSENT if f.present != ALL_PRESENT else 0),
-                    sizes,
-                    row,
-                )
-                for f, restored, row in zip(item.frames, item.restored, item.records, strict=False)
-            ]
-            t1 = time.monotonic_ns()
-            latencies = []
-            for m, f in zip(moments, item.frames, strict=True):
-                m.latency_ns = time.monotonic_ns() - f.received_ns
-                latencies.append(m.latency_ns / 1e9)
+            for f, restored, row, latency_ns in zip(
+                frames, item.restored, item.records, latency.tolist(), strict=False
+            ):
+                flags = base | (FLAG_RESTORED if restored else 0)
+                if f.present != ALL_PRESENT:
+                    flags |= FLAG_ABSENT
+                m = Moment(f.stream_id, f.seq, f.timestamp, latency_ns, flags, sizes, row)
                 for sink in sinks:
                     sink.offer(m)
-            t2 = time.monotonic_ns()
-            observe("integrate", (t1 - item.stepped_ns) / 1e9)
-            observe("emit", (t2 - t1) / 1e9)
-            observe("end_to_end", latencies)
-            observe("processed", len(moments))
+            t1 = time.monotonic_ns()
+            observe("integrate", (t0 - item.stepped_ns) / 1e9)
+            observe("emit", (t1 - t0) / 1e9)
+            observe("end_to_end", latency / 1e9)
+            observe("processed", len(frames))

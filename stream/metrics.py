@@ -14,13 +14,15 @@ caller can grow the number of series without bound.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
+from .histogram import BatchHistogram
 from .protocol import REASONS
 
 __all__ = [
@@ -126,8 +128,10 @@ class Metrics:
 
         def histogram(
             name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
-        ) -> Histogram:
-            return Histogram(f"enactive_{name}", doc, labels, registry=r, buckets=buckets)
+        ) -> BatchHistogram:
+            h = BatchHistogram(f"enactive_{name}", doc, buckets, labels)
+            r.register(h)
+            return h
 
         self.frames_received = counter(
             "frames_received_total", "Frames received, by transport.", ["source"]
@@ -190,7 +194,8 @@ class Metrics:
         self._dropped = {why: self.frames_dropped.labels(why) for why in DROP_REASONS}
         self._batches = {b: self.batches.labels(str(b)) for b in self.buckets}
         self._compile_s = {b: self.jit_compile_seconds.labels(str(b)) for b in self.buckets}
-        self._stage = {s: self.stage_latency.labels(s) for s in STAGES}
+        for stage in STAGES:
+            self.stage_latency.labels(stage)
         self._phase = {p: self.jit_compilations.labels(p) for p in PHASES}
         self._fallback_reasons: set[str] = set()
         self._emitted = {s: self.moments_emitted.labels(s) for s in SINKS}
@@ -241,27 +246,14 @@ class Metrics:
         child.inc()
         self.batch_fill.observe(rows / bucket if bucket > 0 else 0.0)
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        """Records the time one frame (or batch) spent in `stage` (one of `STAGES`)."""
-        child = self._stage.get(stage)
-        if child is None:
-            child = _other(self.stage_latency, (stage, STAGES))
-        child.observe(seconds)
+    def observe_stage(self, stage: str, seconds: npt.ArrayLike) -> None:
+        """Records the time spent in `stage` (one of `STAGES`): one value, or an array of
+        one value per frame of a batch, in seconds."""
+        self.stage_latency.observe(seconds, stage if stage in STAGES else OTHER)
 
-    def observe_stage_many(self, stage: str, seconds: Iterable[float]) -> None:
-        """Records one `stage` latency per frame of a batch, in seconds."""
-        child = self._stage.get(stage)
-        if child is None:
-            child = _other(self.stage_latency, (stage, STAGES))
-        observe = child.observe
-        for s in seconds:
-            observe(s)
-
-    def observe_end_to_end(self, seconds: Iterable[float]) -> None:
-        """Records end-to-end latencies, one per emitted moment, in seconds."""
-        observe = self.end_to_end.observe
-        for s in seconds:
-            observe(s)
+    def observe_end_to_end(self, seconds: npt.ArrayLike) -> None:
+        """Records end-to-end latencies (an array, one per emitted moment), in seconds."""
+        self.end_to_end.observe(seconds)
 
     def emitted(self, sink: str, n: int = 1) -> None:
         """Counts `n` moments delivered to `sink` (one of `SINKS`)."""
@@ -341,7 +333,7 @@ def _known(value: str, known: Sequence[str]) -> str:
     return value if value in known else OTHER
 
 
-_M = TypeVar("_M", Counter, Gauge, Histogram)
+_M = TypeVar("_M", Counter, Gauge)
 
 
 def _other(metric: _M, *pairs: tuple[str, Sequence[str]]) -> _M:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import anyio
 import numpy as np
@@ -28,13 +28,16 @@ class StatusLine:
         self._metrics = metrics
         self._table = table
         self._counter = counter
-        self._latencies: list[float] = []
+        self._latencies: list[np.ndarray] = []
+        self._kept = 0
         self._last_processed = 0.0
         self._last_t = time.monotonic()
 
-    def latencies(self, seconds: Iterable[float]) -> None:
-        if len(self._latencies) < _KEEP:
-            self._latencies.extend(seconds)
+    def latencies(self, seconds: np.ndarray) -> None:
+        """Keep one batch's end-to-end latencies (float seconds) for this interval."""
+        if self._kept < _KEEP:
+            self._latencies.append(seconds)
+            self._kept += len(seconds)
 
     def _total(self, name: str) -> float:
         total = 0.0
@@ -49,11 +52,11 @@ class StatusLine:
         rate = (processed - self._last_processed) / max(now - self._last_t, 1e-9)
         self._last_processed, self._last_t = processed, now
         if self._latencies:
-            p50, p99 = np.percentile(np.asarray(self._latencies) * 1e3, [50, 99])
+            p50, p99 = np.percentile(np.concatenate(self._latencies) * 1e3, [50, 99])
             latency = f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
         else:
             latency = "p50      –     p99      –   "
-        self._latencies = []
+        self._latencies, self._kept = [], 0
         runtime = self._counter.runtime if self._counter is not None else 0
         return (
             f"{rate:9.0f} frames/s  {latency}  streams {self._table.active:5d}  "

@@ -173,7 +173,7 @@ def test_hot_path_helpers(registry: CollectorRegistry, metrics: Metrics) -> None
     metrics.batch(8, 2)
     metrics.batch(8, 8)
     metrics.observe_stage("device", 0.0012)
-    metrics.observe_stage_many("queue", [1e-5, 0.003, 10.0])
+    metrics.observe_stage("queue", [1e-5, 0.003, 10.0])
     metrics.observe_end_to_end([0.0009, 0.004])
     metrics.emitted("tcp", 3)
     metrics.sink_drop("tcp", "slow_sink")
