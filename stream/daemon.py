@@ -38,10 +38,10 @@ from .config import Config, ConfigError, parse_address
 from .executor import Executor, Stepped
 from .http import serve_http
 from .ingest import Ingest
-from .integrator import Sink, integrate
+from .integrator import integrate
 from .metrics import Metrics
 from .protocol import Frame, FrameRejected, MomentSizes
-from .sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
+from .sinks import EncodingCache, JsonlSink, Sink, StdoutSink, SubscriberServer
 from .sources import serve_tcp, serve_udp
 from .status import StatusLine
 from .streams import StreamTable

@@ -1,27 +1,21 @@
-"""The integrator: device records → moments with their frames' identity and latency,
-handed to every sink without waiting (a slow sink drops, it never stalls the device)."""
+"""The integrator: device records → a batch of moments with their frames' identity and
+latency, offered to every sink without waiting (a slow sink drops, it never stalls the
+device)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .executor import Stepped
-from .protocol import ALL_PRESENT, FLAG_ABSENT, FLAG_EAGER, FLAG_RESTORED, Moment, MomentSizes
+from .protocol import ALL_PRESENT, FLAG_ABSENT, FLAG_EAGER, FLAG_RESTORED, MomentBatch, MomentSizes
+from .sinks import Sink
 
-__all__ = ["Sink", "integrate"]
-
-
-class Sink(Protocol):
-    """Where moments go. `offer` must never block."""
-
-    name: str
-
-    def offer(self, moment: Moment) -> None: ...
+__all__ = ["integrate"]
 
 
 async def integrate(
@@ -31,7 +25,7 @@ async def integrate(
     *,
     observe: Callable[[str, Any], None] = lambda event, value: None,
 ) -> None:
-    """Turn every stepped batch into moments and offer each to every sink, until the
+    """Turn every stepped batch into a `MomentBatch` and offer it to every sink, until the
     executor closes its stream.
 
     `observe` receives, per batch, `("integrate", seconds)` (from the end of the device
@@ -41,23 +35,31 @@ async def integrate(
     """
     async with receive:
         async for item in receive:
-            t0 = time.monotonic_ns()
             frames = item.frames
-            received = np.fromiter((f.received_ns for f in frames), np.int64, len(frames))
+            n = len(frames)
+            received = np.fromiter((f.received_ns for f in frames), np.int64, n)
+            present = np.fromiter((f.present for f in frames), np.uint16, n)
+            flags = np.where(present != ALL_PRESENT, FLAG_ABSENT, 0).astype(np.uint16)
+            flags |= np.where(np.asarray(item.restored, bool), FLAG_RESTORED, 0).astype(np.uint16)
+            if item.eager:
+                flags |= FLAG_EAGER
+            batch = MomentBatch(
+                [f.stream_id for f in frames],
+                np.fromiter((f.seq for f in frames), np.uint64, n),
+                np.fromiter((f.timestamp for f in frames), np.float64, n),
+                np.zeros(n, np.uint64),
+                flags,
+                sizes,
+                item.records[:n],
+            )
             # One emission time per batch: offering a whole batch takes microseconds.
+            t0 = time.monotonic_ns()
             latency = t0 - received
-            base = FLAG_EAGER if item.eager else 0
-            for f, restored, row, latency_ns in zip(
-                frames, item.restored, item.records, latency.tolist(), strict=False
-            ):
-                flags = base | (FLAG_RESTORED if restored else 0)
-                if f.present != ALL_PRESENT:
-                    flags |= FLAG_ABSENT
-                m = Moment(f.stream_id, f.seq, f.timestamp, latency_ns, flags, sizes, row)
-                for sink in sinks:
-                    sink.offer(m)
+            batch.latency_ns[:] = latency
+            for sink in sinks:
+                sink.offer(batch)
             t1 = time.monotonic_ns()
             observe("integrate", (t0 - item.stepped_ns) / 1e9)
             observe("emit", (t1 - t0) / 1e9)
             observe("end_to_end", latency / 1e9)
-            observe("processed", len(frames))
+            observe("processed", n)

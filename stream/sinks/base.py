@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from anyio.abc import TaskStatus
 
-from ..protocol import Moment, encode_moment, moment_to_json
+from ..protocol import MomentBatch
 
 __all__ = [
     "DISCONNECTED",
@@ -23,72 +22,56 @@ __all__ = [
 ]
 
 SLOW_SUBSCRIBER = "slow_subscriber"
-"""A subscriber's buffer was full; the moment was not queued for it."""
+"""A subscriber's buffer was full; the moments were not queued for it."""
 DISCONNECTED = "disconnected"
 """A subscriber was cut off (stalled too long, or its socket failed); counted once."""
 SLOW_SINK = "slow_sink"
-"""A file sink's buffer was full; the moment was not queued."""
+"""A file sink's buffer was full; the moments were not queued."""
 WRITE_ERROR = "error"
-"""A file sink's write failed; the moments of that batch are lost."""
+"""A file sink's write failed; the moments of that write are lost."""
 
 Format = Literal["binary", "json"]
-OnEmitted = Callable[[str], None]
-"""`on_emitted(sink_name)`: one moment delivered."""
-OnDropped = Callable[[str, str], None]
-"""`on_dropped(sink_name, reason)`: one moment not delivered."""
+OnEmitted = Callable[[str, int], None]
+"""`on_emitted(sink_name, n)`: `n` moments delivered."""
+OnDropped = Callable[[str, str, int], None]
+"""`on_dropped(sink_name, reason, n)`: `n` moments not delivered."""
 
 
 class Sink(Protocol):
     """Where integrated moments go.
 
-    `offer()` is called on the event loop for every moment and never blocks or awaits:
-    a sink whose buffer is full drops the moment and counts it. `run()` does the I/O until
-    cancelled, calling `task_status.started(...)` once ready, and on cancellation flushes
-    what it holds (shielded, bounded in time).
+    `offer()` is called on the event loop for every batch of moments and never blocks or
+    awaits: a sink whose buffer is full drops them and counts them. `run()` does the I/O
+    until cancelled, calling `task_status.started(...)` once ready, and on cancellation
+    flushes what it holds (shielded, bounded in time).
     """
 
     name: str
 
-    def offer(self, moment: Moment) -> None: ...
+    def offer(self, batch: MomentBatch) -> None: ...
 
     async def run(self, *, task_status: TaskStatus[Any] = ...) -> None: ...
 
 
-_ENCODERS: dict[str, Callable[[Moment], bytes]] = {
-    "binary": encode_moment,
-    "json": moment_to_json,
-}
-
-
 class EncodingCache:
-    """The encodings of the last few moments, so each is encoded at most once per format.
-
-    Sinks given the same cache share encodings: the fan-out offers one moment to every
-    sink in turn, so a handful of entries suffice. Entries hold the moment itself, so an
-    `id()` is never mistaken for a later moment's.
-
-    **Arguments:**
-
-    - `size`: moments remembered.
+    """The whole-batch encodings of the latest batch, so sinks that share this cache encode
+    a batch at most once per format (subsets of a batch are encoded by whoever wants them).
     """
 
-    def __init__(self, size: int = 8) -> None:
-        self._size = size
-        self._entries: collections.OrderedDict[int, tuple[Moment, dict[str, bytes]]] = (
-            collections.OrderedDict()
-        )
+    def __init__(self) -> None:
+        self._batch: MomentBatch | None = None
+        self._encoded: dict[str, bytes] = {}
 
-    def get(self, moment: Moment, fmt: Format) -> bytes:
-        """`moment` as a binary record (`"binary"`) or a JSON line (`"json"`)."""
-        key = id(moment)
-        entry = self._entries.get(key)
-        if entry is None or entry[0] is not moment:
-            entry = (moment, {})
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-        encoded = entry[1].get(fmt)
+    def get(self, batch: MomentBatch, fmt: Format) -> bytes:
+        """All of `batch` as binary records (`"binary"`) or JSON lines (`"json"`)."""
+        if batch is not self._batch:
+            self._batch, self._encoded = batch, {}
+        encoded = self._encoded.get(fmt)
         if encoded is None:
-            encoded = entry[1][fmt] = _ENCODERS[fmt](moment)
+            encoded = self._encoded[fmt] = encode(batch, fmt)
         return encoded
+
+
+def encode(batch: MomentBatch, fmt: Format, rows: list[int] | None = None) -> bytes:
+    """`rows` of `batch` (default all) in format `fmt`."""
+    return batch.encode_binary(rows) if fmt == "binary" else batch.encode_json(rows)

@@ -1,15 +1,14 @@
 """JSON-lines sinks: a file (`JsonlSink`) or standard output (`StdoutSink`).
 
-`offer()` appends the moment's JSON line to a bounded buffer (full: dropped, counted
-`slow_sink`); `run()` writes whatever has gathered as one batch in a worker thread and
-flushes it, so the event loop never waits on the disk, and batches grow by themselves
-when the disk is slow. On cancellation the rest of the buffer is written (shielded).
+`offer()` appends a batch's JSON lines to a bounded buffer (counted in moments; full: the
+batch is dropped, counted `slow_sink`); `run()` writes whatever has gathered in one go in a
+worker thread and flushes it, so the event loop never waits on the disk, and writes grow
+by themselves when the disk is slow. On cancellation the rest of the buffer is written (shielded).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import logging
 import sys
@@ -19,7 +18,7 @@ from typing import BinaryIO
 import anyio
 from anyio.abc import TaskStatus
 
-from ..protocol import Moment
+from ..protocol import MomentBatch
 from .base import SLOW_SINK, WRITE_ERROR, EncodingCache, OnDropped, OnEmitted
 
 __all__ = ["JsonlSink", "StdoutSink"]
@@ -46,15 +45,18 @@ class _LineSink:
         self._on_emitted = on_emitted
         self._on_dropped = on_dropped
         self._cache = cache or EncodingCache()
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (lines, n)
+        self._queued = 0  # moments in `_queue`
         self._ready = anyio.Event()
 
-    def offer(self, moment: Moment) -> None:
-        """Queue `moment`'s JSON line; never blocks (a full buffer drops it, counted)."""
-        if len(self._queue) >= self.buffer:
-            self._on_dropped(self.name, SLOW_SINK)
+    def offer(self, batch: MomentBatch) -> None:
+        """Queue `batch`'s JSON lines; never blocks (a full buffer drops them, counted)."""
+        n = len(batch)
+        if self._queued + n > self.buffer:
+            self._on_dropped(self.name, SLOW_SINK, n)
             return
-        self._queue.append(self._cache.get(moment, "json"))
+        self._queue.append((self._cache.get(batch, "json"), n))
+        self._queued += n
         self._ready.set()
 
     def _open(self) -> BinaryIO:
@@ -86,18 +88,19 @@ class _LineSink:
     async def _write_batch(self, file: BinaryIO) -> None:
         # The lines leave the queue only once written: a cancellation before the thread
         # starts leaves them for the shielded cleanup (once started, the thread finishes).
-        n = len(self._queue)
-        data = b"".join(itertools.islice(self._queue, n))
+        taken = len(self._queue)
+        data = b"".join(lines for lines, _ in itertools.islice(self._queue, taken))
+        n = sum(count for _, count in itertools.islice(self._queue, taken))
         try:
             await anyio.to_thread.run_sync(_write_and_flush, file, data)
         except OSError:
             log.warning("%s sink: write failed, %d moments lost", self.name, n, exc_info=True)
-            outcome = functools.partial(self._on_dropped, self.name, WRITE_ERROR)
+            self._on_dropped(self.name, WRITE_ERROR, n)
         else:
-            outcome = functools.partial(self._on_emitted, self.name)
-        for _ in range(n):
+            self._on_emitted(self.name, n)
+        for _ in range(taken):
             self._queue.popleft()
-            outcome()
+        self._queued -= n
 
 
 def _write_and_flush(file: BinaryIO, data: bytes) -> None:

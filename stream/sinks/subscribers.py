@@ -5,8 +5,9 @@ receives the moments of the streams whose id matches the glob (`fnmatch` rules, 
 sensitive; `*` for all): binary records back to back, or JSON lines. A missing or bad
 line is answered `ERR <why>\\n` and the connection closed.
 
-Each subscriber has its own bounded buffer filled by `offer()` and drained by its writer
-task, so a slow subscriber only loses its own moments (counted `slow_subscriber`); one
+Each subscriber has its own bounded buffer (counted in moments) filled by `offer()` with
+the encoded rows of each batch it matches, and drained by its writer task, so a slow
+subscriber only loses its own moments (counted `slow_subscriber`); one
 whose buffer stays full for `stall_timeout` seconds, or whose socket fails, is cut off
 (counted `disconnected`, once).
 """
@@ -25,8 +26,16 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ..protocol import Moment
-from .base import DISCONNECTED, SLOW_SUBSCRIBER, EncodingCache, Format, OnDropped, OnEmitted
+from ..protocol import MomentBatch
+from .base import (
+    DISCONNECTED,
+    SLOW_SUBSCRIBER,
+    EncodingCache,
+    Format,
+    OnDropped,
+    OnEmitted,
+    encode,
+)
 
 __all__ = ["SubscriberServer"]
 
@@ -34,8 +43,8 @@ log = logging.getLogger(__name__)
 
 MAX_SUB_LINE = 1024
 """The longest accepted `SUB` line, in bytes."""
-WRITE_CHUNK = 256
-"""Moments joined into one socket write at most."""
+WRITE_CHUNK = 64
+"""Encoded batches joined into one socket write at most."""
 FLUSH_S = 1.0
 """How long a subscriber may take to receive what it holds at shutdown."""
 _MEMO_LIMIT = 1 << 16  # per-subscriber memo of stream-id matches
@@ -45,7 +54,9 @@ class _Subscriber:
     def __init__(self, fmt: Format, glob: str) -> None:
         self.fmt = fmt
         self.glob = glob
-        self.queue: collections.deque[bytes] = collections.deque()
+        self.queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (bytes, n)
+        self.queued = 0  # moments in `queue`
+        self.everything = glob == "*"
         self.full_since: float | None = None
         self.ready = anyio.Event()
         self.scope = anyio.CancelScope()
@@ -60,6 +71,14 @@ class _Subscriber:
                 self._memo.clear()
             hit = self._memo[stream_id] = self._match(stream_id) is not None
         return hit
+
+    def rows(self, batch: MomentBatch) -> list[int] | None:
+        """The rows of `batch` this subscriber wants: None for all of them."""
+        if self.everything:
+            return None
+        matches = self.matches
+        wanted = [i for i, stream_id in enumerate(batch.stream_ids) if matches(stream_id)]
+        return None if len(wanted) == len(batch) else wanted
 
 
 class SubscriberServer:
@@ -110,17 +129,25 @@ class SubscriberServer:
         """Subscribers connected now."""
         return len(self._subscribers)
 
-    def offer(self, moment: Moment) -> None:
-        """Queue `moment` for every matching subscriber; never blocks."""
+    def offer(self, batch: MomentBatch) -> None:
+        """Queue `batch`'s matching moments for every subscriber; never blocks."""
         now: float | None = None
         for sub in self._subscribers:
-            if not sub.matches(moment.stream_id):
+            rows = sub.rows(batch)
+            n = len(batch) if rows is None else len(rows)
+            if n == 0:
                 continue
-            if len(sub.queue) < self.buffer:
-                sub.queue.append(self._cache.get(moment, sub.fmt))
+            if sub.queued + n <= self.buffer:
+                data = (
+                    self._cache.get(batch, sub.fmt)
+                    if rows is None
+                    else encode(batch, sub.fmt, rows)
+                )
+                sub.queue.append((data, n))
+                sub.queued += n
                 sub.ready.set()
                 continue
-            self._on_dropped(self.name, SLOW_SUBSCRIBER)
+            self._on_dropped(self.name, SLOW_SUBSCRIBER, n)
             if now is None:
                 now = self._clock()
             if sub.full_since is None:
@@ -131,7 +158,7 @@ class SubscriberServer:
     def _cut_off(self, sub: _Subscriber) -> None:
         if not sub.cut_off:
             sub.cut_off = True
-            self._on_dropped(self.name, DISCONNECTED)
+            self._on_dropped(self.name, DISCONNECTED, 1)
             sub.scope.cancel()
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -226,12 +253,12 @@ class SubscriberServer:
         # Past this check `send()` writes before it can be cancelled, so nothing taken off
         # the queue is lost to a cancellation, nor sent twice by the shutdown flush.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        n = min(len(sub.queue), WRITE_CHUNK)
-        chunk = b"".join([sub.queue.popleft() for _ in range(n)])
+        taken = [sub.queue.popleft() for _ in range(min(len(sub.queue), WRITE_CHUNK))]
+        n = sum(count for _, count in taken)
+        sub.queued -= n
         sub.full_since = None
-        await stream.send(chunk)
-        for _ in range(n):
-            self._on_emitted(self.name)
+        await stream.send(b"".join(data for data, _ in taken))
+        self._on_emitted(self.name, n)
 
 
 def _parse_sub(line: bytes) -> tuple[_Subscriber | None, str]:

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from anyio.abc import SocketStream
 
-from stream.protocol import Moment, MomentReader, MomentSizes, moment_to_json
+from stream.protocol import (
+    Moment,
+    MomentBatch,
+    MomentReader,
+    MomentSizes,
+    encode_moment,
+    moment_to_json,
+)
 from stream.sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
 
 HOST = "127.0.0.1"
@@ -30,6 +37,11 @@ def moment(stream_id: str, seq: int, sizes: MomentSizes = SIZES) -> Moment:
     return Moment(stream_id, seq, seq * 0.01, 1000 + seq, 0, sizes, values)
 
 
+def one(stream_id: str, seq: int, sizes: MomentSizes = SIZES) -> MomentBatch:
+    """A batch of one moment."""
+    return MomentBatch.of([moment(stream_id, seq, sizes)])
+
+
 class Counts:
     """Records sink counters and wakes waiters on every change."""
 
@@ -43,12 +55,12 @@ class Counts:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def on_emitted(self, sink: str) -> None:
-        self.emitted[sink] += 1
+    def on_emitted(self, sink: str, n: int) -> None:
+        self.emitted[sink] += n
         self._touch()
 
-    def on_dropped(self, sink: str, reason: str) -> None:
-        self.dropped[sink, reason] += 1
+    def on_dropped(self, sink: str, reason: str, n: int) -> None:
+        self.dropped[sink, reason] += n
         self._touch()
 
     def on_subscribers(self, n: int) -> None:
@@ -115,9 +127,12 @@ async def test_binary_subscriber_gets_matching_moments_only(
 ):
     sink, port = running
     async with await subscribe(port, b"SUB binary arm-*\n", counts) as link:
-        for m in [moment("arm-1", 1), moment("leg-1", 1), moment("arm-2", 1), moment("xarm", 1)]:
-            sink.offer(m)
-        sink.offer(moment("arm-1", 2))
+        sink.offer(
+            MomentBatch.of(
+                [moment("arm-1", 1), moment("leg-1", 1), moment("arm-2", 1), moment("xarm", 1)]
+            )
+        )
+        sink.offer(one("arm-1", 2))
         got = await read_moments(link, 3)
     assert [(m.stream_id, m.seq) for m in got] == [("arm-1", 1), ("arm-2", 1), ("arm-1", 2)]
     np.testing.assert_array_equal(got[2].values, moment("arm-1", 2).values)
@@ -133,8 +148,8 @@ async def test_json_subscriber_and_binary_subscriber_side_by_side(
         await subscribe(port, b"SUB json *\n", counts, 1) as as_json,
         await subscribe(port, b"SUB binary leg-?\r\n", counts, 2) as as_binary,
     ):
-        sink.offer(moment("arm-1", 1))
-        sink.offer(moment("leg-7", 4))
+        sink.offer(one("arm-1", 1))
+        sink.offer(one("leg-7", 4))
         lines = await read_lines(as_json, 2)
         records = await read_moments(as_binary, 1)
     assert lines == [
@@ -150,7 +165,7 @@ async def test_shutdown_delivers_what_subscribers_hold(counts: Counts):
         port = await tg.start(sink.run)
         link = await subscribe(port, b"SUB binary *\n", counts)
         for seq in range(1, 6):
-            sink.offer(moment("s", seq))
+            sink.offer(one("s", seq))
         tg.cancel_scope.cancel()  # before any writer ran
     async with link:
         got = await read_moments(link, 5)
@@ -197,7 +212,7 @@ async def test_full_buffer_drops_without_blocking_and_counts(counts: Counts):
         port = await tg.start(sink.run)
         async with await subscribe(port, b"SUB binary *\n", counts) as link:
             for seq in range(1, 6):  # no await in between: the writer cannot drain
-                sink.offer(moment("s", seq))
+                sink.offer(one("s", seq))
             assert counts.dropped == {("tcp", "slow_subscriber"): 3}
             got = await read_moments(link, 2)
             assert [m.seq for m in got] == [1, 2]
@@ -211,20 +226,20 @@ async def test_stalled_subscriber_is_cut_off_once(counts: Counts):
     async with anyio.create_task_group() as tg:
         port = await tg.start(sink.run)
         async with await subscribe(port, b"SUB binary *\n", counts) as link:
-            sink.offer(moment("s", 1))
-            sink.offer(moment("s", 2))  # dropped: full since t=0
+            sink.offer(one("s", 1))
+            sink.offer(one("s", 2))  # dropped: full since t=0
             now[0] = 4.0
-            sink.offer(moment("s", 3))  # dropped, still within the stall timeout
+            sink.offer(one("s", 3))  # dropped, still within the stall timeout
             now[0] = 5.5
-            sink.offer(moment("s", 4))  # dropped, and full for more than 5 s: cut off
-            sink.offer(moment("s", 5))
+            sink.offer(one("s", 4))  # dropped, and full for more than 5 s: cut off
+            sink.offer(one("s", 5))
             await counts.until(lambda: counts.subscribers == 0)
             assert counts.dropped[("tcp", "disconnected")] == 1
             with anyio.fail_after(5):
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     while True:
                         await link.receive()
-        sink.offer(moment("s", 6))  # nobody left to offer to
+        sink.offer(one("s", 6))  # nobody left to offer to
         assert counts.dropped[("tcp", "slow_subscriber")] == 4
         tg.cancel_scope.cancel()
 
@@ -238,7 +253,7 @@ async def test_slow_subscriber_never_holds_back_a_fast_one(counts: Counts):
         fast = await subscribe(port, b"SUB binary *\n", counts, 2)
         reader, got = MomentReader(), []
         for seq in range(1, 401):  # 26 MB for each subscriber
-            sink.offer(moment("s", seq, big))
+            sink.offer(one("s", seq, big))
             with anyio.fail_after(5):
                 while len(got) < seq:
                     got += reader.feed(await fast.receive())
@@ -255,11 +270,11 @@ async def test_jsonl_sink_appends_lines_and_flushes_on_cancel(tmp_path: Path, co
     sink = JsonlSink(path, buffer=100, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped)
     async with anyio.create_task_group() as tg:
         await tg.start(sink.run)
-        sink.offer(moment("a", 1))
-        sink.offer(moment("b", 2))
+        sink.offer(one("a", 1))
+        sink.offer(one("b", 2))
         await counts.until(lambda: counts.emitted["jsonl"] == 2)
         assert len(path.read_bytes().splitlines()) == 2  # flushed, not just buffered
-        sink.offer(moment("a", 3))
+        sink.offer(one("a", 3))
         tg.cancel_scope.cancel()  # before the writer ran: the cleanup writes it
     lines = [json.loads(line) for line in path.read_bytes().splitlines()]
     assert [(d["stream"], d["seq"]) for d in lines] == [("a", 1), ("b", 2), ("a", 3)]
@@ -274,7 +289,7 @@ async def test_jsonl_sink_full_buffer_drops_and_counts(tmp_path: Path, counts: C
     async with anyio.create_task_group() as tg:
         await tg.start(sink.run)
         for seq in range(1, 5):
-            sink.offer(moment("a", seq))
+            sink.offer(one("a", seq))
         assert counts.dropped == {("jsonl", "slow_sink"): 2}
         await counts.until(lambda: counts.emitted["jsonl"] == 2)
         tg.cancel_scope.cancel()
@@ -288,7 +303,7 @@ async def test_stdout_sink_writes_json_lines(counts: Counts):
     )
     async with anyio.create_task_group() as tg:
         await tg.start(sink.run)
-        sink.offer(moment("a", 1))
+        sink.offer(one("a", 1))
         await counts.until(lambda: counts.emitted["stdout"] == 1)
         tg.cancel_scope.cancel()
     assert out.getvalue() == moment_to_json(moment("a", 1))
@@ -296,10 +311,14 @@ async def test_stdout_sink_writes_json_lines(counts: Counts):
 
 
 def test_encoding_cache_encodes_once_per_format():
-    cache = EncodingCache(size=2)
-    m = moment("a", 1)
-    first = cache.get(m, "json")
-    assert cache.get(m, "json") is first
-    assert cache.get(m, "binary") is cache.get(m, "binary")
-    other = moment("a", 1)  # equal but another object: encoded afresh
+    cache = EncodingCache()
+    batch = MomentBatch.of([moment("a", 1), moment("b", 1)])
+    first = cache.get(batch, "json")
+    assert first == moment_to_json(moment("a", 1)) + moment_to_json(moment("b", 1))
+    assert cache.get(batch, "json") is first
+    assert cache.get(batch, "binary") is cache.get(batch, "binary")
+    assert cache.get(batch, "binary") == encode_moment(moment("a", 1)) + encode_moment(
+        moment("b", 1)
+    )
+    other = MomentBatch.of([moment("a", 1), moment("b", 1)])  # equal, another object
     assert cache.get(other, "json") == first and cache.get(other, "json") is not first

@@ -1,0 +1,324 @@
+"""The files under `deploy/` stay true to the code: configurations load, every metric a
+dashboard or alert names exists, rules and units pass their own tools' checks.
+
+Tool-backed checks (`promtool`, `systemd-analyze`, `kubectl`) and YAML parsing (PyYAML,
+not a dependency) skip with a reason when the tool or module is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream.config import load_config
+from stream.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "enactive-stream.json"
+UNIT = DEPLOY / "systemd" / "enactive-stream.service"
+KUBERNETES = DEPLOY / "kubernetes"
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+TOMLS = sorted(DEPLOY.rglob("*.toml"))
+YAMLS = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
+METRIC = re.compile(r"\benactive_[a-z0-9_]+")
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+TOOL_TIMEOUT_S = 60
+
+
+def _families() -> dict[str, str]:
+    """`{name: type}` of every family the daemon exposes, as `# TYPE` lines name them."""
+    metrics = Metrics(buckets=(1, 8))
+    metrics.watch_queue("ingest", lambda: 0)
+    metrics.jit_fallback("slab_step", "XlaRuntimeError")  # its series appear at the first
+    text = metrics.exposition().decode()
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+
+
+def _unknown_metrics(text: str, families: dict[str, str]) -> set[str]:
+    """The `enactive_*` identifiers in `text` that name no exposed series."""
+    unknown = set()
+    for name in set(METRIC.findall(text)):
+        if name in families:
+            continue
+        base = next((name[: -len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s)), None)
+        if base is not None and families.get(base) == "histogram":
+            continue
+        unknown.add(name)
+    return unknown
+
+
+def _dashboard_exprs(node: Any) -> list[str]:
+    """Every PromQL expression of a Grafana dashboard: panel targets and variable queries."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                out.append(value)
+            else:
+                out.extend(_dashboard_exprs(value))
+    elif isinstance(node, list):
+        for item in node:
+            out.extend(_dashboard_exprs(item))
+    return out
+
+
+def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False, **kwargs
+    )
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not on PATH (CI installs it; see the test's docstring)")
+    return path
+
+
+def _yaml() -> Any:
+    return pytest.importorskip("yaml", reason="PyYAML is not installed (not a dependency)")
+
+
+# --- configuration files ------------------------------------------------------------------
+
+
+def test_deploy_has_the_expected_configs() -> None:
+    names = {p.relative_to(DEPLOY).as_posix() for p in TOMLS}
+    assert {"systemd/enactive-stream.toml", "container/enactive-stream.toml"} <= names
+
+
+@pytest.mark.parametrize("path", TOMLS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_toml_loads(path: Path) -> None:
+    cfg = load_config(path, env={})
+    assert cfg.model.state_dim >= 1
+
+
+def test_container_config_binds_every_interface() -> None:
+    cfg = load_config(DEPLOY / "container" / "enactive-stream.toml", env={})
+    for address in (cfg.ingest.tcp, cfg.ingest.udp, cfg.output.tcp, cfg.metrics.listen):
+        assert address.startswith("0.0.0.0:"), address
+    assert cfg.state.dir == "/var/lib/enactive-stream"
+    assert cfg.device.compilation_cache_dir == "/var/cache/enactive-stream/jax"
+
+
+def test_systemd_config_keeps_metrics_local_and_takes_dirs_from_the_unit() -> None:
+    unit = UNIT.read_text()
+    env = dict(re.findall(r"^Environment=(ENACTIVE_\w+)=(\S+)$", unit, re.MULTILINE))
+    cfg = load_config(DEPLOY / "systemd" / "enactive-stream.toml", env=env)
+    assert cfg.metrics.listen == "127.0.0.1:9400"
+    assert cfg.state.dir == "/var/lib/enactive-stream"
+    assert cfg.device.compilation_cache_dir == "/var/cache/enactive-stream/jax"
+    assert env["ENACTIVE_CONFIG"] == "/etc/enactive-stream/enactive-stream.toml"
+
+
+def test_configmap_matches_the_container_config() -> None:
+    yaml = _yaml()
+    configmap = yaml.safe_load((KUBERNETES / "configmap.yaml").read_text())
+    embedded = configmap["data"]["enactive-stream.toml"]
+    container = (DEPLOY / "container" / "enactive-stream.toml").read_text()
+    assert tomllib.loads(embedded) == tomllib.loads(container)
+
+
+# --- metric names -------------------------------------------------------------------------
+
+
+def test_unknown_metric_names_are_caught() -> None:
+    families = _families()
+    text = "rate(enactive_frames_processed_total[1m]) + enactive_end_to_end_latency_seconds_sum"
+    assert _unknown_metrics(text, families) == set()
+    bad = "enactive_frames_processed + enactive_ready_bucket + enactive_nope_total"
+    assert _unknown_metrics(bad, families) == {
+        "enactive_frames_processed",
+        "enactive_ready_bucket",
+        "enactive_nope_total",
+    }
+
+
+def test_dashboard_names_only_real_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = _dashboard_exprs(dashboard)
+    assert len(exprs) >= 20
+    named = {m for e in exprs for m in METRIC.findall(e)}
+    families = _families()
+    assert _unknown_metrics(DASHBOARD.read_text(), families) == set()
+    # The dashboard shows every family the daemon exposes (except _created samples).
+    shown = {
+        next((m[: -len(s)] for s in HISTOGRAM_SUFFIXES if m.endswith(s)), m) for m in named
+    }
+    assert {f for f in families if not f.endswith("_created")} <= shown
+
+
+def test_dashboard_uses_a_prometheus_datasource_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    uids = {
+        t["datasource"]["uid"]
+        for p in dashboard["panels"]
+        if p["type"] != "row"
+        for t in p["targets"]
+    }
+    assert uids == {"${datasource}"}
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_alerts_name_only_real_metrics() -> None:
+    text = ALERTS.read_text()
+    assert len(METRIC.findall(text)) >= 9
+    assert _unknown_metrics(text, _families()) == set()
+
+
+def test_alert_runbooks_exist() -> None:
+    headings = {
+        re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#{1,6} (.+)$", OPERATIONS.read_text(), re.MULTILINE)
+    }
+    alerts = re.findall(r"^\s+- alert: (\w+)$", ALERTS.read_text(), re.MULTILINE)
+    runbooks = re.findall(r"runbook_url: docs/operations\.md#(\S+)$", ALERTS.read_text(), re.M)
+    assert len(alerts) == len(runbooks) >= 9
+    for alert, anchor in zip(alerts, runbooks, strict=True):
+        assert anchor == alert.lower()
+        assert anchor in headings, f"docs/operations.md has no section for {alert}"
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+
+def test_promtool_checks_rules_and_config() -> None:
+    promtool = _tool("promtool")
+    for argv in (
+        [promtool, "check", "rules", str(ALERTS)],
+        [promtool, "check", "config", str(PROMETHEUS)],
+        [promtool, "test", "rules", str(ALERTS_TEST)],
+    ):
+        result = _run(argv)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every dashboard expression, with Grafana's variables filled in, as a recording rule
+    that `promtool check rules` parses."""
+    promtool = _tool("promtool")
+    exprs = _dashboard_exprs(json.loads(DASHBOARD.read_text()))
+    rules = []
+    for i, expr in enumerate(e for e in exprs if not e.startswith("label_values(")):
+        expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "1m")
+        rules.append({"record": f"dashboard:expr_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = _run([promtool, "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` returns 0 even for unknown keys, so its warnings about the
+    unit count as failures. The install path of the binary is replaced by the one here."""
+    analyze = _tool("systemd-analyze")
+    binary = shutil.which("enactive-stream")
+    if binary is None:
+        pytest.skip("the enactive-stream console script is not installed")
+    unit = UNIT.read_text().replace("/opt/enactive-stream/bin/enactive-stream", binary)
+    path = tmp_path / UNIT.name
+    path.write_text(unit)
+    result = _run([analyze, "verify", str(path)])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert UNIT.name not in output, output
+
+
+def test_systemd_unit_has_the_lifecycle_settings() -> None:
+    unit = UNIT.read_text()
+    settings = dict(re.findall(r"^(\w+)=(.*)$", unit, re.MULTILINE))
+    assert settings["KillSignal"] == "SIGTERM"
+    assert settings["TimeoutStopSec"] == "30"
+    assert settings["Restart"] == "on-failure"
+    assert settings["DynamicUser"] == "yes"
+    assert "check-config" in settings["ExecStartPre"]
+    assert " run --config " in settings["ExecStart"]
+    # XLA writes machine code at run time: W^X enforcement would kill the daemon.
+    assert "MemoryDenyWriteExecute" not in settings
+
+
+# --- YAML -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_yaml_parses(path: Path) -> None:
+    yaml = _yaml()
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert documents
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    yaml = _yaml()
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    manifests = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests
+
+
+def test_kubernetes_probes_and_ports() -> None:
+    yaml = _yaml()
+    docs = [
+        d
+        for p in sorted(KUBERNETES.glob("*.yaml"))
+        for d in yaml.safe_load_all(p.read_text())
+        if d is not None
+    ]
+    kinds = {d["kind"]: d for d in docs}
+    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(kinds)
+    sts = kinds["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    cfg = load_config(DEPLOY / "container" / "enactive-stream.toml", env={})
+    assert cfg.state.dir in mounts
+    assert any(cfg.device.compilation_cache_dir.startswith(m + "/") for m in mounts)
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    assert {"state", "cache"} <= claims
+    ports = {(p["containerPort"], p.get("protocol", "TCP")) for p in container["ports"]}
+    assert ports == {(7400, "TCP"), (7400, "UDP"), (7401, "TCP"), (9400, "TCP")}
+    services = [d for d in docs if d["kind"] == "Service"]
+    for service in services:
+        assert all(p.get("name") for p in service["spec"]["ports"])
+
+
+def test_kustomize_builds() -> None:
+    kubectl = _tool("kubectl")
+    result = _run([kubectl, "kustomize", str(KUBERNETES)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\nkind: ") + result.stdout.startswith("kind: ") >= 5
+
+
+# --- container ------------------------------------------------------------------------------
+
+
+def test_containerfile_essentials() -> None:
+    text = (DEPLOY / "container" / "Containerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
+    assert re.search(r"^EXPOSE 7400/tcp 7400/udp 7401/tcp 9400/tcp$", text, re.MULTILINE)
+    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.MULTILINE)
+    assert re.search(r"^USER \d+", text, re.MULTILINE), "run as a numeric non-root user"
+    assert "/healthz" in text.split("HEALTHCHECK", 1)[1]
+    for copied in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.MULTILINE):
+        for source in copied.split():
+            assert (ROOT / source).exists(), f"COPY source {source} does not exist"
