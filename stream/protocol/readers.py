@@ -18,6 +18,7 @@ from ._types import (
     _pad,
 )
 from .frames import decode_frame, decode_json
+from .runs import MIN_RUN, decode_run
 
 
 def _clean(exc: FrameRejected) -> FrameRejected:
@@ -108,6 +109,20 @@ class FrameReader:
                     break
             if end - pos < 8 + length:
                 break
+            if end - pos >= MIN_RUN * (8 + length):
+                run, pos_after = decode_run(
+                    src,
+                    pos,
+                    end,
+                    self.dims,
+                    max_frame_bytes=self.max_frame_bytes,
+                    received_ns=received_ns,
+                    source=self.source,
+                )
+                if run:
+                    out += run
+                    pos = pos_after
+                    continue
             stop = pos + 8 + length
             # Slicing the bytearray copies, so the buffer is never exported and can shrink.
             frame = src[pos:stop] if src is self._buf else memoryview(src)[pos:stop]

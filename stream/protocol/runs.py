@@ -1,0 +1,152 @@
+"""Decoding a run of like frames in one numpy pass.
+
+A sensor connection usually sends frames of one shape back to back: the same stream-id
+length and the same modalities, so the same length field. `decode_run` views such a run
+as a numpy structured array and checks and decodes every frame of it at once — the
+header fields, the payloads and their finiteness — so a frame costs well under a
+microsecond instead of a `struct.unpack` and a few small numpy calls each. The result is
+exactly what `decode_frame` gives frame by frame: the same `Frame`s, and the same
+rejections with the same reasons.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ._types import (
+    _F32,
+    _FRAME_HEADER,
+    FRAME_HEADER_BYTES,
+    MAGIC_FRAME,
+    MAX_STREAM_ID_BYTES,
+    VERSION,
+    Dims,
+    Frame,
+    FrameRejected,
+    _pad,
+)
+from .frames import _check_counts, check_stream_id
+
+__all__ = ["MIN_RUN", "decode_run"]
+
+MIN_RUN = 4
+"""Frames a run needs before the vectorised path is worth its set-up."""
+
+_MAGIC = int.from_bytes(MAGIC_FRAME, "little")
+
+
+@functools.cache
+def _layout(sid_len: int, floats: int) -> np.dtype:
+    """The packed layout of one frame with this stream-id length and payload size."""
+    return np.dtype([
+        ("magic", "<u4"), ("length", "<u4"), ("version", "<u2"), ("reserved", "<u2"),
+        ("sid_len", "<u2"), ("counts", "<u2", (4,)), ("reserved2", "<u2"), ("seq", "<u8"),
+        ("timestamp", "<f8"), ("id", "V", sid_len + _pad(sid_len)), ("payload", _F32, (floats,)),
+    ])  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stream_id(raw: bytes) -> str | FrameRejected:
+    """A raw id's text, or the rejection `decode_frame` would give it (memoised: ids repeat)."""
+    try:
+        stream_id = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return FrameRejected("bad_stream_id", "stream id is not valid UTF-8")
+    try:
+        check_stream_id(stream_id)
+    except FrameRejected as exc:
+        return exc
+    return stream_id
+
+
+def decode_run(
+    src: bytes | bytearray,
+    pos: int,
+    end: int,
+    dims: Dims,
+    *,
+    max_frame_bytes: int,
+    received_ns: int,
+    source: str,
+) -> tuple[list[Frame | FrameRejected], int]:
+    """Decode the run of frames shaped like the one at `src[pos]`.
+
+    **Arguments:**
+
+    - `src`, `pos`, `end`: the buffer and the bounds of its unread bytes; a whole frame
+        starts at `pos`.
+    - `dims`, `max_frame_bytes`, `received_ns`, `source`: as for `decode_frame`.
+
+    **Returns:** `(items, next_pos)`: one `Frame` or `FrameRejected` per frame of the run,
+    in order, and where the run ended. `([], pos)` when there is no run of at least
+    `MIN_RUN` complete frames whose header matches the first's (the caller then goes on
+    frame by frame, which also finds any framing error).
+    """
+    head = _FRAME_HEADER.unpack_from(src, pos)
+    magic, length, version, _, sid_len, *counts, _, _, _ = head
+    size = 8 + length
+    whole = (end - pos) // size
+    if (
+        whole < MIN_RUN
+        or magic != MAGIC_FRAME
+        or version != VERSION
+        or length > max_frame_bytes
+        or not 1 <= sid_len <= MAX_STREAM_ID_BYTES
+    ):
+        return [], pos
+    floats = sum(counts)
+    if length != FRAME_HEADER_BYTES - 8 + sid_len + _pad(sid_len) + 4 * floats:
+        return [], pos
+    try:
+        present = _check_counts(counts, dims)
+    except FrameRejected:
+        return [], pos
+    rows = np.frombuffer(src, _layout(sid_len, floats), whole, pos)
+    same = (
+        (rows["magic"] == _MAGIC)
+        & (rows["length"] == length)
+        & (rows["version"] == VERSION)
+        & (rows["sid_len"] == sid_len)
+        & (rows["counts"] == counts).all(axis=1)
+    )
+    n = whole if same.all() else int(np.argmin(same))
+    if n < MIN_RUN:
+        return [], pos
+    rows = rows[:n]
+    if floats == dims.total:
+        payload = rows["payload"].astype(np.float32)  # a copy: frames never alias `src`
+    else:
+        payload = np.zeros((n, dims.total), np.float32)
+        start = column = 0
+        for count, dim in zip(counts, dims, strict=True):
+            if count:
+                payload[:, start : start + count] = rows["payload"][:, column : column + count]
+                column += count
+            start += dim
+    finite = np.isfinite(payload).all(axis=1)
+    seq = rows["seq"].tolist()
+    timestamp = rows["timestamp"].tolist()
+    finite_t = np.isfinite(rows["timestamp"]).tolist()
+    ids = rows["id"].tobytes()
+    step = sid_len + _pad(sid_len)
+    out: list[Frame | FrameRejected] = []
+    for i, ok in enumerate(finite.tolist()):
+        stream_id = _stream_id(ids[i * step : i * step + sid_len])
+        if isinstance(stream_id, FrameRejected):
+            out.append(FrameRejected(stream_id.reason, stream_id.detail))
+        elif not finite_t[i]:
+            out.append(FrameRejected("non_finite", f"timestamp={timestamp[i]}, expected finite"))
+        elif not ok:
+            index = int(np.argmin(np.isfinite(payload[i])))
+            out.append(
+                FrameRejected(
+                    "non_finite", f"payload[{index}]={payload[i, index]}, expected finite"
+                )
+            )
+        else:
+            out.append(
+                Frame(stream_id, seq[i], timestamp[i], payload[i], present, received_ns, source)
+            )
+    return out, pos + n * size
