@@ -34,18 +34,18 @@ class Stepped:
     """One batch after the device step.
 
     - `frames`: the batch's frames, in row order.
-    - `records`: float32 `(bucket, K+D+P+M+3)`, rows past `len(frames)` are padding.
+    - `records`: float32 `(bucket, K+D+P+M+3)` on the device, possibly still being
+        computed (its copy to the host is under way); rows past `len(frames)` are padding.
     - `eager`: True when the eager fallback produced the records.
     - `restored`: per frame, True when its stream's state came from a checkpoint.
-    - `taken_ns`, `stepped_ns`: when the batch left the batcher, and when the step ended.
+    - `taken_ns`: when the batch left the batcher.
     """
 
     frames: list[Frame]
-    records: np.ndarray
+    records: jax.Array
     eager: bool
     restored: list[bool]
     taken_ns: int
-    stepped_ns: int
 
 
 class Executor:
@@ -58,7 +58,7 @@ class Executor:
         thread); None disables checkpoints.
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
     - `observe`: `observe(event, value)` for metrics: `("batch", (bucket, rows))`,
-        `("device", seconds)`, `("batch_wait", seconds array)`, `("evicted", n)`,
+        `("batch_wait", seconds array)`, `("evicted", n)`,
         `("restored", n)`, `("checkpoint", seconds)`.
     """
 
@@ -96,49 +96,64 @@ class Executor:
         ]
         return x, meta
 
-    def _device(
-        self, plan: SlotPlan, x: np.ndarray, meta: np.ndarray
-    ) -> tuple[list[Any], Any, bool]:
-        """Runs in the worker thread: evictions, restores, the step; waits for the result."""
+    def _dispatch(self, x: np.ndarray, meta: np.ndarray) -> tuple[jax.Array, bool]:
+        """Runs in the worker thread: enqueue the step and the copy of its records back to
+        the host, without waiting for either (the integrator waits for the records)."""
+        self.slab, records, eager = self.step(self.slab, x, meta)
+        records.copy_to_host_async()
+        return records, eager
+
+    def _move(self, plan: SlotPlan) -> list[Any]:
+        """Runs in the worker thread: read evicted streams back to the host (waiting for
+        the steps before), then write returning streams into their slots."""
         evicted = [self.step.read_slot(self.slab, slot) for slot, _ in plan.evict]
         for slot, state in plan.restore:
             self.slab = self.step.write_slot(self.slab, slot, state)
-        self.slab, records, eager = self.step(self.slab, x, meta)
-        return evicted, jax.device_get(records), eager
+        return evicted
 
     async def run(self, batcher: Batcher, send: MemoryObjectSendStream[Stepped]) -> None:
-        """Step batches until the batcher is drained, then write a final checkpoint."""
+        """Step batches until the batcher is drained, then write a final checkpoint.
+
+        Steps are dispatched without waiting for the device: while one computes, the next
+        batch is planned and queued behind it, so the device never idles on the host. The
+        bounded `send` stream limits how many batches are in flight.
+        """
+        table = self.table
         async with send:
             while (frames := await batcher.next_batch()) is not None:
                 taken = time.monotonic_ns()
-                self.in_flight = len(frames)
-                received = np.fromiter((f.received_ns for f in frames), np.int64, len(frames))
+                n = len(frames)
+                self.in_flight = n
+                received = np.fromiter((f.received_ns for f in frames), np.int64, n)
                 self._observe("batch_wait", (taken - received) / 1e9)
-                plan = self.table.plan([f.stream_id for f in frames])
+                stream_ids = [f.stream_id for f in frames]
+                plan = table.plan(stream_ids)
                 x, meta = self._assemble(frames, plan)
-                evicted, records, eager = await anyio.to_thread.run_sync(
-                    self._device, plan, x, meta, limiter=self._limiter
+                if plan.evict or plan.restore:
+                    evicted = await anyio.to_thread.run_sync(
+                        self._move, plan, limiter=self._limiter
+                    )
+                    for (_, stream_id), state in zip(plan.evict, evicted, strict=True):
+                        table.evicted_state(stream_id, state)
+                    if plan.evict:
+                        self._observe("evicted", len(plan.evict))
+                    if plan.restore:
+                        self._observe("restored", len(plan.restore))
+                records, eager = await anyio.to_thread.run_sync(
+                    self._dispatch, x, meta, limiter=self._limiter
                 )
-                stepped = time.monotonic_ns()
-                for (_, stream_id), state in zip(plan.evict, evicted, strict=True):
-                    self.table.evicted_state(stream_id, state)
-                restored = []
-                for f in frames:
-                    self.table.processed(f.stream_id, f.seq)
-                    was_restored = f.stream_id in self.table.restored
-                    if was_restored:
-                        self.table.restored.discard(f.stream_id)
-                    restored.append(was_restored)
+                table.processed_seq.update(zip(stream_ids, (f.seq for f in frames), strict=True))
+                restored = [False] * n
+                if table.restored:
+                    for i, stream_id in enumerate(stream_ids):
+                        if stream_id in table.restored:
+                            table.restored.discard(stream_id)
+                            restored[i] = True
                 self._dirty = True
-                self._observe("batch", (len(x), len(frames)))
-                self._observe("device", (stepped - taken) / 1e9)
-                if plan.evict:
-                    self._observe("evicted", len(plan.evict))
-                if plan.restore:
-                    self._observe("restored", len(plan.restore))
+                self._observe("batch", (len(x), n))
                 self.in_flight = 0
-                await send.send(Stepped(frames, records, eager, restored, taken, stepped))
-                if stepped >= self._next_checkpoint:
+                await send.send(Stepped(frames, records, eager, restored, taken))
+                if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
             await self.checkpoint()
 

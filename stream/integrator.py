@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import anyio
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -28,13 +29,17 @@ async def integrate(
     """Turn every stepped batch into a `MomentBatch` and offer it to every sink, until the
     executor closes its stream.
 
-    `observe` receives, per batch, `("integrate", seconds)` (from the end of the device
-    step to the moments' emission), `("emit", seconds)` (offering them to the sinks),
+    `observe` receives, per batch, `("device", seconds)` (from the batch leaving the
+    batcher to its records being on the host), `("integrate", seconds)` (from there to the
+    moments' emission), `("emit", seconds)` (offering them to the sinks),
     `("end_to_end", seconds array)` (receipt to emission, one per moment) and
     `("processed", n)`.
     """
     async with receive:
         async for item in receive:
+            # Waiting for the device happens here, off the event loop.
+            records = await anyio.to_thread.run_sync(np.asarray, item.records)
+            ready = time.monotonic_ns()
             frames = item.frames
             n = len(frames)
             received = np.fromiter((f.received_ns for f in frames), np.int64, n)
@@ -50,7 +55,7 @@ async def integrate(
                 np.zeros(n, np.uint64),
                 flags,
                 sizes,
-                item.records[:n],
+                records[:n],
             )
             # One emission time per batch: offering a whole batch takes microseconds.
             t0 = time.monotonic_ns()
@@ -59,7 +64,8 @@ async def integrate(
             for sink in sinks:
                 sink.offer(batch)
             t1 = time.monotonic_ns()
-            observe("integrate", (t0 - item.stepped_ns) / 1e9)
+            observe("device", (ready - item.taken_ns) / 1e9)
+            observe("integrate", (t0 - ready) / 1e9)
             observe("emit", (t1 - t0) / 1e9)
             observe("end_to_end", latency / 1e9)
             observe("processed", n)

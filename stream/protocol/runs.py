@@ -125,14 +125,14 @@ def decode_run(
                 payload[:, start : start + count] = rows["payload"][:, column : column + count]
                 column += count
             start += dim
-    finite = np.isfinite(payload).all(axis=1)
+    finite: list[bool] = np.isfinite(payload).all(axis=1).tolist()
     seq = rows["seq"].tolist()
     timestamp = rows["timestamp"].tolist()
     finite_t = np.isfinite(rows["timestamp"]).tolist()
     ids = rows["id"].tobytes()
     step = sid_len + _pad(sid_len)
     out: list[Frame | FrameRejected] = []
-    for i, ok in enumerate(finite.tolist()):
+    for i, ok in enumerate(finite):
         stream_id = _stream_id(ids[i * step : i * step + sid_len])
         if isinstance(stream_id, FrameRejected):
             out.append(FrameRejected(stream_id.reason, stream_id.detail))
