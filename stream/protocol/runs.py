@@ -12,6 +12,7 @@ rejections with the same reasons.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def decode_run(
                 payload[:, start : start + count] = rows["payload"][:, column : column + count]
                 column += count
             start += dim
-    finite: list[bool] = np.isfinite(payload).all(axis=1).tolist()
+    finite = cast(list[bool], np.isfinite(payload).all(axis=1).tolist())
     seq = rows["seq"].tolist()
     timestamp = rows["timestamp"].tolist()
     finite_t = np.isfinite(rows["timestamp"]).tolist()
