@@ -8,6 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from processors import ParamsMismatchError
+
+from .checkpoint import CheckpointError
 from .config import EMBEDDED_DEFAULT_OVERRIDES, ConfigError, load_config
 
 __all__ = ["main"]
@@ -103,12 +106,42 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from processors import bench
+    import os
 
-    argv = ["--quick"] if args.quick else []
+    from .bench import BenchError, BenchSettings, format_table, run_bench, write_plot
+
+    changes: dict[str, Any] = {}
+    for flag, key in (
+        ("streams", "streams"),
+        ("connections", "connections"),
+        ("runs", "runs"),
+        ("duration", "latency_s"),
+        ("soak_frames", "soak_frames"),
+        ("cache_dir", "cache_dir"),
+    ):
+        if getattr(args, flag) is not None:
+            changes[key] = getattr(args, flag)
+    if args.no_baseline:
+        changes["baseline"] = False
+    try:
+        settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except BenchError as e:
+        print(f"enactive-stream bench: {e}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    for path in (args.json, args.plot):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if args.json:
-        argv += ["--json", args.json]
-    return bench.main(argv) or 0
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        write_plot(result, args.plot)
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,22 +183,54 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--show", action="store_true", help="print the effective configuration")
     check.set_defaults(fn=_cmd_check_config)
 
-    bench = sub.add_parser("bench", help="measure the compiled kernel against eager execution")
-    bench.add_argument("--quick", action="store_true")
-    bench.add_argument("--json", metavar="FILE")
+    bench = sub.add_parser(
+        "bench",
+        help="end-to-end benchmark: kernel, throughput, latency, baseline, restart, memory",
+        description="Measure the daemon end to end (docs/benchmarks.md). The kernel alone: "
+        "python -m processors.bench.",
+    )
+    bench.add_argument("--quick", action="store_true", help="the short run (< 2 minutes)")
+    bench.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency CDFs")
+    bench.add_argument("--streams", type=int, help="client streams (default 1024)")
+    bench.add_argument("--connections", type=int, help="client TCP connections (default 2)")
+    bench.add_argument("--runs", type=int, help="throughput runs, median reported")
+    bench.add_argument("--duration", type=float, help="seconds of load per latency run")
+    bench.add_argument("--soak-frames", type=int, help="frames between the two RSS readings")
+    bench.add_argument("--cache-dir", help="JAX compilation cache (default: the configured one)")
+    bench.add_argument("--no-baseline", action="store_true", help="skip the baseline service")
     bench.set_defaults(fn=_cmd_bench)
     return parser
 
 
+def _startup_error(exc: BaseException) -> Exception | None:
+    """The configuration or checkpoint error inside `exc` (an exception group from the
+    daemon's task group, or the error itself), if that is what it is."""
+    if isinstance(exc, (ConfigError, CheckpointError, ParamsMismatchError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; exit status 2 for a configuration (or unusable checkpoint or
+    weights file) error, with a one-line message instead of a traceback."""
     args = _parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except ConfigError as e:
-        print(f"enactive-stream: configuration error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        kind = "configuration" if isinstance(error, ConfigError) else "start-up"
+        print(f"enactive-stream: {kind} error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

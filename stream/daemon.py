@@ -272,8 +272,8 @@ class Daemon:
 
         metrics.watch_queue("ingest", lambda: ingest_send.statistics().current_buffer_used)
         metrics.watch_queue("batcher", lambda: len(batcher))
-        metrics.watch_queue("device", lambda: executor.in_flight)
-        metrics.watch_queue("integrate", lambda: stepped_send.statistics().current_buffer_used)
+        # Batches dispatched to the device whose records the integrator has not taken yet.
+        metrics.watch_queue("device", lambda: stepped_send.statistics().current_buffer_used)
 
         async with anyio.create_task_group() as sink_group:
             sinks = await self._start_sinks(sink_group)
@@ -380,6 +380,9 @@ class Daemon:
                 metrics.restored(value)
             elif event == "checkpoint":
                 metrics.checkpointed(value)
+            elif event == "checkpoint_error":
+                metrics.checkpoint_errors.inc()
+                self._status(f"checkpoint failed, will retry: {value}")
 
         return observe
 

@@ -59,7 +59,7 @@ class Executor:
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
     - `observe`: `observe(event, value)` for metrics: `("batch", (bucket, rows))`,
         `("batch_wait", seconds array)`, `("evicted", n)`,
-        `("restored", n)`, `("checkpoint", seconds)`.
+        `("restored", n)`, `("checkpoint", seconds)`, `("checkpoint_error", message)`.
     """
 
     def __init__(
@@ -81,7 +81,6 @@ class Executor:
         self._limiter = anyio.CapacityLimiter(1)
         self._dirty = False
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
-        self.in_flight = 0
 
     def _assemble(self, frames: list[Frame], plan: SlotPlan) -> tuple[np.ndarray, np.ndarray]:
         bucket = self.step.bucket_for(len(frames))
@@ -123,7 +122,6 @@ class Executor:
             while (frames := await batcher.next_batch()) is not None:
                 taken = time.monotonic_ns()
                 n = len(frames)
-                self.in_flight = n
                 received = np.fromiter((f.received_ns for f in frames), np.int64, n)
                 self._observe("batch_wait", (taken - received) / 1e9)
                 stream_ids = [f.stream_id for f in frames]
@@ -151,20 +149,30 @@ class Executor:
                             restored[i] = True
                 self._dirty = True
                 self._observe("batch", (len(x), n))
-                self.in_flight = 0
                 await send.send(Stepped(frames, records, eager, restored, taken))
                 if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
-            await self.checkpoint()
+            await self.checkpoint(final=True)
 
-    async def checkpoint(self) -> None:
-        """Write a checkpoint now if anything changed since the last one."""
+    async def checkpoint(self, *, final: bool = False) -> None:
+        """Write a checkpoint now if anything changed since the last one.
+
+        A failed write (disk full, directory gone) is reported as `("checkpoint_error",
+        message)` and retried at the next interval: the service goes on. Only the final
+        checkpoint at shutdown raises, so the exit status tells the operator.
+        """
         if self._checkpoint is None or not self._dirty:
             return
         t0 = time.perf_counter()
-        await anyio.to_thread.run_sync(self._write_checkpoint, limiter=self._limiter)
-        self._dirty = False
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        try:
+            await anyio.to_thread.run_sync(self._write_checkpoint, limiter=self._limiter)
+        except OSError as e:
+            self._observe("checkpoint_error", f"{type(e).__name__}: {e}")
+            if final:
+                raise
+            return
+        self._dirty = False
         self._observe("checkpoint", time.perf_counter() - t0)
 
     def _write_checkpoint(self) -> None:

@@ -170,6 +170,9 @@ class Metrics:
         self.active_streams = gauge("active_streams", "Streams holding a state slot.")
         self.ready = gauge("ready", "1 once every bucket is compiled and sources are bound.")
         self.checkpoints = counter("state_checkpoints_total", "State checkpoints written.")
+        self.checkpoint_errors = counter(
+            "state_checkpoint_errors_total", "State checkpoints that could not be written."
+        )
         self.checkpoint_seconds = histogram(
             "checkpoint_seconds", "Time to write one state checkpoint.", CHECKPOINT_BUCKETS
         )

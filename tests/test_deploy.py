@@ -154,9 +154,7 @@ def test_dashboard_names_only_real_metrics() -> None:
     families = _families()
     assert _unknown_metrics(DASHBOARD.read_text(), families) == set()
     # The dashboard shows every family the daemon exposes (except _created samples).
-    shown = {
-        next((m[: -len(s)] for s in HISTOGRAM_SUFFIXES if m.endswith(s)), m) for m in named
-    }
+    shown = {next((m[: -len(s)] for s in HISTOGRAM_SUFFIXES if m.endswith(s)), m) for m in named}
     assert {f for f in families if not f.endswith("_created")} <= shown
 
 

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from stream.protocol import encode_frame
 
 from .daemon import DaemonProcess
 
@@ -124,3 +127,32 @@ def test_info_reports_backend_and_config(tmp_path: Path) -> None:
     assert info["jit"]["backend"] in ("cpu", "gpu", "cuda", "rocm", "tpu")
     assert info["jit"]["compilation_cache_dir"] == str(tmp_path / "cache")
     assert info["config"]["batching"]["buckets"] == [1, 8, 64, 256]
+
+
+def test_unusable_checkpoint_is_a_one_line_start_up_error(
+    tmp_path: Path, compilation_cache: str
+) -> None:
+    d = DaemonProcess(tmp_path, compilation_cache).start()
+    d.connect().sendall(encode_frame("one", 1, 0.0, sensory=np.ones(8, np.float32)))
+    assert d.wait_metric("enactive_frames_processed_total", {}, 1) == 1
+    assert d.stop() == 0
+    assert (d.state / "checkpoint.npz").exists()
+    # The same state directory with other model dimensions: refuse, name the mismatch.
+    d.config.write_text(d.config.read_text().replace("state_dim = 8", "state_dim = 4"))
+    r = subprocess.run(
+        [*CLI, "run", "--config", str(d.config)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stderr
+    assert "start-up error" in r.stderr and "checkpoint.npz was written for" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_too_many_devices_is_a_configuration_error(tmp_path: Path, compilation_cache: str) -> None:
+    d = DaemonProcess(tmp_path, compilation_cache)
+    d.config.write_text(d.config.read_text().replace("[device]", "[device]\ncount = 64"))
+    r = subprocess.run(
+        [*CLI, "run", "--config", str(d.config)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2
+    assert "device.count = 64: only 1 local cpu device(s) present" in r.stderr
+    assert "Traceback" not in r.stderr
