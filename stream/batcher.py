@@ -45,6 +45,7 @@ class Batcher:
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.max_batch = max_batch
+        self._largest = max_batch
         self.max_wait_ns = int(max_wait_s * 1e9)
         self.limit = limit if limit is not None else 4 * max_batch
         self._clock = clock
@@ -68,6 +69,11 @@ class Batcher:
     def set_max_wait(self, seconds: float) -> None:
         """Change the deadline online (adaptive batching)."""
         self.max_wait_ns = int(seconds * 1e9)
+        self._wake()
+
+    def set_max_batch(self, n: int) -> None:
+        """Change the batch cap online (adaptive batching); at most the initial one."""
+        self.max_batch = max(1, min(n, self._largest))
         self._wake()
 
     def _wake(self) -> None:

@@ -32,6 +32,7 @@ from anyio.abc import TaskStatus
 import processors
 from processors import CompilationCounter, EnactiveModel, SlabStep
 
+from .adaptive import AdaptiveBatching
 from .batcher import Batcher
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, parse_address
@@ -245,6 +246,18 @@ class Daemon:
             on_dropped=metrics.drop,
         )
         batcher = Batcher(max(step.buckets), cfg.batching.max_wait_ms / 1000.0)
+        adaptive = (
+            AdaptiveBatching(
+                batcher,
+                step.buckets,
+                cfg.batching.slo_p99_ms / 1000.0,
+                max_wait_s=cfg.batching.max_wait_ms / 1000.0,
+            )
+            if cfg.batching.adaptive
+            else None
+        )
+        metrics.batch_max_wait.set(batcher.max_wait_ns / 1e9)
+        metrics.batch_max_size.set(batcher.max_batch)
         directory = cfg.state.dir
         fingerprint = self._fingerprint(step)
 
@@ -252,13 +265,14 @@ class Daemon:
             save_checkpoint(directory, host_slab, t, fingerprint)
 
         status = StatusLine(metrics, table, counter)
+        observe = self._observer(table, status, adaptive)
         executor = Executor(
             step,
             table,
             slab,
             checkpoint=checkpoint,
             checkpoint_interval_s=cfg.state.checkpoint_interval_s,
-            observe=self._observer(table, status),
+            observe=observe,
         )
 
         def admit(frame: Frame) -> bool:
@@ -281,9 +295,7 @@ class Daemon:
                 pipeline.start_soon(batcher.collect, ingest_receive, admit)
                 pipeline.start_soon(executor.run, batcher, stepped_send)
                 pipeline.start_soon(
-                    lambda: integrate(
-                        stepped_receive, sinks, sizes, observe=self._observer(table, status)
-                    )
+                    lambda: integrate(stepped_receive, sinks, sizes, observe=observe)
                 )
                 async with ingest_send, anyio.create_task_group() as sources:
                     await self._start_sources(sources, ingest)
@@ -356,7 +368,9 @@ class Daemon:
                 )
             )
 
-    def _observer(self, table: StreamTable, status: StatusLine) -> Callable[[str, Any], None]:
+    def _observer(
+        self, table: StreamTable, status: StatusLine, adaptive: AdaptiveBatching | None
+    ) -> Callable[[str, Any], None]:
         metrics = self.metrics
 
         def observe(event: str, value: Any) -> None:
@@ -372,6 +386,10 @@ class Daemon:
             elif event == "end_to_end":
                 metrics.observe_end_to_end(value)
                 status.latencies(value)
+                if adaptive is not None:
+                    adaptive.observe(value)
+                    metrics.batch_max_wait.set(adaptive.max_wait_s)
+                    metrics.batch_max_size.set(adaptive.max_batch)
             elif event == "processed":
                 metrics.processed(value)
             elif event == "evicted":

@@ -168,6 +168,12 @@ class Metrics:
             "jit_compile_seconds", "Seconds the bucket's executable took to compile.", ["bucket"]
         )
         self.active_streams = gauge("active_streams", "Streams holding a state slot.")
+        self.batch_max_wait = gauge(
+            "batch_max_wait_seconds", "The batch deadline now (adaptive batching moves it)."
+        )
+        self.batch_max_size = gauge(
+            "batch_max_size", "The batch size cap now, a compiled bucket (adaptive batching)."
+        )
         self.ready = gauge("ready", "1 once every bucket is compiled and sources are bound.")
         self.checkpoints = counter("state_checkpoints_total", "State checkpoints written.")
         self.checkpoint_errors = counter(
