@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 MAX_SUB_LINE = 1024
 """The longest accepted `SUB` line, in bytes."""
-WRITE_CHUNK = 64
-"""Encoded batches joined into one socket write at most."""
+WRITE_BYTES = 1 << 18
+"""Encoded batches are joined into socket writes of about this size: large enough to be
+few, small enough that the kernel takes each at once (asyncio copies what it does not)."""
 FLUSH_S = 1.0
 """How long a subscriber may take to receive what it holds at shutdown."""
 _MEMO_LIMIT = 1 << 16  # per-subscriber memo of stream-id matches
@@ -253,7 +254,11 @@ class SubscriberServer:
         # Past this check `send()` writes before it can be cancelled, so nothing taken off
         # the queue is lost to a cancellation, nor sent twice by the shutdown flush.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        taken = [sub.queue.popleft() for _ in range(min(len(sub.queue), WRITE_CHUNK))]
+        taken = [sub.queue.popleft()]
+        size = len(taken[0][0])
+        while sub.queue and size + len(sub.queue[0][0]) <= WRITE_BYTES:
+            taken.append(sub.queue.popleft())
+            size += len(taken[-1][0])
         n = sum(count for _, count in taken)
         sub.queued -= n
         sub.full_since = None

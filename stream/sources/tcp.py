@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _Handler = Callable[[SocketStream], Coroutine[Any, Any, None]]
 
-READ_BYTES = 1 << 16
+READ_BYTES = 1 << 18
 """The most bytes taken from a connection's socket per read."""
 REPLY_QUEUE = 256
 """Error replies waiting to be written to a JSON client."""
