@@ -47,6 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
     import anyio
+    import prometheus_client
 
     from .daemon import Daemon
 
@@ -61,6 +62,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    # The daemon is the whole process: leave out the `_created` series, which would double
+    # the size of every scrape.
+    prometheus_client.disable_created_metrics()
     daemon = Daemon(config, ready_file=args.ready_file)
     anyio.run(daemon.run)
     return 0
@@ -84,6 +88,35 @@ def _cmd_send(args: argparse.Namespace) -> int:
         prefix=args.prefix,
     )
     print(report)
+    return 0
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    import socket
+
+    from .protocol import MomentReader, moment_to_json
+
+    with socket.create_connection((args.host, args.port)) as sock:
+        sock.sendall(f"SUB {'json' if args.format == 'json' else 'binary'} {args.glob}\n".encode())
+        reader, pending, shown = MomentReader(), b"", 0
+        out = sys.stdout.buffer
+        while args.count == 0 or shown < args.count:
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            if data.startswith(b"ERR "):
+                sys.stderr.write(data.decode(errors="replace"))
+                return 1
+            if args.format == "json":  # JSON lines as the daemon wrote them
+                *lines, pending = (pending + data).split(b"\n")
+                lines = [line + b"\n" for line in lines]
+            else:
+                lines = [moment_to_json(m) for m in reader.feed(data)]
+            if args.count:
+                lines = lines[: args.count - shown]
+            shown += len(lines)
+            out.write(b"".join(lines))
+            out.flush()
     return 0
 
 
@@ -173,6 +206,19 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--tactile-dim", type=int, default=32)
     send.add_argument("--motor-dim", type=int, default=32)
     send.set_defaults(fn=_cmd_send)
+
+    subscribe = sub.add_parser("subscribe", help="print the moments of matching streams")
+    subscribe.add_argument("glob", nargs="?", default="*", help="stream ids to follow")
+    subscribe.add_argument("--host", default="127.0.0.1")
+    subscribe.add_argument("--port", type=int, default=7401)
+    subscribe.add_argument(
+        "--format",
+        choices=("json", "binary"),
+        default="json",
+        help="what to ask the daemon for (printed as JSON lines either way)",
+    )
+    subscribe.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    subscribe.set_defaults(fn=_cmd_subscribe)
 
     info = sub.add_parser("info", help="JIT backend, devices and the effective configuration")
     _add_config_args(info)

@@ -156,3 +156,40 @@ def test_too_many_devices_is_a_configuration_error(tmp_path: Path, compilation_c
     assert r.returncode == 2
     assert "device.count = 64: only 1 local cpu device(s) present" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_subscribe_prints_json_lines(tmp_path: Path, compilation_cache: str) -> None:
+    d = DaemonProcess(tmp_path, compilation_cache).start()
+    try:
+        for fmt in ("json", "binary"):
+            proc = subprocess.Popen(
+                [
+                    *CLI,
+                    "subscribe",
+                    "sub-*",
+                    "--port",
+                    str(d.ports["output"]),
+                    "--count",
+                    "3",
+                    "--format",
+                    fmt,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert d.wait_metric("enactive_subscribers", {}, 1) >= 1
+            conn = d.connect()
+            base = 10 if fmt == "binary" else 0
+            for seq in range(1, 6):
+                conn.sendall(encode_frame("sub-a", base + seq, 0.0, sensory=np.ones(8, np.float32)))
+            out, _ = proc.communicate(timeout=60)
+            lines = [json.loads(line) for line in out.splitlines()]
+            assert [m["seq"] for m in lines] == [base + 1, base + 2, base + 3]
+            assert lines[0]["stream"] == "sub-a" and len(lines[0]["moment"]) == 8
+            assert set(lines[0]["scalars"]) == {"coherence", "boundary", "confidence"}
+            deadline = time.monotonic() + 30  # the next round needs this subscriber gone
+            while d.metrics()[("enactive_subscribers", ())] != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        d.kill()
