@@ -26,6 +26,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from ..net import accept_forever
 from ..protocol import MomentBatch
 from .base import (
     DISCONNECTED,
@@ -168,20 +169,10 @@ class SubscriberServer:
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         async with listener, anyio.create_task_group() as tg:
             for each in listener.listeners:
-                tg.start_soon(self._accept_loop, cast(SocketListener, each), tg)
+                tg.start_soon(
+                    accept_forever, cast(SocketListener, each), tg, self._serve, "subscriber"
+                )
             task_status.started(listener.extra(SocketAttribute.local_port))
-
-    async def _accept_loop(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except anyio.ClosedResourceError:
-                return
-            except (OSError, anyio.BrokenResourceError):
-                log.warning("subscriber accept failed; retrying", exc_info=True)
-                await anyio.sleep(0.1)
-                continue
-            tg.start_soon(self._serve, stream)
 
     async def _serve(self, stream: SocketStream) -> None:
         async with stream:

@@ -19,21 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import cast
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..ingest import Ingest
+from ..net import accept_forever
 from ..protocol import Frame, FrameReader, FrameRejected, FramingLost, LineReader
 
 __all__ = ["serve_tcp"]
 
 log = logging.getLogger(__name__)
 
-_Handler = Callable[[SocketStream], Coroutine[Any, Any, None]]
 
 READ_BYTES = 1 << 18
 """The most bytes taken from a connection's socket per read."""
@@ -43,8 +42,6 @@ REPLY_WAIT_S = 1.0
 """How long the reader waits for room in a full reply queue before skipping replies."""
 REPLY_DRAIN_S = 0.5
 """How long a closing JSON connection may spend writing its last replies."""
-ACCEPT_RETRY_S = 0.1
-"""Pause after a failed `accept()` (e.g. out of file descriptors)."""
 
 
 async def serve_tcp(
@@ -81,29 +78,15 @@ async def serve_tcp(
     try:
         async with anyio.create_task_group() as tg:
             for each in listener.listeners:
-                tg.start_soon(_accept_loop, cast(SocketListener, each), tg, handle)
+                tg.start_soon(accept_forever, cast(SocketListener, each), tg, handle, "TCP")
             task_status.started(listener.extra(SocketAttribute.local_port))
             await ingest.stopped.wait()
             await listener.aclose()  # ends the accept loops
             for connection in list(connections):
-                connection.stop_reading()
-            await anyio.sleep_forever()
+                connection.stop_reading()  # each finishes the frames in hand, then ends
     finally:
         with anyio.CancelScope(shield=True):
             await listener.aclose()
-
-
-async def _accept_loop(listener: SocketListener, tg: TaskGroup, handle: _Handler) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except anyio.ClosedResourceError:
-            return
-        except (OSError, anyio.BrokenResourceError):
-            log.warning("TCP accept failed; retrying", exc_info=True)
-            await anyio.sleep(ACCEPT_RETRY_S)
-            continue
-        tg.start_soon(handle, stream)
 
 
 class _Connection:
