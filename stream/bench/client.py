@@ -1,8 +1,8 @@
 """The benchmark client: a load generator and a moment receiver, in its own process.
 
-```
-python -m stream.bench.client SPEC.json      # prints one JSON object (the result)
-```
+`main([SPEC.json])` runs one measurement described by a `ClientSpec` saved as JSON and
+prints the result as one JSON object; `stream.bench.services.launch_client` starts it in
+a fresh process.
 
 Frames are pre-encoded (`FrameBlock`, one per connection; stream `i` goes over connection
 `i % connections`), then sent by one thread per connection with `sendall`, while the main
@@ -274,7 +274,8 @@ def run_client(spec: ClientSpec) -> dict[str, Any]:
     try:
         socks = _connect(spec, len(blocks))
         senders = [
-            _sender(spec, b, s, b.streams / spec.streams) for b, s in zip(blocks, socks, strict=True)
+            _sender(spec, b, s, b.streams / spec.streams)
+            for b, s in zip(blocks, socks, strict=True)
         ]
         barrier = threading.Barrier(len(senders) + 1)
         t0_box: list[float] = []
@@ -339,10 +340,10 @@ def _latencies(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m stream.bench.client SPEC.json`: run and print the result as JSON."""
+    """Run the `ClientSpec` saved as JSON in the one argument; print the result as JSON."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m stream.bench.client SPEC.json", file=sys.stderr)
+        print("usage: main([SPEC.json])", file=sys.stderr)
         return 2
     with open(args[0]) as f:
         raw = json.load(f)
@@ -355,7 +356,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,6 +25,13 @@ from .client import ClientSpec
 
 __all__ = ["BenchError", "ServiceProcess", "launch_client", "rss_bytes"]
 
+CLIENT_ARGV = (
+    sys.executable,
+    "-c",
+    "import sys; from stream.bench.client import main; sys.exit(main(sys.argv[1:]))",
+)
+"""How the client process starts (`-m stream.bench.client` would import the module twice:
+the package imports it first)."""
 POLL_S = 0.005
 """How often a start-up or a metric is polled (a readiness check, also the start time's
 resolution)."""
@@ -128,9 +135,7 @@ class ServiceProcess:
         """`{label value: sample value}` for the samples called `name`."""
         return {ls[label]: v for n, ls, v in self.samples() if n == name and label in ls}
 
-    def wait_until(
-        self, check: Callable[[], bool], what: str, timeout: float = 30.0
-    ) -> None:
+    def wait_until(self, check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         """Poll `check` until true (a readiness check); `BenchError` after `timeout` s."""
         deadline = time.monotonic() + timeout
         while not check():
@@ -182,7 +187,7 @@ def launch_client(
     on_poll: Callable[[], None] | None = None,
     poll_s: float = 0.1,
 ) -> dict[str, Any]:
-    """Run one client measurement in a new process (`python -m stream.bench.client`).
+    """Run one client measurement in a new process (`stream.bench.client.main`).
 
     **Arguments:**
 
@@ -200,7 +205,7 @@ def launch_client(
     out_path, err_path = workdir / "client-out.json", workdir / "client-err.log"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.bench.client", str(spec_path)],
+            [*CLIENT_ARGV, str(spec_path)],
             stdout=out,
             stderr=err,
             env=_clean_env(),

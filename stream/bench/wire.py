@@ -176,7 +176,7 @@ class FrameBlock:
 
     def bytes_view(self) -> memoryview:
         """All frames back to back, as one flat byte view (no copy)."""
-        return memoryview(self.data.reshape(-1))
+        return memoryview(self.data.reshape(-1).data)
 
 
 def parse_records(buf: np.ndarray | bytearray, record_bytes: int, n: int) -> dict[str, np.ndarray]:

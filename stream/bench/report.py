@@ -1,0 +1,130 @@
+"""The benchmark result as Markdown tables (what `enactive-stream bench` prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_table"]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _kernel(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| bucket | compiled µs/step | compiled frames/s | eager µs/frame | speedup |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["kernel"]["buckets"]:
+        lines.append(
+            f"| {r['bucket']} | {r['compiled_step_us']:,.1f} | {r['compiled_frames_per_s']:,.0f} "
+            f"| {r['eager_frame_us']:,.0f} | {r['speedup']:,.0f}× |"
+        )
+    return lines
+
+
+def _throughput(result: dict[str, Any]) -> list[str]:
+    e2e, kernel, base = result["e2e"], result["kernel"], result.get("baseline")
+    runs = ", ".join(f"{x:,.0f}" for x in e2e["runs_frames_per_s"])
+    lines = [
+        "| what | frames/s | note |",
+        "|---|---:|---|",
+        f"| kernel ceiling (bucket {kernel['ceiling_bucket']}) "
+        f"| {kernel['ceiling_frames_per_s']:,.0f} | compiled step, tight loop |",
+        f"| end to end (median) | {e2e['frames_per_s']:,.0f} | {e2e['streams']} streams, "
+        f"{e2e['connections']} TCP connections; runs: {runs} |",
+    ]
+    if base:
+        base_runs = ", ".join(f"{x:,.0f}" for x in base["runs_frames_per_s"])
+        lines.append(
+            f"| baseline (median) | {base['frames_per_s']:,.0f} | per-frame jit, asyncio; "
+            f"runs: {base_runs} |"
+        )
+    return lines
+
+
+def _latency(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| service | load × max | offered frames/s | p50 ms | p90 ms | p99 ms | max ms "
+        "| daemon-side p99 ms | p99 per run ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = [("ours", load) for load in result["latency"]["loads"]]
+    if result.get("baseline"):
+        rows += [("baseline", load) for load in result["baseline"]["latency"]]
+    for name, load in rows:
+        lat, server = load["latency_ms"], load["server_latency_ms"]
+        lines.append(
+            f"| {name} | {load['fraction']:g} | {load['offered_frames_per_s']:,.0f} "
+            f"| {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['max']:.2f} "
+            f"| {server['p99']:.2f} | {', '.join(f'{x:.1f}' for x in load['runs_p99_ms'])} |"
+        )
+    return lines
+
+
+STAGE_COLUMNS = ("queue", "batch_wait", "device", "integrate", "emit", "end_to_end")
+
+
+def _stages(result: dict[str, Any]) -> list[str]:
+    head = " | ".join(f"{c} ms" for c in STAGE_COLUMNS)
+    lines = [f"| load × max | {head} | batch fill |", "|---:|" + "---:|" * (len(STAGE_COLUMNS) + 1)]
+    for load in result["latency"]["loads"]:
+        st = load["stage_mean_ms"]
+        cells = " | ".join(f"{st[c]:.2f}" if c in st else "—" for c in STAGE_COLUMNS)
+        fill = f"{st['batch_fill']:.2f}" if "batch_fill" in st else "—"
+        lines.append(f"| {load['fraction']:g} | {cells} | {fill} |")
+    return lines
+
+
+def _other(result: dict[str, Any]) -> list[str]:
+    restart, memory, over = result["restart"], result["memory"], result["overload"]
+    return [
+        "| check | value |",
+        "|---|---:|",
+        f"| runtime compilations | {result['compilations']['runtime']:.0f} |",
+        f"| first start → ready | {restart['first_start_s']:.2f} s |",
+        f"| warm restart → ready | {restart['warm_restart_s']:.2f} s |",
+        f"| RSS after warm-up | {_mib(memory['rss_after_warmup_bytes'])} |",
+        f"| RSS after {memory['frames']:,.0f} more frames | "
+        f"{_mib(memory['rss_after_frames_bytes'])} ({memory['growth_pct']:+.1f} %) |",
+        f"| overload offered (UDP) | {over['sent_frames_per_s']:,.0f} frames/s for "
+        f"{over['duration_s']:.1f} s |",
+        f"| overload received / processed / dropped | {over['received']:,.0f} / "
+        f"{over['processed']:,.0f} / {over['dropped_overload']:,.0f} |",
+        f"| overload goodput (processed ÷ send time) | {over['goodput_frames_per_s']:,.0f} "
+        "frames/s |",
+        f"| overload balanced (received = processed + rejected + dropped) "
+        f"| {'yes' if over['balanced'] else 'NO'} |",
+        f"| overload RSS peak | {_mib(over['rss_peak_bytes'])} ({over['rss_growth_pct']:+.1f} %) |",
+    ]
+
+
+def _targets(result: dict[str, Any]) -> list[str]:
+    lines = ["| target | value | bound | met |", "|---|---:|---:|---|"]
+    for name, t in result["targets"].items():
+        value = "—" if t["value"] is None else f"{t['value']:,.3g}"
+        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {name} | {value} | {t['op']} {t['target']:g} | {met} |")
+    return lines
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """All figures of a `run_bench` result as Markdown tables, one per section."""
+    m = result["machine"]
+    head = (
+        f"machine: {m['nproc']} × {m['cpu']}, jax {m['jax']} ({m['backend']}); "
+        f"{result['elapsed_s']:.0f} s in all"
+    )
+    sections = [
+        ("Kernel", _kernel(result)),
+        ("Throughput", _throughput(result)),
+        ("Latency (client-measured, open loop; medians over runs)", _latency(result)),
+        ("Daemon stages during the latency runs (means, from /metrics)", _stages(result)),
+        ("Compilations, restart, memory, overload", _other(result)),
+        ("Targets", _targets(result)),
+    ]
+    parts = [head]
+    for title, lines in sections:
+        parts.append(f"\n{title}\n\n" + "\n".join(lines))
+    return "\n".join(parts)

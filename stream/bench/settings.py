@@ -1,0 +1,106 @@
+"""What one benchmark run measures, and how much of it: `BenchSettings`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["BenchSettings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """Sizes of every phase of `run_bench`. `BenchSettings()` is the full run,
+    `BenchSettings.quick()` the short one.
+
+    - `streams`, `connections`: the client's streams (ids `b-00000`, …) and TCP connections.
+    - `rounds`: frames per stream in one throughput run; `runs`: throughput runs (the
+        median is the max e2e rate); `warmup_rounds`: frames per stream of the unmeasured
+        run before them (also after the restart).
+    - `loads`: offered loads for the latency runs, as fractions of the service's max rate;
+        `latency_s`: seconds of load per latency run; `latency_runs`: runs per load (each
+        percentile reported is the median over them); `tick_s`: the pacing tick.
+    - `soak_frames`: frames sent between the two RSS readings of the memory check (the
+        first is taken after the throughput and latency runs: warmed up under full load).
+    - `overload_factor`, `overload_s`: UDP load (× the max e2e rate) and its duration.
+    - `baseline`: measure the per-frame baseline; `baseline_rounds`, `baseline_runs`: its
+        throughput runs (its latency runs use `loads` and `latency_s` too).
+    - `buckets`: the daemon's batch buckets; `max_wait_ms`: its batch deadline (None: the
+        daemon's default).
+    - `kernel_buckets`, `kernel_repeats`, `kernel_min_time`, `kernel_eager_frames`: passed
+        to `processors.bench.run_kernel_bench`.
+    - `model`: `[model]` keys for the daemon, the baseline and the kernel (empty: defaults).
+    - `cache_dir`: the JAX compilation cache ("" → the user's, from `load_config()`).
+    - `timeout_s`: how long a client waits for the next byte, and a service to get ready.
+    """
+
+    streams: int = 1024
+    connections: int = 2
+    rounds: int = 100
+    runs: int = 5
+    warmup_rounds: int = 20
+    loads: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
+    latency_s: float = 5.0
+    latency_runs: int = 3
+    tick_s: float = 0.001
+    soak_frames: int = 1_000_000
+    overload_factor: float = 2.0
+    overload_s: float = 5.0
+    baseline: bool = True
+    baseline_rounds: int = 10
+    baseline_runs: int = 3
+    buckets: tuple[int, ...] = (1, 8, 64, 256)
+    max_wait_ms: float | None = None
+    kernel_buckets: tuple[int, ...] = (1, 8, 64, 256)
+    kernel_repeats: int = 5
+    kernel_min_time: float = 0.2
+    kernel_eager_frames: int = 3
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cache_dir: str = ""
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        counts = {
+            "streams": self.streams,
+            "connections": self.connections,
+            "rounds": self.rounds,
+            "runs": self.runs,
+            "latency_runs": self.latency_runs,
+            "warmup_rounds": self.warmup_rounds,
+            "baseline_rounds": self.baseline_rounds,
+            "baseline_runs": self.baseline_runs,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} = {value}: must be >= 1")
+        if not self.loads or not all(0 < f <= 1 for f in self.loads):
+            raise ValueError(f"loads = {self.loads}: need fractions in (0, 1]")
+        if min(self.latency_s, self.tick_s, self.overload_s, self.overload_factor) <= 0:
+            raise ValueError("latency_s, tick_s, overload_s, overload_factor must be > 0")
+        if self.soak_frames < 0:
+            raise ValueError(f"soak_frames = {self.soak_frames}: must be >= 0")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> BenchSettings:
+        """The short run (under 2 minutes on 2 cores): fewer frames, runs and loads."""
+        base: dict[str, Any] = {
+            "rounds": 30,
+            "runs": 3,
+            "loads": (0.25, 0.5),
+            "latency_s": 2.0,
+            "latency_runs": 1,
+            "soak_frames": 100_000,
+            "overload_s": 2.0,
+            "baseline_rounds": 3,
+            "kernel_repeats": 3,
+            "kernel_min_time": 0.05,
+            "kernel_eager_frames": 2,
+        }
+        return cls(**{**base, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples as lists, the model as a plain dict."""
+        out = dataclasses.asdict(self)
+        out["model"] = dict(self.model)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
