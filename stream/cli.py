@@ -156,6 +156,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             changes[key] = getattr(args, flag)
     if args.no_baseline:
         changes["baseline"] = False
+    if args.adaptive:
+        changes["adaptive"] = True
+    if args.buckets:
+        changes["buckets"] = tuple(int(b) for b in args.buckets.split(","))
     try:
         settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
     except ValueError as e:
@@ -245,6 +249,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--soak-frames", type=int, help="frames between the two RSS readings")
     bench.add_argument("--cache-dir", help="JAX compilation cache (default: the configured one)")
     bench.add_argument("--no-baseline", action="store_true", help="skip the baseline service")
+    bench.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="run the daemon with adaptive batching (SLO: p99 5 ms)",
+    )
+    bench.add_argument("--buckets", metavar="B1,B2,…", help="the daemon's batch buckets")
     bench.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -15,6 +15,7 @@ SIGTERM/SIGINT: stop the sources, drain what was received, checkpoint, exit.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -299,6 +300,11 @@ class Daemon:
                 )
                 async with ingest_send, anyio.create_task_group() as sources:
                     await self._start_sources(sources, ingest)
+                    # Everything built so far (JAX, the model, the executables) lives as long
+                    # as the process: keep it out of the collector's full passes, which
+                    # would otherwise scan it in the hot path.
+                    gc.collect()
+                    gc.freeze()
                     counter.seal()
                     self.ready = True
                     metrics.set_ready(True)

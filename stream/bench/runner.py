@@ -61,6 +61,8 @@ def daemon_config(settings: BenchSettings, state_dir: Path, cache_dir: str) -> s
     cache in `cache_dir`, and a subscriber buffer that rides out client hiccups."""
     model = "".join(f"{k} = {_toml(v)}\n" for k, v in settings.model.items())
     wait = "" if settings.max_wait_ms is None else f"max_wait_ms = {settings.max_wait_ms}\n"
+    if settings.adaptive:
+        wait += f"adaptive = true\nslo_p99_ms = {settings.slo_p99_ms}\n"
     return (
         '[ingest]\ntcp = "127.0.0.1:0"\nudp = "127.0.0.1:0"\n'
         '[output]\ntcp = "127.0.0.1:0"\nsubscriber_buffer = 65536\n'

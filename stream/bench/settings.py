@@ -27,7 +27,8 @@ class BenchSettings:
     - `baseline`: measure the per-frame baseline; `baseline_rounds`, `baseline_runs`: its
         throughput runs (its latency runs use `loads` and `latency_s` too).
     - `buckets`: the daemon's batch buckets; `max_wait_ms`: its batch deadline (None: the
-        daemon's default).
+        daemon's default); `adaptive`: turn on its adaptive batching, steering for
+        `slo_p99_ms`.
     - `kernel_buckets`, `kernel_repeats`, `kernel_min_time`, `kernel_eager_frames`: passed
         to `processors.bench.run_kernel_bench`.
     - `model`: `[model]` keys for the daemon, the baseline and the kernel (empty: defaults).
@@ -52,6 +53,8 @@ class BenchSettings:
     baseline_runs: int = 3
     buckets: tuple[int, ...] = (1, 8, 64, 256)
     max_wait_ms: float | None = None
+    adaptive: bool = False
+    slo_p99_ms: float = 5.0
     kernel_buckets: tuple[int, ...] = (1, 8, 64, 256)
     kernel_repeats: int = 5
     kernel_min_time: float = 0.2
