@@ -58,7 +58,9 @@ def _stream_id(raw: bytes) -> str | FrameRejected:
     try:
         check_stream_id(stream_id)
     except FrameRejected as exc:
-        return exc
+        # A fresh instance: the caught one's traceback would keep the caller's frame (and
+        # the receive buffer it views) alive in this cache.
+        return FrameRejected(exc.reason, exc.detail)
     return stream_id
 
 
