@@ -74,9 +74,9 @@ class BodySchemaProcessor(eqx.Module):
     som_learning_rate: float = eqx.field(static=True)
     boundary_decay: float = eqx.field(static=True)
 
-    def __init__(self, config: BodySchemaConfig, *, key: PRNGKeyArray) -> None:
+    def __init__(self, config: BodySchemaConfig, key: PRNGKeyArray) -> None:
         """**Arguments:** `config`, a `BodySchemaConfig`; `key`, a `jax.random.PRNGKey`
-        (keyword only)."""
+        (positional or `key=`)."""
         p, t, m, hd = config.proprio_dim, config.tactile_dim, config.motor_dim, config.hidden_dim
         units = config.som_grid[0] * config.som_grid[1]
         keys = jax.random.split(key, 8)

@@ -79,9 +79,9 @@ class EnactiveModel(eqx.Module):
     integration: eqx.nn.MLP
     config: ModelConfig = eqx.field(static=True)
 
-    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray) -> None:
+    def __init__(self, config: ModelConfig, key: PRNGKeyArray) -> None:
         """**Arguments:** `config`, a `ModelConfig`; `key`, a `jax.random.PRNGKey`
-        (keyword only). The same key always gives the same parameters."""
+        (positional or `key=`). The same key always gives the same parameters."""
         k_t, k_b, k_tp, k_bp, k_i = jax.random.split(key, 5)
         k = config.moment_dim
         assert k is not None  # filled in by ModelConfig.__post_init__

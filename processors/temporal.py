@@ -68,15 +68,21 @@ class TemporalProcessor(eqx.Module):
     context_gain: float = eqx.field(static=True)
 
     def __init__(
-        self, config: TemporalConfig, state_dim: int | None = None, *, key: PRNGKeyArray
+        self,
+        config: TemporalConfig,
+        state_dim: int | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> None:
         """**Arguments:**
 
         - `config`: a `TemporalConfig`.
         - `state_dim`: overrides `config.state_dim` when given (the original framework's
-            signature).
-        - `key`: a `jax.random.PRNGKey` for parameter initialisation (keyword only).
+            signature, `TemporalProcessor(config, state_dim, key)`).
+        - `key`: a `jax.random.PRNGKey` for parameter initialisation (required; positional
+            for the original signature, or `key=`).
         """
+        if key is None:
+            raise TypeError("TemporalProcessor needs a PRNG key: key=jax.random.PRNGKey(seed)")
         if state_dim is not None and state_dim != config.state_dim:
             config = TemporalConfig(**{**config.__dict__, "state_dim": state_dim})
         d, r, h = config.state_dim, config.retention_depth, config.protention_horizon

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import equinox as eqx
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import processors
 from processors import (
     RECORD_FIELDS,
     EnactiveModel,
@@ -221,3 +223,20 @@ def test_pack_record_layout(model, batched) -> None:
         [np.asarray(getattr(out, f)).reshape(B, -1) for f in RECORD_FIELDS], axis=1
     )
     np.testing.assert_array_equal(np.asarray(records), expected)
+
+
+def test_constructors_take_the_documented_positional_signatures() -> None:
+    """`TemporalProcessor(config, state_dim, key)`, `BodySchemaProcessor(config, key)` and
+    `EnactiveModel(config, key)`, as the original framework's users call them."""
+    key = jax.random.PRNGKey(3)
+    temporal = processors.TemporalProcessor(processors.TemporalConfig(), 16, key)
+    assert temporal.state_dim == 16
+    assert temporal.init_state().retention.shape == (10, 16)
+    body = processors.BodySchemaProcessor(processors.BodySchemaConfig(proprio_dim=5), key)
+    assert body.proprio_dim == 5
+    model = processors.EnactiveModel(processors.ModelConfig(state_dim=8), key)
+    assert eqx.tree_equal(
+        model, processors.EnactiveModel(processors.ModelConfig(state_dim=8), key=key)
+    )
+    with pytest.raises(TypeError, match="PRNG key"):
+        processors.TemporalProcessor(processors.TemporalConfig())
