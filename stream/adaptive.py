@@ -1,17 +1,21 @@
-"""Adaptive batching: tune the batch deadline and size online to hold a p99 latency SLO.
+"""Adaptive batching: tune the batch size cap and deadline online to hold a p99 latency
+SLO while keeping throughput.
 
-Clipper's AIMD batching (Crankshaw et al., NSDI 2017) adapted to fixed buckets: every
-`window` batches the controller looks at the p99 of the end-to-end latencies it saw.
+After Clipper's AIMD batching (Crankshaw et al., NSDI 2017), adapted to fixed buckets.
+Every `window` batches the controller looks at what it saw:
 
-- Under the SLO with room to spare (p99 < `headroom` × SLO): additive increase — the
-  deadline grows by `wait_step`, and when the deadline is at its ceiling the batch cap
-  moves up to the next compiled bucket.
-- Over the SLO: multiplicative decrease — the deadline is halved and the cap drops one
-  bucket.
+- **The step itself is too slow** — p99 of the device time plus the deadline exceeds
+  the SLO: multiplicative decrease: the cap drops one bucket (halving or more) and the
+  deadline halves. This is Clipper's signal: the batch's own processing latency.
+- **Backlogged** — batches close full (mean fill ≥ `full`): the service is short of
+  throughput, and smaller batches would only lengthen the queue: the cap moves up one
+  bucket (additive increase).
+- **Not backlogged but over the SLO end to end**: the wait for company is the latency
+  batching adds: the deadline halves.
+- **Comfortably under the SLO**: the deadline grows by `wait_step_s` back towards its
+  ceiling (larger batches, fewer steps).
 
-Larger batches and longer deadlines buy throughput (fewer, fuller device steps); shorter
-ones buy latency. The cap only ever takes values from the compiled buckets, so adapting
-never compiles anything.
+The cap only takes values from the compiled buckets, so adapting never compiles.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class AdaptiveBatching:
     - `slo_s`: the p99 end-to-end latency to stay under, in seconds.
     - `max_wait_s`: the deadline's ceiling (and its starting value).
     - `window`: batches per decision.
-    - `headroom`: grow only while p99 < `headroom` × SLO.
+    - `headroom`: grow the deadline only while p99 < `headroom` × SLO.
+    - `full`: the mean batch fill above which the service counts as backlogged.
     - `wait_step_s`: the additive step of the deadline.
     """
 
@@ -46,6 +51,7 @@ class AdaptiveBatching:
         max_wait_s: float,
         window: int = 32,
         headroom: float = 0.8,
+        full: float = 0.9,
         wait_step_s: float = 250e-6,
     ) -> None:
         self.batcher = batcher
@@ -54,10 +60,13 @@ class AdaptiveBatching:
         self.max_wait_ceiling = max_wait_s
         self.window = window
         self.headroom = headroom
+        self.full = full
         self.wait_step_s = wait_step_s
         self.max_wait_s = max_wait_s
         self.cap_index = len(self.buckets) - 1
-        self._seen: list[np.ndarray] = []
+        self._latencies: list[np.ndarray] = []
+        self._device: list[float] = []
+        self._fill: list[float] = []
         self.decisions = 0
         self.last_p99_s = 0.0
         self._apply()
@@ -70,21 +79,32 @@ class AdaptiveBatching:
         self.batcher.set_max_wait(self.max_wait_s)
         self.batcher.set_max_batch(self.max_batch)
 
+    def observe_batch(self, device_s: float, rows: int, bucket: int) -> None:
+        """Feed one batch's device time (from leaving the batcher to its records on the
+        host) and its fill."""
+        self._device.append(device_s)
+        self._fill.append(rows / self.max_batch)
+
     def observe(self, latencies_s: np.ndarray) -> None:
         """Feed one batch's end-to-end latencies (seconds); decides every `window` batches."""
-        self._seen.append(latencies_s)
-        if len(self._seen) < self.window:
+        self._latencies.append(latencies_s)
+        if len(self._latencies) < self.window:
             return
-        p99 = float(np.percentile(np.concatenate(self._seen), 99))
-        self._seen.clear()
+        p99 = float(np.percentile(np.concatenate(self._latencies), 99))
+        device_p99 = float(np.percentile(self._device, 99)) if self._device else 0.0
+        fill = float(np.mean(self._fill)) if self._fill else 0.0
+        self._latencies.clear()
+        self._device.clear()
+        self._fill.clear()
         self.last_p99_s = p99
         self.decisions += 1
-        if p99 > self.slo_s:
+        if device_p99 + self.max_wait_s > self.slo_s and self.cap_index > 0:
+            self.cap_index -= 1
             self.max_wait_s /= 2
-            self.cap_index = max(self.cap_index - 1, 0)
+        elif fill >= self.full:
+            self.cap_index = min(self.cap_index + 1, len(self.buckets) - 1)
+        elif p99 > self.slo_s:
+            self.max_wait_s /= 2
         elif p99 < self.headroom * self.slo_s:
-            if self.max_wait_s < self.max_wait_ceiling:
-                self.max_wait_s = min(self.max_wait_s + self.wait_step_s, self.max_wait_ceiling)
-            elif self.cap_index < len(self.buckets) - 1:
-                self.cap_index += 1
+            self.max_wait_s = min(self.max_wait_s + self.wait_step_s, self.max_wait_ceiling)
         self._apply()

@@ -385,6 +385,9 @@ class Daemon:
                 metrics.active_streams.set(table.active)
             elif event in ("device", "integrate", "emit"):
                 metrics.observe_stage(event, value)
+            elif event == "batch_done":
+                if adaptive is not None:
+                    adaptive.observe_batch(*value)
             elif event == "batch_wait":
                 metrics.observe_stage("batch_wait", value)
                 metrics.observe_stage("queue", np.asarray(self._queue_waits) / 1e9)

@@ -32,8 +32,8 @@ async def integrate(
     `observe` receives, per batch, `("device", seconds)` (from the batch leaving the
     batcher to its records being on the host), `("integrate", seconds)` (from there to the
     moments' emission), `("emit", seconds)` (offering them to the sinks),
-    `("end_to_end", seconds array)` (receipt to emission, one per moment) and
-    `("processed", n)`.
+    `("end_to_end", seconds array)` (receipt to emission, one per moment),
+    `("batch_done", (device seconds, rows, bucket))` and `("processed", n)`.
     """
     async with receive:
         async for item in receive:
@@ -65,6 +65,7 @@ async def integrate(
                 sink.offer(batch)
             t1 = time.monotonic_ns()
             observe("device", (ready - item.taken_ns) / 1e9)
+            observe("batch_done", ((ready - item.taken_ns) / 1e9, n, len(records)))
             observe("integrate", (t0 - ready) / 1e9)
             observe("emit", (t1 - t0) / 1e9)
             observe("end_to_end", latency / 1e9)
