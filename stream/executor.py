@@ -81,6 +81,8 @@ class Executor:
         self._limiter = anyio.CapacityLimiter(1)
         self._dirty = False
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        self._writing: anyio.Event | None = None  # set while no checkpoint write runs
+        self._background: anyio.abc.TaskGroup | None = None
 
     def _assemble(self, frames: list[Frame], plan: SlotPlan) -> tuple[np.ndarray, np.ndarray]:
         bucket = self.step.bucket_for(len(frames))
@@ -118,7 +120,9 @@ class Executor:
         bounded `send` stream limits how many batches are in flight.
         """
         table = self.table
-        async with send:
+        self._writing = anyio.Event()
+        self._writing.set()
+        async with send, anyio.create_task_group() as self._background:
             while (frames := await batcher.next_batch()) is not None:
                 taken = time.monotonic_ns()
                 n = len(frames)
@@ -155,26 +159,51 @@ class Executor:
             await self.checkpoint(final=True)
 
     async def checkpoint(self, *, final: bool = False) -> None:
-        """Write a checkpoint now if anything changed since the last one.
+        """Write a checkpoint if anything changed since the last one.
+
+        Only the snapshot holds up the device: the slab is copied to the host (it is
+        donated to the next step, so it must be read before that) and the stream table
+        copied; the file is written in the background while batches flow on (one write
+        at a time: while one runs, the next waits for a later batch). The final
+        checkpoint at shutdown is written before this returns.
 
         A failed write (disk full, directory gone) is reported as `("checkpoint_error",
         message)` and retried at the next interval: the service goes on. Only the final
-        checkpoint at shutdown raises, so the exit status tells the operator.
+        checkpoint raises, so the exit status tells the operator.
         """
-        if self._checkpoint is None or not self._dirty:
+        if self._checkpoint is None:
             return
-        t0 = time.perf_counter()
+        if self._writing is not None and not self._writing.is_set():
+            if not final:
+                return  # one write at a time: try again after the next batch
+            await self._writing.wait()  # its outcome decides `_dirty`
+        if not self._dirty:
+            return
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        t0 = time.perf_counter()
+        host_slab = await anyio.to_thread.run_sync(jax.device_get, self.slab, limiter=self._limiter)
+        table = self.table.snapshot()
+        self._dirty = False
+        if final:
+            await self._write(host_slab, table, t0, final=True)
+        else:
+            self._writing = anyio.Event()
+            assert self._background is not None
+            self._background.start_soon(self._write, host_slab, table, t0)
+
+    async def _write(
+        self, host_slab: Any, table: StreamTable, t0: float, *, final: bool = False
+    ) -> None:
+        assert self._checkpoint is not None
         try:
-            await anyio.to_thread.run_sync(self._write_checkpoint, limiter=self._limiter)
+            await anyio.to_thread.run_sync(self._checkpoint, host_slab, table)
         except OSError as e:
+            self._dirty = True  # nothing was saved: the next interval tries again
             self._observe("checkpoint_error", f"{type(e).__name__}: {e}")
             if final:
                 raise
-            return
-        self._dirty = False
-        self._observe("checkpoint", time.perf_counter() - t0)
-
-    def _write_checkpoint(self) -> None:
-        assert self._checkpoint is not None
-        self._checkpoint(jax.device_get(self.slab), self.table)
+        else:
+            self._observe("checkpoint", time.perf_counter() - t0)
+        finally:
+            if self._writing is not None:
+                self._writing.set()

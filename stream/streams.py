@@ -107,6 +107,15 @@ class StreamTable:
         """Keep the host copy of an evicted stream's state (read by the executor)."""
         self.evicted[stream_id] = state
 
+    def snapshot(self) -> StreamTable:
+        """A copy of what a checkpoint saves (slots, evicted states, processed seq), safe
+        to write from another thread while this table moves on."""
+        copy = StreamTable(self.capacity, self.max_known)
+        copy.slot_of = collections.OrderedDict(self.slot_of)
+        copy.evicted = dict(self.evicted)
+        copy.processed_seq = dict(self.processed_seq)
+        return copy
+
     def processed(self, stream_id: str, seq: int) -> None:
         self.processed_seq[stream_id] = seq
 
