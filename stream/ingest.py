@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -23,6 +24,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from .protocol import Dims, Frame
 
 __all__ = ["DropOldest", "Ingest"]
+
+T = TypeVar("T")
 
 
 class Ingest:
@@ -79,34 +82,48 @@ class Ingest:
         return True
 
 
-class DropOldest:
+class DropOldest(Generic[T]):
     """A bounded ring for sources that cannot be slowed down (UDP, LSL).
 
-    `push()` never waits: when the ring is full the oldest frame is dropped and counted
-    as `overload`. `run()` pumps frames into the ingest (waiting while it is full).
+    `push()` never waits: when the ring is full the oldest item is dropped and counted as
+    `overload`. `run()` pumps items into the ingest (waiting while it is full), turning
+    each into a frame with `decode` on the way — so under overload the items that are
+    dropped were never decoded: shedding load costs almost nothing, and the CPU goes to
+    the frames the pipeline can take. `decode` returns None for an item it rejected (and
+    counted); by default items are frames already.
     """
 
-    def __init__(self, ingest: Ingest, size: int) -> None:
+    def __init__(
+        self, ingest: Ingest, size: int, decode: Callable[[T], Frame | None] | None = None
+    ) -> None:
         self._ingest = ingest
-        self._ring: collections.deque[Frame] = collections.deque()
+        self._ring: collections.deque[T] = collections.deque()
         self._size = size
+        self._decode: Callable[[T], Frame | None] = decode or (lambda item: item)  # type: ignore[assignment,return-value]
         self._ready = anyio.Event()
 
-    def push(self, frame: Frame) -> None:
+    def push(self, item: T) -> None:
         if len(self._ring) >= self._size:
             self._ring.popleft()
             self._ingest.dropped("overload")
-        self._ring.append(frame)
+        self._ring.append(item)
         self._ready.set()
 
     def __len__(self) -> int:
         return len(self._ring)
 
     async def run(self) -> None:
-        """Forward frames to the ingest until cancelled."""
+        """Forward items to the ingest until cancelled: everything that fits at once,
+        without yielding per item (a pump that yields per item falls behind a reader that
+        does not, and the ring then drops what the pipeline had room for)."""
+        ring, ingest, decode = self._ring, self._ingest, self._decode
         while True:
-            if not self._ring:
+            if not ring:
                 self._ready = anyio.Event()
                 await self._ready.wait()
                 continue
-            await self._ingest.put(self._ring.popleft())
+            while ring:
+                frame = decode(ring.popleft())
+                if frame is not None and not ingest.put_nowait(frame):
+                    await ingest.put(frame)  # the pipeline is full: wait for room
+                    break

@@ -16,7 +16,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..ingest import DropOldest, Ingest
-from ..protocol import FrameRejected, decode_message
+from ..protocol import Frame, FrameRejected, decode_message
 
 __all__ = ["serve_udp"]
 
@@ -51,7 +51,19 @@ async def serve_udp(
     """
     if buffer < 1:
         raise ValueError(f"buffer={buffer}, expected >= 1")
-    ring = DropOldest(ingest, buffer)
+    dims, max_frame_bytes = ingest.dims, ingest.max_frame_bytes
+
+    def decode(item: tuple[bytes, int]) -> Frame | None:
+        data, received_ns = item
+        try:
+            return decode_message(
+                data, dims, max_frame_bytes=max_frame_bytes, received_ns=received_ns, source="udp"
+            )
+        except FrameRejected as exc:
+            ingest.rejected("udp", exc.reason)
+            return None
+
+    ring: DropOldest[tuple[bytes, int]] = DropOldest(ingest, buffer, decode)
     with await _bind(address) as sock:
         async with anyio.create_task_group() as tg:
             tg.start_soon(ring.run)
@@ -87,12 +99,15 @@ async def _cancel_when_not_accepting(ingest: Ingest, scope: anyio.CancelScope) -
     scope.cancel()
 
 
-async def _receive(sock: socket.socket, ingest: Ingest, ring: DropOldest) -> None:
+async def _receive(
+    sock: socket.socket, ingest: Ingest, ring: DropOldest[tuple[bytes, int]]
+) -> None:
     # Reading the socket directly (rather than through a transport with its own queue)
     # leaves the kernel's receive buffer as the only buffer before the counted ring.
-    dims, max_frame_bytes = ingest.dims, ingest.max_frame_bytes
+    # Datagrams enter the ring raw: only those the pipeline takes are ever decoded.
     while True:
         await anyio.wait_readable(sock)
+        received_ns = time.monotonic_ns()
         for _ in range(READ_BATCH):
             try:
                 data = sock.recv(MAX_DATAGRAM_BYTES)
@@ -101,15 +116,4 @@ async def _receive(sock: socket.socket, ingest: Ingest, ring: DropOldest) -> Non
             except ConnectionError:  # an ICMP error echoed back for an unrelated send
                 continue
             ingest.received("udp")
-            try:
-                frame = decode_message(
-                    data,
-                    dims,
-                    max_frame_bytes=max_frame_bytes,
-                    received_ns=time.monotonic_ns(),
-                    source="udp",
-                )
-            except FrameRejected as exc:
-                ingest.rejected("udp", exc.reason)
-                continue
-            ring.push(frame)
+            ring.push((data, received_ns))
