@@ -14,6 +14,7 @@ import pytest
 from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_table, run_bench
 from stream.bench.client import ClientSpec, _paced
 from stream.bench.measure import combine_latency_runs, rounds_for
+from stream.bench.runner import MODEL_KEYS
 from stream.bench.stats import cdf, growth_pct, median, percentiles
 from stream.bench.wire import (
     FrameBlock,
@@ -289,19 +290,7 @@ def _check_load(load: dict[str, Any]) -> None:
 def test_tiny_bench_end_to_end(
     tmp_path: Path, compilation_cache: str, small_config: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = {
-        k: getattr(small_config, k)
-        for k in (
-            "state_dim",
-            "proprio_dim",
-            "tactile_dim",
-            "motor_dim",
-            "retention_depth",
-            "protention_horizon",
-            "hidden_dim",
-            "attention_heads",
-        )
-    }
+    model = {k: getattr(small_config, k) for k in MODEL_KEYS}
     model["som_grid"] = tuple(small_config.som_grid)
     settings = BenchSettings(
         streams=32,
