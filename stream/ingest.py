@@ -37,9 +37,10 @@ class Ingest:
         daemon closes it once every source has stopped).
     - `dims`: the configured modality sizes, for decoding.
     - `max_frame_bytes`: the configured frame size limit, for decoding.
-    - `on_received(source)`, `on_rejected(source, reason)`, `on_dropped(reason)`: counters.
-        A source calls `ingest.received(source)` once for every frame that arrives, whether
-        it then decodes or is rejected, so that received = processed + rejected + dropped.
+    - `on_received(source, n)`, `on_rejected(source, reason)`, `on_dropped(reason, n)`:
+        counters. A source calls `ingest.received(source)` for every frame that arrives,
+        whether it then decodes, is rejected or is dropped, so that
+        received = processed + rejected + dropped.
     """
 
     def __init__(
@@ -48,17 +49,25 @@ class Ingest:
         *,
         dims: Dims,
         max_frame_bytes: int,
-        on_received: Callable[[str], None] = lambda source: None,
+        on_received: Callable[[str, int], None] = lambda source, n: None,
         on_rejected: Callable[[str, str], None] = lambda source, reason: None,
-        on_dropped: Callable[[str], None] = lambda reason: None,
+        on_dropped: Callable[[str, int], None] = lambda reason, n: None,
     ) -> None:
         self._send = send
         self.dims = dims
         self.max_frame_bytes = max_frame_bytes
-        self.received = on_received
+        self._on_received = on_received
         self.rejected = on_rejected
-        self.dropped = on_dropped
+        self._on_dropped = on_dropped
         self.stopped = anyio.Event()
+
+    def received(self, source: str, n: int = 1) -> None:
+        """Count `n` frames that arrived from `source`."""
+        self._on_received(source, n)
+
+    def dropped(self, reason: str, n: int = 1) -> None:
+        """Count `n` frames dropped for `reason` (e.g. `overload`)."""
+        self._on_dropped(reason, n)
 
     @property
     def accepting(self) -> bool:

@@ -3,13 +3,16 @@
 A datagram holds one binary frame or one JSON object (first byte `{`); either way its
 source label is `udp`. A UDP sender cannot be slowed down, so decoded frames go into a
 bounded `DropOldest` ring whose pump task feeds the ingest; when the ring is full the
-oldest frame is dropped and counted as `overload`. Rejections are counted, never answered.
+oldest frame is dropped and counted as `overload`; so are the datagrams the kernel drops
+when its receive buffer overflows (Linux reports them). Rejections are counted, never
+answered.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 
 import anyio
@@ -28,6 +31,10 @@ MAX_DATAGRAM_BYTES = 1 << 16
 """The largest UDP payload (anything longer is truncated by the kernel and rejected)."""
 READ_BATCH = 256
 """Datagrams read per wake-up before yielding to other tasks."""
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
+"""Linux: attach the socket's count of datagrams the kernel dropped (its receive buffer
+was full) to every datagram received, so that those are counted too."""
+_DROPS = struct.Struct("=I")
 
 
 async def serve_udp(
@@ -87,6 +94,10 @@ async def _bind(address: tuple[str, int]) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
         except OSError:
             log.debug("could not enlarge the UDP receive buffer", exc_info=True)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        except OSError:
+            log.debug("the kernel's UDP drop counter is not available", exc_info=True)
         sock.bind(sockaddr)
     except BaseException:
         sock.close()
@@ -103,17 +114,28 @@ async def _receive(
     sock: socket.socket, ingest: Ingest, ring: DropOldest[tuple[bytes, int]]
 ) -> None:
     # Reading the socket directly (rather than through a transport with its own queue)
-    # leaves the kernel's receive buffer as the only buffer before the counted ring.
+    # leaves the kernel's receive buffer as the only buffer before the counted ring, and
+    # the kernel's own drops are counted from the counter it attaches to each datagram.
     # Datagrams enter the ring raw: only those the pipeline takes are ever decoded.
+    kernel_drops = 0
+    ancillary = socket.CMSG_SPACE(_DROPS.size)
     while True:
         await anyio.wait_readable(sock)
         received_ns = time.monotonic_ns()
         for _ in range(READ_BATCH):
             try:
-                data = sock.recv(MAX_DATAGRAM_BYTES)
+                data, cmsgs, _, _ = sock.recvmsg(MAX_DATAGRAM_BYTES, ancillary)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionError:  # an ICMP error echoed back for an unrelated send
                 continue
+            for level, kind, value in cmsgs:
+                if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
+                    total = _DROPS.unpack_from(value)[0]
+                    lost = (total - kernel_drops) % (1 << 32)
+                    if lost:
+                        kernel_drops = total
+                        ingest.received("udp", lost)
+                        ingest.dropped("overload", lost)
             ingest.received("udp")
             ring.push((data, received_ns))

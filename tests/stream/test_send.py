@@ -33,7 +33,7 @@ async def collect(transport: str, **kwargs: object) -> tuple[list[Frame], collec
         send_end,
         dims=DIMS,
         max_frame_bytes=4096,
-        on_received=lambda source: received.update([source]),
+        on_received=lambda source, n: received.update({source: n}),
         on_rejected=lambda source, reason: pytest.fail(f"rejected: {source} {reason}"),
     )
     with send_end, receive_end:

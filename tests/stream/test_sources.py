@@ -6,6 +6,7 @@ import collections
 import json
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -55,16 +56,16 @@ class Recorder:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def _on_received(self, source: str) -> None:
-        self.received[source] += 1
+    def _on_received(self, source: str, n: int) -> None:
+        self.received[source] += n
         self._touch()
 
     def _on_rejected(self, source: str, reason: str) -> None:
         self.rejected.append((source, reason))
         self._touch()
 
-    def _on_dropped(self, reason: str) -> None:
-        self.dropped[reason] += 1
+    def _on_dropped(self, reason: str, n: int) -> None:
+        self.dropped[reason] += n
         self._touch()
 
     async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
@@ -280,4 +281,28 @@ async def test_udp_overload_drops_the_oldest_and_counts_it():
             with pytest.raises(anyio.WouldBlock):
                 rec.receive.receive_nowait()
             assert rec.rejected == []
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_RXQ_OVFL is Linux's")
+async def test_udp_datagrams_the_kernel_drops_are_counted_too():
+    with Recorder(capacity=100_000) as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(
+                lambda **kw: serve_udp(rec.ingest, (HOST, 0), buffer=100_000, **kw)
+            )
+            sent = 0
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                # The event loop is busy with this burst, not reading: the kernel's receive
+                # buffer (4 MiB at most) overflows with 20 MiB of datagrams.
+                for seq in range(1, 30_001):
+                    sock.sendto(frame_bytes("k", seq) + bytes(600), (HOST, port))
+                    sent += 1
+                # One more after the reader caught up carries the final drop count.
+                await rec.until(lambda: rec.received["udp"] > 0)
+                await anyio.wait_all_tasks_blocked()
+                sock.sendto(frame_bytes("k", 30_001), (HOST, port))
+                sent += 1
+            await rec.until(lambda: rec.received["udp"] == sent, within=10)
+            assert rec.dropped["overload"] > 0  # the kernel dropped some, and they count
             tg.cancel_scope.cancel()

@@ -79,9 +79,9 @@ class Sink:
         self.send, self.receive = anyio.create_memory_object_stream[Frame](capacity)
         self.received = 0
 
-        def count(source: str) -> None:
+        def count(source: str, n: int) -> None:
             assert source == "synthetic"
-            self.received += 1
+            self.received += n
 
         self.ingest = Ingest(self.send, dims=DIMS, max_frame_bytes=4096, on_received=count)
 
