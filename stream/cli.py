@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     embedded = args.config is None and not os.environ.get("ENACTIVE_CONFIG")
     config = _load(args, embedded=embedded)
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     if embedded:
         print(
             f"enactive-stream: embedded default — {config.synthetic.streams} synthetic bodies "

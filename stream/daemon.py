@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,9 +77,7 @@ SOURCE_GRACE_S = 2.0
 """Seconds the sources get to finish the data in hand at shutdown."""
 
 
-def _to_stderr(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+log = logging.getLogger(__name__)
 
 
 class Daemon:
@@ -90,7 +88,8 @@ class Daemon:
     - `config`: the validated configuration.
     - `metrics`: where to count (default: a fresh `Metrics` on its own registry).
     - `status`: called with one line of live status every `log.status_interval_s`, and
-        with progress lines while buckets compile (default: print to stderr).
+        with progress lines while buckets compile (default: the `stream.daemon` logger
+        at INFO).
     - `ready_file`: when set, the bound ports are written there (JSON, atomically) once
         the daemon is ready — so a supervisor or a test can use port 0.
     """
@@ -107,7 +106,7 @@ class Daemon:
         self.metrics = metrics or Metrics(
             buckets=config.batching.buckets, backend=jax.default_backend()
         )
-        self._status = status or _to_stderr
+        self._status = status or log.info
         self._ready_file = ready_file
         self.ready = False
         self.ports: dict[str, int] = {}
