@@ -34,6 +34,9 @@ class Batcher:
     - `max_wait_s`: how long the oldest frame of a batch may wait for company.
     - `limit`: frames held at most (default 4 × `max_batch`).
     - `clock`: nanosecond clock matching `Frame.received_ns` (default `time.monotonic_ns`).
+    - `idle`: True while the device has nothing to do; then a waiting batch is handed out
+        at once instead of at its deadline (Triton's dynamic batcher: wait for company
+        only while the model instance is busy). Call `wake()` when it turns True.
     """
 
     def __init__(
@@ -43,12 +46,14 @@ class Batcher:
         *,
         limit: int | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
+        idle: Callable[[], bool] = lambda: False,
     ) -> None:
         self.max_batch = max_batch
         self._largest = max_batch
         self.max_wait_ns = int(max_wait_s * 1e9)
         self.limit = limit if limit is not None else 4 * max_batch
         self._clock = clock
+        self._idle = idle
         self._current: dict[str, Frame] = {}
         self._held: dict[str, collections.deque[Frame]] = {}
         self._held_count = 0
@@ -77,6 +82,10 @@ class Batcher:
         self._wake()
 
     def _wake(self) -> None:
+        self._changed.set()
+
+    def wake(self) -> None:
+        """Look again whether the current batch is due (the device just went idle)."""
         self._changed.set()
 
     def add(self, frame: Frame) -> None:
@@ -139,7 +148,7 @@ class Batcher:
         """Seconds until the current batch must close (≤ 0: now; inf: empty)."""
         if not self._current:
             return math.inf
-        if len(self._current) >= self.max_batch or self._ended:
+        if len(self._current) >= self.max_batch or self._ended or self._idle():
             return 0.0
         # Insertion order is age order: held-back (older) frames enter a batch first.
         oldest = next(iter(self._current.values())).received_ns

@@ -245,7 +245,11 @@ class Daemon:
             on_rejected=metrics.reject,
             on_dropped=metrics.drop,
         )
-        batcher = Batcher(max(step.buckets), cfg.batching.max_wait_ms / 1000.0)
+        batcher = Batcher(
+            max(step.buckets),
+            cfg.batching.max_wait_ms / 1000.0,
+            idle=lambda: executor.pending == 0,  # `executor` is bound below, before any call
+        )
         adaptive = (
             AdaptiveBatching(
                 batcher,
@@ -274,6 +278,7 @@ class Daemon:
             checkpoint_interval_s=cfg.state.checkpoint_interval_s,
             observe=observe,
         )
+        executor.on_idle = batcher.wake
 
         def admit(frame: Frame) -> bool:
             try:
@@ -295,7 +300,9 @@ class Daemon:
                 pipeline.start_soon(batcher.collect, ingest_receive, admit)
                 pipeline.start_soon(executor.run, batcher, stepped_send)
                 pipeline.start_soon(
-                    lambda: integrate(stepped_receive, sinks, sizes, observe=observe)
+                    lambda: integrate(
+                        stepped_receive, sinks, sizes, observe=observe, on_ready=executor.finished
+                    )
                 )
                 async with ingest_send, anyio.create_task_group() as sources:
                     await self._start_sources(sources, ingest)

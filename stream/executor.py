@@ -81,6 +81,8 @@ class Executor:
         self._limiter = anyio.CapacityLimiter(1)
         self._dirty = False
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        self.pending = 0  # batches dispatched whose records the integrator has not taken
+        self.on_idle: Callable[[], None] = lambda: None
         self._writing: anyio.Event | None = None  # set while no checkpoint write runs
         self._background: anyio.abc.TaskGroup | None = None
 
@@ -144,6 +146,7 @@ class Executor:
                 records, eager = await anyio.to_thread.run_sync(
                     self._dispatch, x, meta, limiter=self._limiter
                 )
+                self.pending += 1
                 table.processed_seq.update(zip(stream_ids, (f.seq for f in frames), strict=True))
                 restored = [False] * n
                 if table.restored:
@@ -157,6 +160,13 @@ class Executor:
                 if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
             await self.checkpoint(final=True)
+
+    def finished(self) -> None:
+        """The integrator took one batch's records: when none is left on the device, say so
+        (`on_idle`), so a waiting batch need not wait for its deadline."""
+        self.pending -= 1
+        if self.pending == 0:
+            self.on_idle()
 
     async def checkpoint(self, *, final: bool = False) -> None:
         """Write a checkpoint if anything changed since the last one.

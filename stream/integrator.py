@@ -25,6 +25,7 @@ async def integrate(
     sizes: MomentSizes,
     *,
     observe: Callable[[str, Any], None] = lambda event, value: None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Turn every stepped batch into a `MomentBatch` and offer it to every sink, until the
     executor closes its stream.
@@ -33,13 +34,15 @@ async def integrate(
     batcher to its records being on the host), `("integrate", seconds)` (from there to the
     moments' emission), `("emit", seconds)` (offering them to the sinks),
     `("end_to_end", seconds array)` (receipt to emission, one per moment),
-    `("batch_done", (device seconds, rows, bucket))` and `("processed", n)`.
+    `("batch_done", (device seconds, rows, bucket))` and `("processed", n)`;
+    `on_ready()` is called as soon as a batch's records are on the host.
     """
     async with receive:
         async for item in receive:
             # Waiting for the device happens here, off the event loop.
             records = await anyio.to_thread.run_sync(np.asarray, item.records)
             ready = time.monotonic_ns()
+            on_ready()
             frames = item.frames
             n = len(frames)
             received = np.fromiter((f.received_ns for f in frames), np.int64, n)

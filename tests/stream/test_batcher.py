@@ -119,3 +119,23 @@ async def test_frame_arriving_wakes_a_waiting_executor() -> None:
         assert result == []
         b.add(frame("x", 7))
     assert result[0] is not None and result[0][0].seq == 7
+
+
+async def test_an_idle_device_takes_a_waiting_batch_before_its_deadline() -> None:
+    clock = Clock()
+    device_idle = False
+    b = Batcher(8, 10.0, clock=clock, idle=lambda: device_idle)
+    b.add(frame("a", 1))
+    assert b._due_in_s() == pytest.approx(10.0)  # busy device: wait for company
+    got: list[list[Frame] | None] = []
+
+    async def pull() -> None:
+        got.append(await b.next_batch())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pull)
+        await anyio.wait_all_tasks_blocked()
+        assert got == []
+        device_idle = True
+        b.wake()  # what the executor does when its last batch's records are taken
+    assert got[0] is not None and [f.seq for f in got[0]] == [1]
