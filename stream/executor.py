@@ -2,10 +2,12 @@
 
 It owns the device-resident state slab. For each batch it asks the stream table for
 slots (evicting idle streams to the host, restoring returning ones), packs the frames'
-payloads into one float32 array and their slots/flags into one int32 array, and runs the
-batch's compiled bucket in a worker thread — so the event loop keeps receiving and the
-batcher keeps forming the next batch meanwhile. It also writes the checkpoints, between
-batches, when nothing else touches the slab.
+payloads into one float32 array and their slots/flags into one int32 array, and
+dispatches the batch's compiled bucket from a worker thread without waiting for it: the
+device computes while the event loop keeps receiving, the batcher forms the next batch
+and the integrator waits for the records. It tells the batcher when the device has
+nothing left to do (`on_idle`). Checkpoints snapshot the slab between batches, when
+nothing else touches it, and are written in the background.
 """
 
 from __future__ import annotations
