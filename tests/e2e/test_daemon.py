@@ -208,3 +208,34 @@ def test_readyz_and_healthz(daemon: DaemonProcess) -> None:
     metrics = daemon.metrics()
     assert metrics[("enactive_ready", ())] == 1
     assert any(name == "enactive_build_info" for name, _ in metrics)
+
+
+def test_jsonl_sink_has_every_moment_after_sigterm(tmp_path: Path, compilation_cache: str) -> None:
+    out = tmp_path / "out" / "moments.jsonl"
+    d = DaemonProcess(tmp_path, compilation_cache)
+    d.config.write_text(
+        d.config.read_text().replace(
+            '[output]\ntcp = "127.0.0.1:0"', f'[output]\ntcp = "127.0.0.1:0"\njsonl = "{out}"'
+        )
+    )
+    d.start()
+    try:
+        rng = np.random.default_rng(4)
+        conn = d.connect()
+        conn.sendall(
+            b"".join(
+                encode_frame(f"file-{i}", seq, 0.0, **payload(rng))
+                for seq in range(1, 4)
+                for i in range(20)
+            )
+        )
+        assert d.wait_metric("enactive_frames_processed_total", {}, 60) == 60
+        assert d.stop() == 0  # the sink flushes what it holds on the way out
+    finally:
+        d.kill()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 60
+    assert sorted((m["stream"], m["seq"]) for m in lines) == sorted(
+        (f"file-{i}", seq) for seq in range(1, 4) for i in range(20)
+    )
+    assert all(len(m["synthesis"]) == 8 for m in lines)
