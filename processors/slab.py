@@ -198,13 +198,16 @@ class SlabStep:
 
     # -- running ----------------------------------------------------------------------
 
-    def init_slab(self) -> EnactiveState:
-        """A slab of `capacity` fresh streams, on the device(s)."""
-        host = jax.tree.map(
+    def host_slab(self) -> Any:
+        """A slab of `capacity` fresh streams as host numpy arrays."""
+        return jax.tree.map(
             lambda leaf: np.broadcast_to(leaf, (self.capacity, *np.shape(leaf))).copy(),
             self._host_fresh,
         )
-        return self.put_slab(host)
+
+    def init_slab(self) -> EnactiveState:
+        """A slab of `capacity` fresh streams, on the device(s)."""
+        return self.put_slab(self.host_slab())
 
     def put_slab(self, host: Any) -> EnactiveState:
         """Place a host (numpy) slab — e.g. one read from a checkpoint — on the device(s)."""

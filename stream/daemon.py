@@ -151,13 +151,10 @@ class Daemon:
         )
         step.compile(progress)
         table = StreamTable(step.capacity, cfg.state.max_known_streams)
-        host = load_checkpoint(
-            cfg.state.dir, jax.device_get(step.init_slab()), table, self._fingerprint(step)
-        )
-        if host is None:
-            slab = step.init_slab()
-        else:
-            slab = step.put_slab(host)
+        fresh = step.host_slab()
+        host = load_checkpoint(cfg.state.dir, fresh, table, self._fingerprint(step))
+        slab = step.put_slab(fresh if host is None else host)
+        if host is not None:
             self._status(
                 f"restored {len(table.processed_seq)} streams from "
                 f"{Path(cfg.state.dir) / 'checkpoint.npz'}"
