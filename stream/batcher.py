@@ -74,15 +74,12 @@ class Batcher:
     def set_max_wait(self, seconds: float) -> None:
         """Change the deadline online (adaptive batching)."""
         self.max_wait_ns = int(seconds * 1e9)
-        self._wake()
+        self.wake()
 
     def set_max_batch(self, n: int) -> None:
         """Change the batch cap online (adaptive batching); at most the initial one."""
         self.max_batch = max(1, min(n, self._largest))
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
+        self.wake()
 
     def wake(self) -> None:
         """Look again whether the current batch is due (the device just went idle)."""
@@ -99,7 +96,7 @@ class Batcher:
             self._held_count += 1
         else:
             self._current[frame.stream_id] = frame
-        self._wake()
+        self.wake()
 
     @property
     def has_space(self) -> bool:
@@ -108,7 +105,7 @@ class Batcher:
     def end(self) -> None:
         """No more frames will come: flush what is left, then `next_batch` returns None."""
         self._ended = True
-        self._wake()
+        self.wake()
 
     # -- collecting ---------------------------------------------------------------------
 
