@@ -37,14 +37,10 @@ def _bind(processor: Any, strategy: JITStrategy, on_fallback: FallbackListener |
         step = call
     else:
         step = safe_jit(call, on_fallback=on_fallback, fallback=strategy is JITStrategy.SAFE)
-
-    def bound(state: Any, *inputs: Any) -> Any:
-        return step(state, *inputs)
-
-    bound.processor = processor  # type: ignore[attr-defined]
-    bound.strategy = strategy  # type: ignore[attr-defined]
-    bound.init_state = processor.init_state  # type: ignore[attr-defined]
-    return bound
+    step.processor = processor  # type: ignore[attr-defined]
+    step.strategy = strategy  # type: ignore[attr-defined]
+    step.init_state = processor.init_state  # type: ignore[attr-defined]
+    return step
 
 
 def create_temporal_processor(
