@@ -239,3 +239,18 @@ def test_jsonl_sink_has_every_moment_after_sigterm(tmp_path: Path, compilation_c
         (f"file-{i}", seq) for seq in range(1, 4) for i in range(20)
     )
     assert all(len(m["synthesis"]) == 8 for m in lines)
+
+
+def test_device_cpu_threads_sizes_the_xla_pool(tmp_path: Path, compilation_cache: str) -> None:
+    # 3 is neither the auto value nor XLA's own default on the 2-core CI machine.
+    d = DaemonProcess(tmp_path, compilation_cache, env={"PJRT_NPROC": "7"})
+    d.config.write_text(d.config.read_text().replace("[device]\n", "[device]\ncpu_threads = 3\n"))
+    d.start()
+    try:
+        assert d.proc is not None
+        tasks = Path(f"/proc/{d.proc.pid}/task")
+        names = [(t / "comm").read_text().strip() for t in tasks.iterdir()]
+        assert names.count("tf_XLAEigen") == 3
+        assert "1 cpu device(s), 3 XLA CPU threads" in d.output()
+    finally:
+        d.kill()

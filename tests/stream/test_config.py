@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,24 @@ def test_docs_describe_every_key_and_show_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "from-docs.toml"
     path.write_text(example)
     assert load_config(path, env=HOME_ENV) == defaults
+
+
+@pytest.mark.parametrize(
+    ("threads", "count", "environ", "expect"),
+    [
+        (0, 1, {}, None),  # auto: one core left to the host
+        (0, 1, {"PJRT_NPROC": "5"}, 5),  # auto keeps what the operator exported
+        (0, 4, {"PJRT_NPROC": "2"}, 4),  # never fewer than the devices of a sharded step
+        (3, 1, {"PJRT_NPROC": "5"}, 3),  # an explicit value wins
+        (0, 1, {"PJRT_NPROC": "lots"}, None),  # junk in the environment: auto
+    ],
+)
+def test_xla_cpu_threads(threads: int, count: int, environ: dict, expect: int | None) -> None:
+    from stream.daemon import xla_cpu_threads
+
+    config = load(**{"device.cpu_threads": threads, "device.count": count})
+    got = xla_cpu_threads(config, environ)
+    if expect is None:
+        expect = max(len(os.sched_getaffinity(0)) - 1, 1)
+    assert got == expect
+    assert environ["PJRT_NPROC"] == str(expect)
