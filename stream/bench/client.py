@@ -17,7 +17,10 @@ or per moment. Modes:
     due time (`time.perf_counter`) in the f64 `timestamp` field — whether or not the
     service kept up, so a late tick's wait counts (no coordinated omission). Every moment
     echoes the timestamp; latency = receipt time − timestamp, receipt being the end of
-    the `recv` that completed the record.
+    the `recv` that completed the record. Frames due in the first `warmup_s` seconds
+    are sent and received like the rest but left out of the statistics: they measure
+    the new process and its new connections starting up, not the service's steady state
+    (wrk2 leaves out its calibration period the same way).
 - `udp`: the same paced schedule, one datagram per frame, no subscription (overload).
 
 A block holds `rounds` rounds; `repeats` > 1 sends it again with every seq advanced by
@@ -69,6 +72,8 @@ class ClientSpec:
     - `rounds`, `repeats`, `first_seq`: see the module docstring; frames sent =
         `streams · rounds · repeats`, seq `first_seq … first_seq + rounds·repeats − 1`.
     - `rate`: offered frames/s in all (`latency`, `udp`); `tick_s`: the pacing tick.
+    - `warmup_s`: `latency` only: the leading seconds of the schedule left out of the
+        statistics.
     - `timeout_s`: the longest wait for the next byte before giving up.
     """
 
@@ -85,6 +90,7 @@ class ClientSpec:
     first_seq: int = 1
     rate: float = 0.0
     tick_s: float = 0.001
+    warmup_s: float = 0.0
     prefix: str = "b-"
     seed: int = 0
     host: str = "127.0.0.1"
@@ -102,6 +108,8 @@ class ClientSpec:
             raise ValueError("streams, connections, rounds, repeats, first_seq must be >= 1")
         if self.mode != "throughput" and not (self.rate > 0 and self.tick_s > 0):
             raise ValueError(f"rate = {self.rate}, tick_s = {self.tick_s}: both must be > 0")
+        if self.warmup_s < 0:
+            raise ValueError(f"warmup_s = {self.warmup_s}, expected >= 0")
         if self.mode != "udp" and self.record_bytes <= 0:
             raise ValueError(f"record_bytes = {self.record_bytes}, expected > 0")
 
@@ -216,10 +224,13 @@ def _recv(sock: socket.socket, view: memoryview, got: int, total: int) -> int:
 
 
 def _receive_all(
-    sock: socket.socket, total: int, timeout: float
-) -> tuple[bytearray, list[int], list[float]]:
-    """Receive exactly `total` bytes into one buffer, logging (bytes so far, time) per recv."""
-    buf = bytearray(total)
+    sock: socket.socket, buf: bytearray, timeout: float
+) -> tuple[list[int], list[float]]:
+    """Fill `buf` exactly, logging (bytes so far, time) per recv.
+
+    `buf` is allocated (and so zeroed, every page touched) before the clock starts:
+    allocating ~100 MB here would hold the GIL for tens of ms while the senders start."""
+    total = len(buf)
     view = memoryview(buf)
     ends: list[int] = []
     times: list[float] = []
@@ -229,7 +240,7 @@ def _receive_all(
         got += _recv(sock, view[got : min(got + RECV_CHUNK, total)], got, total)
         times.append(time.perf_counter())
         ends.append(got)
-    return buf, ends, times
+    return ends, times
 
 
 def _connect(spec: ClientSpec, n: int) -> list[socket.socket]:
@@ -277,6 +288,7 @@ def run_client(spec: ClientSpec) -> dict[str, Any]:
             _sender(spec, b, s, b.streams / spec.streams)
             for b, s in zip(blocks, socks, strict=True)
         ]
+        buf = bytearray(record_total if spec.mode == "latency" else 0)
         barrier = threading.Barrier(len(senders) + 1)
         t0_box: list[float] = []
         ends: list[tuple[float, float]] = []
@@ -302,9 +314,9 @@ def run_client(spec: ClientSpec) -> dict[str, Any]:
             out["elapsed_s"] = done - t0_box[0]
         elif spec.mode == "latency":
             assert sub is not None
-            buf, chunk_ends, chunk_times = _receive_all(sub, record_total, spec.timeout_s)
+            chunk_ends, chunk_times = _receive_all(sub, buf, spec.timeout_s)
             out["elapsed_s"] = chunk_times[-1] - t0_box[0]
-            _latencies(out, buf, chunk_ends, chunk_times, spec)
+            _latencies(out, buf, chunk_ends, chunk_times, spec, t0_box[0] + spec.warmup_s)
         for t in threads:
             t.join()
         if errors:
@@ -330,12 +342,17 @@ def _latencies(
     chunk_ends: Sequence[int],
     chunk_times: Sequence[float],
     spec: ClientSpec,
+    measured_from: float,
 ) -> None:
     fields = parse_records(buf, spec.record_bytes, spec.frames)
     received = receipt_times(chunk_ends, chunk_times, spec.record_bytes, spec.frames)
-    latency = received - fields["timestamp"]
+    measured = fields["timestamp"] >= measured_from
+    if not measured.any():
+        raise ClientError(f"no frame due after the {spec.warmup_s} s warm-up")
+    latency = (received - fields["timestamp"])[measured]
+    out["measured_frames"] = int(measured.sum())
     out["latency_ms"] = percentiles(latency, scale=1e3)
-    out["server_latency_ms"] = percentiles(fields["latency_ns"], scale=1e-6)
+    out["server_latency_ms"] = percentiles(fields["latency_ns"][measured], scale=1e-6)
     out["cdf_ms"] = cdf(latency, scale=1e3)
 
 

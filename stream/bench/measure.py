@@ -57,9 +57,10 @@ class Measured:
         repeats: int = 1,
         rate: float = 0.0,
         on_poll: Callable[[], None] | None = None,
+        warmup_s: float = 0.0,
     ) -> dict[str, Any]:
-        """One client run (`mode`, `rounds` × `repeats` frames per stream, `rate` for paced
-        modes); returns the client's result (see `run_client`)."""
+        """One client run (`mode`, `rounds` × `repeats` frames per stream, `rate` and
+        `warmup_s` for paced modes); returns the client's result (see `run_client`)."""
         s, ports = self.settings, self.proc.ports
         spec = ClientSpec(
             mode=mode,
@@ -75,6 +76,7 @@ class Measured:
             first_seq=self.next_seq,
             rate=rate,
             tick_s=s.tick_s,
+            warmup_s=warmup_s,
             timeout_s=s.timeout_s,
         )
         self.next_seq += rounds * repeats
@@ -105,7 +107,8 @@ class Measured:
 
     def latency(self, max_rate: float) -> list[dict[str, Any]]:
         """`settings.latency_runs` open-loop runs per `settings.loads` fraction of
-        `max_rate` frames/s, combined by `combine_latency_runs`.
+        `max_rate` frames/s, combined by `combine_latency_runs`. Each run offers the load
+        for `latency_warmup_s` + `latency_s` seconds and measures the last `latency_s`.
 
         **Returns:** per load: `fraction`, `offered_frames_per_s`, `runs`, `frames`,
         `sent_frames_per_s`, `max_send_lag_ms`, `latency_ms`, `server_latency_ms`,
@@ -114,9 +117,12 @@ class Measured:
         s, out = self.settings, []
         for fraction in s.loads:
             rate = fraction * max_rate
-            rounds, repeats = rounds_for(rate * s.latency_s, s.streams)
+            rounds, repeats = rounds_for(rate * (s.latency_warmup_s + s.latency_s), s.streams)
             before = self.proc.samples()
-            runs = [self.client("latency", rounds, repeats, rate) for _ in range(s.latency_runs)]
+            runs = [
+                self.client("latency", rounds, repeats, rate, warmup_s=s.latency_warmup_s)
+                for _ in range(s.latency_runs)
+            ]
             load = {
                 "fraction": fraction,
                 "offered_frames_per_s": rate,
@@ -151,9 +157,10 @@ def combine_latency_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     - `runs`: at least one `run_client` result of mode `latency`.
 
-    **Returns:** `runs`, `frames` (sum), `sent_frames_per_s` (median), `max_send_lag_ms`
-    (max), `latency_ms`, `server_latency_ms` (combined as above), `runs_p99_ms` (each
-    run's client p99) and `cdf_ms` (the CDF of the run whose p99 is the median one).
+    **Returns:** `runs`, `frames` and `measured_frames` (sums), `sent_frames_per_s`
+    (median), `max_send_lag_ms` (max), `latency_ms`, `server_latency_ms` (combined as
+    above), `runs_p99_ms` (each run's client p99) and `cdf_ms` (the CDF of the run whose
+    p99 is the median one).
     """
     if not runs:
         raise ValueError("no latency runs to combine")
@@ -161,6 +168,7 @@ def combine_latency_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "runs": len(runs),
         "frames": sum(r["frames"] for r in runs),
+        "measured_frames": sum(r["measured_frames"] for r in runs),
         "sent_frames_per_s": median([r["sent_frames_per_s"] for r in runs]),
         "max_send_lag_ms": max(r["max_send_lag_ms"] for r in runs),
         "latency_ms": _combine([r["latency_ms"] for r in runs]),

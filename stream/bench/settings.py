@@ -20,7 +20,9 @@ class BenchSettings:
         run before them (also after the restart).
     - `loads`: offered loads for the latency runs, as fractions of the service's max rate;
         `latency_s`: seconds of load per latency run; `latency_runs`: runs per load (each
-        percentile reported is the median over them); `tick_s`: the pacing tick.
+        percentile reported is the median over them); `latency_warmup_s`: seconds of
+        the same load before each run's measured `latency_s` (left out: the client
+        process and its connections starting); `tick_s`: the pacing tick.
     - `soak_frames`: frames sent between the two RSS readings of the memory check (the
         first is taken after the throughput and latency runs: warmed up under full load).
     - `overload_factor`, `overload_s`: UDP load (× the max e2e rate) and its duration.
@@ -44,6 +46,7 @@ class BenchSettings:
     loads: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
     latency_s: float = 5.0
     latency_runs: int = 3
+    latency_warmup_s: float = 0.5
     tick_s: float = 0.001
     soak_frames: int = 1_000_000
     overload_factor: float = 2.0
@@ -81,8 +84,11 @@ class BenchSettings:
             raise ValueError(f"loads = {self.loads}: need fractions in (0, 1]")
         if min(self.latency_s, self.tick_s, self.overload_s, self.overload_factor) <= 0:
             raise ValueError("latency_s, tick_s, overload_s, overload_factor must be > 0")
-        if self.soak_frames < 0:
-            raise ValueError(f"soak_frames = {self.soak_frames}: must be >= 0")
+        if self.soak_frames < 0 or self.latency_warmup_s < 0:
+            raise ValueError(
+                f"soak_frames = {self.soak_frames}, latency_warmup_s = "
+                f"{self.latency_warmup_s}: both must be >= 0"
+            )
 
     @classmethod
     def quick(cls, **changes: Any) -> BenchSettings:
@@ -93,6 +99,7 @@ class BenchSettings:
             "loads": (0.25, 0.5),
             "latency_s": 2.0,
             "latency_runs": 1,
+            "latency_warmup_s": 0.25,
             "soak_frames": 100_000,
             "overload_s": 2.0,
             "baseline_rounds": 3,

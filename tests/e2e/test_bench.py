@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_table, run_bench
-from stream.bench.client import ClientSpec, _paced
+from stream.bench.client import ClientError, ClientSpec, _latencies, _paced
 from stream.bench.measure import combine_latency_runs, rounds_for
 from stream.bench.runner import MODEL_KEYS
 from stream.bench.stats import cdf, growth_pct, median, percentiles
@@ -183,6 +183,7 @@ def _run(p50: float, p99: float, mx: float) -> dict[str, Any]:
     lat = {"p50": p50, "p90": p50, "p99": p99, "p99.9": p99, "min": 0.1, "max": mx, "mean": p50}
     return {
         "frames": 10,
+        "measured_frames": 8,
         "sent_frames_per_s": p50,
         "max_send_lag_ms": mx,
         "latency_ms": lat,
@@ -193,7 +194,7 @@ def _run(p50: float, p99: float, mx: float) -> dict[str, Any]:
 
 def test_latency_runs_combine_by_median_and_keep_the_extremes() -> None:
     out = combine_latency_runs([_run(1.0, 90.0, 100.0), _run(2.0, 3.0, 4.0), _run(3.0, 5.0, 6.0)])
-    assert out["runs"] == 3 and out["frames"] == 30
+    assert out["runs"] == 3 and out["frames"] == 30 and out["measured_frames"] == 24
     assert out["latency_ms"]["p50"] == 2.0 and out["latency_ms"]["p99"] == 5.0
     assert out["latency_ms"]["max"] == 100.0 and out["latency_ms"]["min"] == 0.1
     assert out["latency_ms"]["mean"] == pytest.approx(2.0)
@@ -204,6 +205,21 @@ def test_latency_runs_combine_by_median_and_keep_the_extremes() -> None:
         combine_latency_runs([])
 
 
+def test_latency_leaves_out_the_frames_due_in_the_warm_up() -> None:
+    # Records stamped 0, 0.5, …, 2.0 s, all received at 10 s: latencies 10 s … 8 s.
+    data = bytearray(_records(5))
+    size = moment_record_bytes(7, SIZES)
+    spec = ClientSpec("latency", 1, streams=5, record_bytes=size, rate=1.0, warmup_s=1.0)
+    out: dict[str, Any] = {}
+    _latencies(out, data, [len(data)], [10.0], spec, measured_from=1.0)
+    assert out["measured_frames"] == 3  # stamped 1.0, 1.5 and 2.0
+    assert out["latency_ms"]["max"] == pytest.approx(9000.0)
+    assert out["latency_ms"]["min"] == pytest.approx(8000.0)
+    assert out["server_latency_ms"]["min"] == pytest.approx(2000 * 1e-6)  # latency_ns 2000
+    with pytest.raises(ClientError, match="warm-up"):
+        _latencies({}, data, [len(data)], [10.0], spec, measured_from=3.0)
+
+
 def test_client_spec_validation() -> None:
     with pytest.raises(ValueError):
         ClientSpec(mode="nope", ingest_port=1)
@@ -211,6 +227,8 @@ def test_client_spec_validation() -> None:
         ClientSpec(mode="latency", ingest_port=1, record_bytes=100, rate=0.0)
     with pytest.raises(ValueError):
         ClientSpec(mode="throughput", ingest_port=1, record_bytes=0)
+    with pytest.raises(ValueError, match="warmup_s"):
+        ClientSpec(mode="latency", ingest_port=1, record_bytes=1, rate=1.0, warmup_s=-1.0)
     assert ClientSpec("udp", 1, streams=10, rounds=3, repeats=2, rate=1.0).frames == 60
 
 
@@ -246,6 +264,7 @@ LOAD_KEYS = {
     "offered_frames_per_s",
     "sent_frames_per_s",
     "frames",
+    "measured_frames",
     "max_send_lag_ms",
     "latency_ms",
     "server_latency_ms",
@@ -283,7 +302,7 @@ def _check_load(load: dict[str, Any]) -> None:
     cdf_x = load["cdf_ms"]["x"]  # from one of the runs: within the extremes of all of them
     assert load["latency_ms"]["min"] <= cdf_x[0] <= cdf_x[-1] <= load["latency_ms"]["max"]
     assert load["runs"] == len(load["runs_p99_ms"]) == 2
-    assert load["offered_frames_per_s"] > 0 and load["frames"] > 0
+    assert load["offered_frames_per_s"] > 0 and 0 < load["measured_frames"] < load["frames"]
 
 
 @pytest.mark.timeout(120)
@@ -299,6 +318,7 @@ def test_tiny_bench_end_to_end(
         warmup_rounds=2,
         loads=(0.25, 0.5),
         latency_s=0.3,
+        latency_warmup_s=0.1,
         latency_runs=2,
         soak_frames=2000,
         overload_s=0.3,
