@@ -87,6 +87,10 @@ class Batcher:
 
     def add(self, frame: Frame) -> None:
         """Take one admitted frame (never waits; callers respect `has_space`)."""
+        self._add(frame)
+        self.wake()
+
+    def _add(self, frame: Frame) -> None:
         held = self._held.get(frame.stream_id)
         if held is not None:
             held.append(frame)
@@ -96,7 +100,6 @@ class Batcher:
             self._held_count += 1
         else:
             self._current[frame.stream_id] = frame
-        self.wake()
 
     @property
     def has_space(self) -> bool:
@@ -125,8 +128,9 @@ class Batcher:
                 except anyio.EndOfStream:
                     break
                 if admit(frame):
-                    self.add(frame)
-                # Drain what is already queued without yielding per frame.
+                    self._add(frame)
+                # Drain what is already queued without yielding per frame (or waking the
+                # batch-taker per frame: once the drain is done is soon enough).
                 while self.has_space:
                     try:
                         frame = receive.receive_nowait()
@@ -136,7 +140,8 @@ class Batcher:
                         self.end()
                         return
                     if admit(frame):
-                        self.add(frame)
+                        self._add(frame)
+                self.wake()
         self.end()
 
     # -- handing out --------------------------------------------------------------------

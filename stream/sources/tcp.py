@@ -163,8 +163,8 @@ class _Connection:
         replies: MemoryObjectSendStream[bytes] | None,
     ) -> None:
         ingest = self.ingest
+        ingest.received(label, len(items))
         for item in items:
-            ingest.received(label)
             if isinstance(item, Frame):
                 if not ingest.put_nowait(item):
                     await ingest.put(item)
