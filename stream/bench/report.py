@@ -77,6 +77,10 @@ def _stages(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.1f} %"
+
+
 def _other(result: dict[str, Any]) -> list[str]:
     restart, memory, over = result["restart"], result["memory"], result["overload"]
     return [
@@ -96,7 +100,10 @@ def _other(result: dict[str, Any]) -> list[str]:
         "frames/s |",
         f"| overload balanced (received = processed + rejected + dropped) "
         f"| {'yes' if over['balanced'] else 'NO'} |",
-        f"| overload RSS peak | {_mib(over['rss_peak_bytes'])} ({over['rss_growth_pct']:+.1f} %) |",
+        f"| overload RSS before → peak | {_mib(over['rss_before_bytes'])} → "
+        f"{_mib(over['rss_peak_bytes'])} ({over['rss_growth_pct']:+.1f} % vs the full-load "
+        f"{_mib(over['rss_full_load_bytes'])}) |",
+        f"| overload RSS growth, 2nd half vs 1st | {_pct(over['rss_late_growth_pct'])} |",
     ]
 
 

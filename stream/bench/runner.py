@@ -31,7 +31,7 @@ from stream.protocol import Dims, MomentSizes
 from .measure import Measured, rounds_for
 from .services import BenchError, ServiceProcess
 from .settings import BenchSettings
-from .stats import growth_pct
+from .stats import growth_pct, late_growth_pct
 from .targets import evaluate_targets
 from .wire import moment_record_bytes, stream_ids
 
@@ -174,27 +174,39 @@ def _daemon_phase(
         out["warm_restart_s"] = proc.start(settings.timeout_s * 5)
         log(f"daemon restarted, ready in {out['warm_restart_s']:.2f} s")
         svc.client("throughput", settings.warmup_rounds)
-        out["overload"] = _overload(svc, e2e["frames_per_s"], log)
+        out["overload"] = _overload(svc, e2e["frames_per_s"], rss_warm, log)
         compilations += proc.metric("enactive_jit_compilations_total", phase="runtime")
         out["compilations"] = {"runtime": compilations, "warmup_first_start": warmup}
         out["restart_exit_status"] = proc.stop()
     return out
 
 
-def _overload(svc: Measured, max_rate: float, log: Callable[[str], None]) -> dict[str, Any]:
+def _overload(
+    svc: Measured, max_rate: float, rss_full_load: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """UDP at `overload_factor` × `max_rate`: what was shed and counted, and the RSS —
+    its peak against `rss_full_load` (the first daemon's RSS after warm-up under full
+    load, the memory check's reference), and whether it still grew in the second half."""
     s, proc = svc.settings, svc.proc
     rate = s.overload_factor * max_rate
     before, rss_before = _balance(proc), proc.rss()
-    peak = [rss_before]
+    samples: list[int] = []
     rounds, repeats = rounds_for(rate * s.overload_s, s.streams)
-    sent = svc.client("udp", rounds, repeats, rate, on_poll=lambda: peak.append(proc.rss()))
+    sent = svc.client(
+        "udp",
+        rounds,
+        repeats,
+        rate,
+        on_poll=lambda: samples.append(proc.rss()),
+    )
     proc.wait_until(lambda: _balanced(_balance(proc)), "received = processed + rejected + dropped")
     after, rss_after = _balance(proc), proc.rss()
     delta = _delta(after, before)
+    peak = max([rss_before, rss_after, *samples])
     log(
         f"  overload: {sent['sent_frames_per_s']:,.0f} frames/s offered over UDP, "
         f"{delta['dropped_overload']:,.0f} dropped (overload), "
-        f"RSS peak {max(peak) / 2**20:,.0f} MiB"
+        f"RSS peak {peak / 2**20:,.0f} MiB"
     )
     return {
         "offered_frames_per_s": rate,
@@ -206,10 +218,12 @@ def _overload(svc: Measured, max_rate: float, log: Callable[[str], None]) -> dic
         "lost_before_daemon": sent["frames"] - delta["received"],
         "balanced": _balanced(after),
         "totals": after,
+        "rss_full_load_bytes": rss_full_load,
         "rss_before_bytes": rss_before,
-        "rss_peak_bytes": max([*peak, rss_after]),
+        "rss_peak_bytes": peak,
         "rss_after_bytes": rss_after,
-        "rss_growth_pct": growth_pct(rss_before, max([*peak, rss_after])),
+        "rss_growth_pct": growth_pct(rss_full_load, peak),
+        "rss_late_growth_pct": late_growth_pct(samples),
     }
 
 

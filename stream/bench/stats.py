@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["CDF_PROBABILITIES", "cdf", "growth_pct", "median", "percentiles"]
+__all__ = ["CDF_PROBABILITIES", "cdf", "growth_pct", "late_growth_pct", "median", "percentiles"]
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -75,6 +75,16 @@ def growth_pct(before: float, after: float) -> float:
     if before <= 0:
         raise ValueError(f"before = {before}, expected > 0")
     return 100.0 * (after - before) / before
+
+
+def late_growth_pct(samples: Sequence[float]) -> float | None:
+    """How much a series sampled over a phase still grew late in it: the peak of its
+    second half against the peak of its first half, in % (≤ 0: it had levelled off).
+    None with fewer than 2 samples."""
+    if len(samples) < 2:
+        return None
+    half = len(samples) // 2
+    return growth_pct(max(samples[:half]), max(samples[half:]))
 
 
 def median(values: Sequence[float]) -> float:

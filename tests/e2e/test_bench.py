@@ -15,7 +15,7 @@ from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_
 from stream.bench.client import ClientError, ClientSpec, _latencies, _paced
 from stream.bench.measure import combine_latency_runs, rounds_for
 from stream.bench.runner import MODEL_KEYS
-from stream.bench.stats import cdf, growth_pct, median, percentiles
+from stream.bench.stats import cdf, growth_pct, late_growth_pct, median, percentiles
 from stream.bench.wire import (
     FrameBlock,
     frame_bytes,
@@ -149,6 +149,9 @@ def test_growth_and_median() -> None:
     assert median([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError):
         growth_pct(0, 1)
+    assert late_growth_pct([100, 110, 110, 110]) == pytest.approx(0.0)  # levelled off
+    assert late_growth_pct([100, 101, 105, 120]) == pytest.approx(100 * (120 - 101) / 101)
+    assert late_growth_pct([100]) is None
 
 
 @pytest.mark.parametrize(("frames", "streams"), [(1, 1024), (1_000_000, 1024), (5000, 32)])
@@ -385,6 +388,10 @@ def test_tiny_bench_end_to_end(
     assert over["received"] == over["processed"] + over["rejected"] + over["dropped"]
     assert 0 < over["received"] <= over["sent_frames"]
     assert over["rss_peak_bytes"] >= over["rss_before_bytes"]
+    assert over["rss_full_load_bytes"] == memory["rss_after_warmup_bytes"]
+    assert over["rss_growth_pct"] == pytest.approx(
+        growth_pct(over["rss_full_load_bytes"], over["rss_peak_bytes"])
+    )
 
     targets = result["targets"]
     assert targets["runtime_compilations"]["met"] is True
