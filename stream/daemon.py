@@ -3,8 +3,8 @@
 ```
  sources ──► ingest ──► admit+batcher ──► executor ──► stepped ──► integrator ──► sinks
  tcp  (block)  stream     (one frame per     (AOT bucket   stream    (moments,     offer():
- udp  (drop_oldest)  [queue]  stream, deadline,  step in a     [2]       latency)      subscribers,
- synthetic (block)           ≤ limit frames)    worker thread)                         jsonl, stdout
+ udp  (drop_oldest)  [queue]  stream, deadline,  step, enqueued [2]      latency)      subscribers,
+ synthetic (block)           ≤ limit frames)    not awaited)                           jsonl, stdout
 ```
 
 Every arrow is a bounded memory object stream (or the batcher's bounded buffer), so a

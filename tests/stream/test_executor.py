@@ -3,6 +3,9 @@ time; checkpoint failures are survived (and the final one reported)."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import anyio
 import jax
 import numpy as np
@@ -116,3 +119,28 @@ async def test_checkpoint_failure_is_survived_but_not_at_the_end(step: processor
     errors = [v for e, v in events if e == "checkpoint_error"]
     assert calls >= 2 and len(errors) == calls  # periodic ones survived, the final raised
     assert "No space left on device" in str(errors[0])
+
+
+async def test_compiled_steps_are_enqueued_on_the_loop_eager_ones_run_off_it(
+    small_config: processors.ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = processors.EnactiveModel(small_config, key=jax.random.PRNGKey(0))
+    s = processors.SlabStep(model, buckets=(1, 4), capacity=8)
+    lower = s._lower
+    monkeypatch.setattr(s, "_lower", lambda b: lower(b) if b == 1 else 1 / 0)
+    s.compile()
+    assert set(s.eager_buckets) == {4}
+
+    executor = Executor(s, StreamTable(s.capacity, 64), s.init_slab())
+    dispatch, where = executor._dispatch, []
+
+    def spy(x: np.ndarray, meta: np.ndarray):  # type: ignore[no-untyped-def]
+        where.append((len(x), threading.current_thread() is threading.main_thread()))
+        return dispatch(x, meta)
+
+    monkeypatch.setattr(executor, "_dispatch", spy)
+    prepared = batches(s, 2, 1) + batches(s, 1, 3)  # 1 frame, 1 frame, then 3 (bucket 4)
+    prepared[2] = [dataclasses.replace(f, stream_id=f"t{i}") for i, f in enumerate(prepared[2])]
+    got = await run(executor, prepared)
+    assert where == [(1, True), (1, True), (4, False)]
+    assert [len(r) for r in got] == [1, 1, 3]
