@@ -39,9 +39,11 @@ async def integrate(
     """
     async with receive:
         async for item in receive:
-            # Records already computed (and copied) are read at once; waiting for the
-            # device happens off the event loop.
-            if item.records.is_ready():
+            # Records already computed are read at once; waiting for the device happens
+            # off the event loop. (`is_ready` is ArrayImpl's; `jax.Array` does not declare
+            # it, so without it every batch takes the worker thread.)
+            is_ready = getattr(item.records, "is_ready", None)
+            if is_ready is not None and is_ready():
                 records = np.asarray(item.records)
             else:
                 records = await anyio.to_thread.run_sync(np.asarray, item.records)
