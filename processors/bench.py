@@ -99,7 +99,7 @@ def _eager_frame_seconds(model: EnactiveModel, repeats: int, frames: int) -> flo
 
 def run_kernel_bench(
     config: ModelConfig | None = None,
-    buckets: Sequence[int] = (1, 8, 64, 256),
+    buckets: Sequence[int] = (1, 8, 32, 64, 128, 256),
     *,
     repeats: int = 5,
     min_time: float = 0.2,
@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         buckets: tuple[int, ...] = (1, 8, 64)
         kwargs: dict[str, Any] = {"repeats": 3, "min_time": 0.05, "eager_frames": 2}
     else:
-        buckets, kwargs = (1, 8, 64, 256), {"repeats": 5, "min_time": 0.2, "eager_frames": 3}
+        buckets = (1, 8, 32, 64, 128, 256)
+        kwargs = {"repeats": 5, "min_time": 0.2, "eager_frames": 3}
     config = ModelConfig()
     machine = machine_info()
     print(

@@ -21,6 +21,7 @@ from typing import Any
 from .protocol import Dims
 
 __all__ = [
+    "DEFAULT_BUCKETS",
     "EMBEDDED_DEFAULT_OVERRIDES",
     "BatchingConfig",
     "Config",
@@ -225,11 +226,18 @@ class MetricsConfig:
     listen: str = _f("127.0.0.1:9400", _Address())
 
 
+DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256)
+"""The default batch buckets. Between 8 and 256 every bucket at most doubles the one
+below, so a partly filled batch pads to at most twice its size: on the reference machine
+the 4-bucket `(1, 8, 64, 256)` padded a typical half-load batch of ~90 frames to 256 and
+doubled the time on the device (docs/benchmarks.md)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class BatchingConfig:
     """`[batching]`: fixed batch buckets and the batch deadline."""
 
-    buckets: tuple[int, ...] = _f((1, 8, 64, 256), _IntList(None, 1, 65536))
+    buckets: tuple[int, ...] = _f(DEFAULT_BUCKETS, _IntList(None, 1, 65536))
     max_wait_ms: float = _f(2.0, _Float(0, 1000))
     adaptive: bool = _f(False, _Bool())
     slo_p99_ms: float = _f(5.0, _Float(0, 60000, lo_open=True))

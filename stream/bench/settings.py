@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ..config import DEFAULT_BUCKETS
+
 __all__ = ["BenchSettings"]
 
 
@@ -54,11 +56,11 @@ class BenchSettings:
     baseline: bool = True
     baseline_rounds: int = 10
     baseline_runs: int = 3
-    buckets: tuple[int, ...] = (1, 8, 64, 256)
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
     max_wait_ms: float | None = None
     adaptive: bool = False
     slo_p99_ms: float = 5.0
-    kernel_buckets: tuple[int, ...] = (1, 8, 64, 256)
+    kernel_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     kernel_repeats: int = 5
     kernel_min_time: float = 0.2
     kernel_eager_frames: int = 3
