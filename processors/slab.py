@@ -118,6 +118,10 @@ class SlabStep:
         self._host_fresh = jax.device_get(model.init_state())
         self._slab_sharding = jax.tree.map(lambda _: self._split, self._host_fresh)
         self._params = jax.device_put(self.params, self._replicated)
+        # The executables take the parameters as a flat list: flattening the module tree
+        # on every call cost ~60 µs of Python per step (53 leaves behind Equinox's
+        # attribute machinery).
+        self._param_leaves, self._param_def = jax.tree.flatten(self._params)
         self.executables: dict[int, Any] = {}
         self.eager_buckets: dict[int, str] = {}
         self.compile_seconds: dict[int, float] = {}
@@ -149,12 +153,14 @@ class SlabStep:
     def _lower(self, bucket: int) -> Any:
         sh = self._batch_sharding(bucket)
         fn = jax.jit(
-            lambda p, s, x, m: _slab_step(self.static, p, s, x, m),
+            lambda p, s, x, m: _slab_step(
+                self.static, jax.tree.unflatten(self._param_def, p), s, x, m
+            ),
             donate_argnums=(1,),
             out_shardings=(self._slab_sharding, sh),
         )
         return fn.lower(
-            self._params,
+            self._param_leaves,
             self._slab_spec(),
             jax.ShapeDtypeStruct((bucket, self.input_width), np.float32, sharding=sh),
             jax.ShapeDtypeStruct((bucket, 2), np.int32, sharding=sh),
@@ -232,16 +238,17 @@ class SlabStep:
         exe = self.executables.get(bucket)
         if exe is None and bucket not in self.eager_buckets:
             raise KeyError(f"batch size {bucket} is not a compiled bucket {self.buckets}")
-        sh = self._batch_sharding(bucket)
-        xs, ms = jax.device_put((x, meta), sh)
         if exe is not None:
             try:
-                new_slab, records = exe(self._params, slab, xs, ms)
+                # Host arrays go straight in: the executable places them by its own input
+                # shardings, ~80 µs cheaper per step than a separate device_put.
+                new_slab, records = exe(self._param_leaves, slab, x, meta)
                 return new_slab, records, False
             except Exception as e:
                 if any(leaf.is_deleted() for leaf in jax.tree.leaves(slab)):
                     raise
                 self._fall_back(bucket, e)
+        xs, ms = jax.device_put((x, meta), self._batch_sharding(bucket))
         with jax.disable_jit():
             new_slab, records = _slab_step(self.static, self._params, slab, xs, ms)
         return new_slab, records, True
