@@ -115,9 +115,11 @@ class Batcher:
     async def collect(
         self,
         receive: MemoryObjectReceiveStream[Frame],
-        admit: Callable[[Frame], bool] = lambda frame: True,
+        admit: Callable[[Frame, int], bool] = lambda frame, now_ns: True,
     ) -> None:
-        """Receive frames until the stream ends, adding those `admit` accepts; then `end()`."""
+        """Receive frames until the stream ends, adding those `admit(frame, now_ns)`
+        accepts (`now_ns`: `time.monotonic_ns()` when the frame was taken off the
+        stream, read once per drain); then `end()`."""
         async with receive:
             while True:
                 while not self.has_space:
@@ -127,11 +129,13 @@ class Batcher:
                     frame = await receive.receive()
                 except anyio.EndOfStream:
                     break
-                if admit(frame):
+                now = time.monotonic_ns()
+                if admit(frame, now):
                     self._add(frame)
-                # Drain what is already queued without yielding per frame (or waking the
-                # batch-taker per frame: once the drain is done is soon enough).
-                while self.has_space:
+                # Drain what is already queued without yielding, waking the batch-taker
+                # or re-reading the clock per frame: once per drain is soon enough.
+                room = self.limit - len(self)
+                while room > 0:
                     try:
                         frame = receive.receive_nowait()
                     except anyio.WouldBlock:
@@ -139,8 +143,9 @@ class Batcher:
                     except anyio.EndOfStream:
                         self.end()
                         return
-                    if admit(frame):
+                    if admit(frame, now):
                         self._add(frame)
+                        room -= 1
                 self.wake()
         self.end()
 

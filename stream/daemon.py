@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -317,13 +316,13 @@ class Daemon:
         )
         executor.on_idle = batcher.wake
 
-        def admit(frame: Frame) -> bool:
+        def admit(frame: Frame, now_ns: int) -> bool:
             try:
                 table.admit(frame.stream_id, frame.seq)
             except FrameRejected as r:
                 metrics.reject(frame.source, r.reason)
                 return False
-            self._queue_waits.append(time.monotonic_ns() - frame.received_ns)
+            self._queue_waits.append(now_ns - frame.received_ns)
             return True
 
         metrics.watch_queue("ingest", lambda: ingest_send.statistics().current_buffer_used)

@@ -94,7 +94,7 @@ async def test_collect_applies_admission_and_back_pressure() -> None:
     for i in range(10):
         send.send_nowait(frame(f"s{i}", 1 if i != 3 else 0))
     async with anyio.create_task_group() as tg:
-        tg.start_soon(b.collect, receive, lambda f: f.seq == 1)
+        tg.start_soon(b.collect, receive, lambda f, now_ns: f.seq == 1)
         await anyio.wait_all_tasks_blocked()
         assert len(b) == 4  # stopped receiving at its limit
         assert send.statistics().current_buffer_used == 5
