@@ -238,7 +238,7 @@ class BatchingConfig:
     """`[batching]`: fixed batch buckets and the batch deadline."""
 
     buckets: tuple[int, ...] = _f(DEFAULT_BUCKETS, _IntList(None, 1, 65536))
-    max_wait_ms: float = _f(2.0, _Float(0, 1000))
+    max_wait_ms: float = _f(0.5, _Float(0, 1000))
     adaptive: bool = _f(False, _Bool())
     slo_p99_ms: float = _f(5.0, _Float(0, 60000, lo_open=True))
 

@@ -4,7 +4,7 @@ It owns the device-resident state slab. For each batch it asks the stream table 
 slots (evicting idle streams to the host, restoring returning ones), packs the frames'
 payloads into one float32 array and their slots/flags into one int32 array, and
 dispatches the batch's compiled bucket without waiting for it: the call only enqueues
-the step and the copy of its records (~0.2 ms, on the event loop: cheaper than a trip
+the step and the copy of its records (~50 µs, on the event loop: cheaper than a trip
 to a worker thread and back), then the device computes while the loop keeps receiving,
 the batcher forms the next batch and the integrator waits for the records. A bucket
 that fell back to eager execution runs in a worker thread instead (it takes tens of ms).

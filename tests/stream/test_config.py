@@ -34,7 +34,7 @@ def test_defaults() -> None:
     assert (cfg.output.jsonl, cfg.output.stdout, cfg.output.subscriber_buffer) == ("", False, 4096)
     assert cfg.metrics.listen == "127.0.0.1:9400"
     assert cfg.batching.buckets == (1, 8, 32, 64, 128, 256)
-    assert cfg.batching.max_wait_ms == 2.0
+    assert cfg.batching.max_wait_ms == 0.5
     assert cfg.batching.adaptive is False
     assert cfg.batching.slo_p99_ms == 5.0
     m = cfg.model
