@@ -44,25 +44,31 @@ __all__ = ["machine_info", "main", "run_kernel_bench"]
 ALL_PRESENT = 0b1111
 
 
-def _timed(fn: Callable[[], Any], n: int) -> float:
-    """Seconds for `n` back-to-back calls of `fn`, blocking on the last result only."""
-    t0 = time.perf_counter()
+def _timed(fn: Callable[[], Any], n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) for `n` back-to-back calls of
+    `fn`, blocking on the last result only."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = None
     for _ in range(n):
         out = fn()
     jax.block_until_ready(out)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def _seconds_per_call(fn: Callable[[], Any], repeats: int, min_time: float) -> float:
-    """Median seconds per call over `repeats` runs, each run at least `min_time` long."""
+def _seconds_per_call(fn: Callable[[], Any], repeats: int, min_time: float) -> tuple[float, float]:
+    """(median seconds per call, median cores busy) over `repeats` runs, each run at
+    least `min_time` long. Cores busy = process CPU time ÷ wall time: how much of the
+    machine the call takes (XLA's CPU client runs a step on several threads)."""
     jax.block_until_ready(fn())  # warm-up: first-call costs are not the steady state
-    n, elapsed = 1, _timed(fn, 1)
+    n, (elapsed, cpu) = 1, _timed(fn, 1)
     while elapsed < min_time:
         n = max(2 * n, int(n * 1.2 * min_time / max(elapsed, 1e-9)))
-        elapsed = _timed(fn, n)
-    samples = [elapsed / n] + [_timed(fn, n) / n for _ in range(repeats - 1)]
-    return statistics.median(samples)
+        elapsed, cpu = _timed(fn, n)
+    runs = [(elapsed, cpu)] + [_timed(fn, n) for _ in range(repeats - 1)]
+    return (
+        statistics.median(wall / n for wall, _ in runs),
+        statistics.median(cpu / wall for wall, cpu in runs),
+    )
 
 
 def _batch(step: SlabStep, bucket: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +124,9 @@ def run_kernel_bench(
     - `eager_frames`: frames per timed run of the eager per-frame call.
 
     **Returns:** one dict per bucket (ascending): `bucket`, `compile_s`,
-    `compiled_step_us`, `compiled_frames_per_s`, `eager_batch_step_us`,
+    `compiled_step_us`, `compiled_frames_per_s`, `compiled_cores` (process CPU time ÷
+    wall time while the compiled step runs), `compiled_core_us_per_frame` (CPU µs per
+    frame, all threads), `eager_batch_step_us`,
     `eager_batch_frames_per_s`, `eager_frame_us`, `eager_frames_per_s`, `speedup`
     (compiled frames/s ÷ eager per-frame frames/s) — floats except `bucket`.
     """
@@ -150,14 +158,16 @@ def run_kernel_bench(
             with jax.disable_jit():
                 return _slab_step(step.static, step._params, slab, xs, ms)
 
-        step_s = _seconds_per_call(compiled, repeats, min_time)
-        eager_step_s = _seconds_per_call(eager_batch, repeats, min_time)
+        step_s, cores = _seconds_per_call(compiled, repeats, min_time)
+        eager_step_s, _ = _seconds_per_call(eager_batch, repeats, min_time)
         rows.append(
             {
                 "bucket": bucket,
                 "compile_s": compile_seconds[bucket],
                 "compiled_step_us": step_s * 1e6,
                 "compiled_frames_per_s": bucket / step_s,
+                "compiled_cores": cores,
+                "compiled_core_us_per_frame": step_s * cores * 1e6 / bucket,
                 "eager_batch_step_us": eager_step_s * 1e6,
                 "eager_batch_frames_per_s": bucket / eager_step_s,
                 "eager_frame_us": frame_s * 1e6,
@@ -194,14 +204,16 @@ def machine_info() -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| bucket | compile s | compiled µs/step | compiled frames/s | eager batch µs/step "
-        "| eager batch frames/s | eager µs/frame | eager frames/s | speedup |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bucket | compile s | compiled µs/step | compiled frames/s | cores busy "
+        "| core-µs/frame | eager batch µs/step | eager batch frames/s | eager µs/frame "
+        "| eager frames/s | speedup |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['bucket']} | {r['compile_s']:.2f} | {r['compiled_step_us']:,.1f} "
-            f"| {r['compiled_frames_per_s']:,.0f} "
+            f"| {r['compiled_frames_per_s']:,.0f} | {r['compiled_cores']:.2f} "
+            f"| {r['compiled_core_us_per_frame']:.2f} "
             f"| {r['eager_batch_step_us']:,.0f} | {r['eager_batch_frames_per_s']:,.0f} "
             f"| {r['eager_frame_us']:,.0f} | {r['eager_frames_per_s']:,.1f} "
             f"| {r['speedup']:,.0f}× |"
