@@ -56,9 +56,10 @@ def xla_cpu_threads(config: Config, environ: dict[str, str] | None = None) -> in
 
     XLA's CPU client sizes its compute and dispatch pools from `PJRT_NPROC` when it is
     created, and by default gives them a thread per core. The daemon's event loop needs a
-    core of its own: on the 2-core reference machine a second compute thread bought ~20 %
-    more step throughput for ~75 % more CPU, taken from the host pipeline (see
-    docs/benchmarks.md). So `cpu_threads = 0` (auto) keeps a `PJRT_NPROC` already set in
+    core of its own: on the 2-core reference machine a second compute thread bought at
+    most ~18 % more step throughput (at 256 rows; at 32–64 rows it lost some) for 30–75 %
+    more CPU per frame, taken from the host pipeline; end to end, one thread did 30 %
+    more (docs/benchmarks.md). So `cpu_threads = 0` (auto) keeps a `PJRT_NPROC` already set in
     the environment and otherwise leaves one core to the host (`cores - 1`); a positive
     value is used as given. Never fewer than `device.count`: XLA runs a sharded step's
     devices on that pool at once. Only a CPU client created after this call is affected
