@@ -44,6 +44,8 @@ class Stepped:
     - `eager`: True when the eager fallback produced the records.
     - `restored`: per frame, True when its stream's state came from a checkpoint.
     - `taken_ns`: when the batch left the batcher.
+    - `stream_ids`, `seq`, `received_ns`: the frames' own, in row order (read once here,
+        used again by the integrator).
     """
 
     frames: list[Frame]
@@ -51,6 +53,9 @@ class Stepped:
     eager: bool
     restored: list[bool]
     taken_ns: int
+    stream_ids: list[str]
+    seq: list[int]
+    received_ns: np.ndarray
 
 
 class Executor:
@@ -155,7 +160,8 @@ class Executor:
                 else:
                     records, eager = self._dispatch(x, meta)
                 self.pending += 1
-                table.processed_seq.update(zip(stream_ids, (f.seq for f in frames), strict=True))
+                seq = [f.seq for f in frames]
+                table.processed_seq.update(zip(stream_ids, seq, strict=True))
                 restored = [False] * n
                 if table.restored:
                     for i, stream_id in enumerate(stream_ids):
@@ -164,7 +170,9 @@ class Executor:
                             restored[i] = True
                 self._dirty = True
                 self._observe("batch", (len(x), n))
-                await send.send(Stepped(frames, records, eager, restored, taken))
+                await send.send(
+                    Stepped(frames, records, eager, restored, taken, stream_ids, seq, received)
+                )
                 if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
             await self.checkpoint(final=True)

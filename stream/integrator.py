@@ -51,15 +51,15 @@ async def integrate(
             on_ready()
             frames = item.frames
             n = len(frames)
-            received = np.fromiter((f.received_ns for f in frames), np.int64, n)
+            received = item.received_ns
             present = np.fromiter((f.present for f in frames), np.uint16, n)
             flags = np.where(present != ALL_PRESENT, FLAG_ABSENT, 0).astype(np.uint16)
             flags |= np.where(np.asarray(item.restored, bool), FLAG_RESTORED, 0).astype(np.uint16)
             if item.eager:
                 flags |= FLAG_EAGER
             batch = MomentBatch(
-                [f.stream_id for f in frames],
-                np.fromiter((f.seq for f in frames), np.uint64, n),
+                item.stream_ids,
+                np.array(item.seq, np.uint64),
                 np.fromiter((f.timestamp for f in frames), np.float64, n),
                 np.zeros(n, np.uint64),
                 flags,
