@@ -78,11 +78,20 @@ def _check_counts(counts: Sequence[int], dims: Dims) -> int:
     return present
 
 
-def _check_finite(payload: np.ndarray) -> None:
+def non_finite_payload(payload: np.ndarray) -> FrameRejected | None:
+    """The `non_finite` rejection of a payload holding a NaN or an infinity (naming the
+    first), or None when every value is finite."""
     finite = np.isfinite(payload)
-    if not finite.all():
-        index = int(np.argmin(finite))
-        raise FrameRejected("non_finite", f"payload[{index}]={payload[index]}, expected finite")
+    if finite.all():
+        return None
+    index = int(np.argmin(finite))
+    return FrameRejected("non_finite", f"payload[{index}]={payload[index]}, expected finite")
+
+
+def _check_finite(payload: np.ndarray) -> None:
+    rejected = non_finite_payload(payload)
+    if rejected is not None:
+        raise rejected
 
 
 def decode_frame(

@@ -28,7 +28,7 @@ from ._types import (
     FrameRejected,
     _pad,
 )
-from .frames import _check_counts, check_stream_id
+from .frames import _check_counts, check_stream_id, non_finite_payload
 
 __all__ = ["MIN_RUN", "decode_run"]
 
@@ -150,12 +150,7 @@ def decode_run(
         elif not finite_t[i]:
             out.append(FrameRejected("non_finite", f"timestamp={timestamp[i]}, expected finite"))
         elif not ok:
-            index = int(np.argmin(np.isfinite(payload[i])))
-            out.append(
-                FrameRejected(
-                    "non_finite", f"payload[{index}]={payload[i, index]}, expected finite"
-                )
-            )
+            out.append(cast(FrameRejected, non_finite_payload(payload[i])))
         else:
             out.append(
                 Frame(stream_id, seq[i], timestamp[i], payload[i], present, received_ns, source)
