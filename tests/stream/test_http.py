@@ -8,17 +8,11 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import anyio
-import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.http import MAX_HEAD_BYTES, serve_http
 from stream.metrics import Metrics
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @asynccontextmanager

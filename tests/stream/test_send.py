@@ -20,11 +20,6 @@ DIMS = Dims(6, 5, 4, 3)
 HOST = "127.0.0.1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def collect(transport: str, **kwargs: object) -> tuple[list[Frame], collections.Counter]:
     """Run the sender against a real source; every frame and the received counts."""
     send_end, receive_end = anyio.create_memory_object_stream[Frame](100_000)

@@ -27,11 +27,6 @@ HOST = "127.0.0.1"
 SIZES = MomentSizes(4, 3, 2, 2)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def moment(stream_id: str, seq: int, sizes: MomentSizes = SIZES) -> Moment:
     values = np.arange(sizes.total, dtype=np.float32) * 0.5 + seq
     return Moment(stream_id, seq, seq * 0.01, 1000 + seq, 0, sizes, values)

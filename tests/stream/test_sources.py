@@ -22,11 +22,6 @@ DIMS = Dims(4, 3, 2, 2)
 HOST = "127.0.0.1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Recorder:
     """An `Ingest` over a memory stream that records every counter call."""
 

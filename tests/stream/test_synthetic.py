@@ -6,7 +6,6 @@ import time
 
 import anyio
 import numpy as np
-import pytest
 
 from stream.ingest import Ingest
 from stream.protocol import ALL_PRESENT, Dims, Frame
@@ -15,11 +14,6 @@ from stream.synthetic import SyntheticBodies, run_synthetic
 DIMS = Dims(8, 12, 6, 5)
 SLICES = {"sensory": slice(0, 8), "proprio": slice(8, 20), "tactile": slice(20, 26)}
 SLICES["motor"] = slice(26, 31)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def test_tick_shape_dtype_and_ranges():
