@@ -29,7 +29,7 @@ from .model import (
     pack_record,
 )
 from .params import ParamsMismatchError, load_params, save_params
-from .slab import FLAG_RESET, FLAG_VALID, SlabStep
+from .slab import FLAG_RESET, FLAG_VALID, SNAPSHOT_ROWS, SlabSnapshot, SlabStep
 from .temporal import TemporalOutput, TemporalProcessor, TemporalState
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "FLAG_VALID",
     "MODALITIES",
     "RECORD_FIELDS",
+    "SNAPSHOT_ROWS",
     "BodySchemaConfig",
     "BodySchemaOutput",
     "BodySchemaProcessor",
@@ -50,6 +51,7 @@ __all__ = [
     "ModelConfig",
     "ModelConfigError",
     "ParamsMismatchError",
+    "SlabSnapshot",
     "SlabStep",
     "TemporalConfig",
     "TemporalOutput",

@@ -12,6 +12,7 @@ Host ⇄ device per batch: `x` (float32 `(B, D+P+T+M)`, the wire payloads as the
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .model import EnactiveModel, EnactiveState, pack_record
 
-__all__ = ["FLAG_RESET", "FLAG_VALID", "SlabStep"]
+__all__ = ["FLAG_RESET", "FLAG_VALID", "SNAPSHOT_ROWS", "SlabSnapshot", "SlabStep"]
 
 FLAG_VALID = 1 << 4
 """`meta[:, 1]` bit: this row is a real frame (bits 0–3 are the modality presence flags)."""
@@ -65,6 +66,33 @@ def _read_slot(slab: EnactiveState, slot: jax.Array) -> EnactiveState:
 
 def _write_slot(slab: EnactiveState, slot: jax.Array, state: EnactiveState) -> EnactiveState:
     return jax.tree.map(lambda s, v: s.at[slot].set(v), slab, state)
+
+
+def _gather_rows(slab: EnactiveState, slots: jax.Array) -> EnactiveState:
+    return jax.tree.map(lambda s: s[slots], slab)
+
+
+SNAPSHOT_ROWS = 256
+"""Slab rows one compiled snapshot gather copies (a snapshot takes as many as it needs)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SlabSnapshot:
+    """Rows of a slab copied on the device by `SlabStep.snapshot`, in the order asked.
+
+    `to_host()` waits for the copies and returns the rows as host numpy arrays (call it
+    off the event loop).
+    """
+
+    chunks: list[EnactiveState]
+    rows: int
+    empty: Any  # the host pytree with no rows, for a snapshot of none
+
+    def to_host(self) -> Any:
+        if not self.chunks:
+            return self.empty
+        host = jax.device_get(self.chunks)
+        return jax.tree.map(lambda *xs: np.concatenate(xs)[: self.rows], *host)
 
 
 class SlabStep:
@@ -127,6 +155,7 @@ class SlabStep:
         self.compile_seconds: dict[int, float] = {}
         self._read: Any = None
         self._write: Any = None
+        self._gather: Any = None
 
     # -- shapes -----------------------------------------------------------------------
 
@@ -168,8 +197,8 @@ class SlabStep:
 
     def compile(self, progress: Callable[[int, float], None] | None = None) -> dict[int, float]:
         """Compile every bucket ahead of time (plus the slot read/write helpers used for
-        eviction), timing each. A bucket whose compilation fails is reported through
-        `on_fallback` and served by eager execution.
+        eviction and the row gather used for checkpoints), timing each. A bucket whose
+        compilation fails is reported through `on_fallback` and served by eager execution.
 
         **Returns:** `{bucket: seconds}`; `progress(bucket, seconds)` is called after each.
         """
@@ -193,6 +222,8 @@ class SlabStep:
             .lower(slab, slot, state)
             .compile()
         )
+        rows = jax.ShapeDtypeStruct((min(SNAPSHOT_ROWS, self.capacity),), np.int32)
+        self._gather = jax.jit(_gather_rows).lower(slab, rows).compile()
         return dict(self.compile_seconds)
 
     def _fall_back(self, bucket: int, error: Exception) -> None:
@@ -293,6 +324,24 @@ class SlabStep:
     def read_slot(self, slab: EnactiveState, slot: int) -> Any:
         """One stream's state as host numpy arrays (for eviction)."""
         return jax.device_get(self._read(slab, np.int32(slot)))
+
+    def snapshot(self, slab: EnactiveState, slots: Sequence[int]) -> SlabSnapshot:
+        """Copy the rows of `slots` (for a checkpoint) without waiting for the device.
+
+        The copies are enqueued behind the steps already dispatched, `SNAPSHOT_ROWS` rows
+        per compiled gather, so a checkpoint copies the streams there are, not the whole
+        slab; later steps may donate `slab`, the copies stay as they were.
+        """
+        chunk = min(SNAPSHOT_ROWS, self.capacity)
+        index = np.zeros(-(-len(slots) // chunk) * chunk, np.int32)  # padded with slot 0
+        index[: len(slots)] = slots
+        chunks = [self._gather(slab, index[i : i + chunk]) for i in range(0, len(index), chunk)]
+        for leaf in jax.tree.leaves(chunks):
+            leaf.copy_to_host_async()
+        empty = jax.tree.map(
+            lambda leaf: np.empty((0, *np.shape(leaf)), np.asarray(leaf).dtype), self._host_fresh
+        )
+        return SlabSnapshot(chunks, len(slots), empty)
 
     def write_slot(self, slab: EnactiveState, slot: int, state: Any) -> EnactiveState:
         """Put one stream's host state into `slot` (the slab is donated)."""

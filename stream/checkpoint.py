@@ -1,9 +1,12 @@
 """Durable state: the slab, the slot map, evicted states and sequence numbers, written
 atomically (temporary file, fsync, rename) and read back at start.
 
-One file, `<state dir>/checkpoint.npz`: the slab's leaves as arrays `slab_<i>`, the
-evicted streams' leaves stacked as `evicted_<i>`, and a JSON `meta` with the model
-fingerprint, the slot map, the evicted stream ids and the processed sequence numbers.
+One file, `<state dir>/checkpoint.npz`: the slab's leaves as arrays `slab_<i>`, holding
+the rows of the occupied slots only, in the slot map's order (the file grows with the
+streams, not with `max_streams`); the evicted streams' leaves stacked as `evicted_<i>`;
+and a JSON `meta` with the format, the model fingerprint, the slot map, the evicted
+stream ids and the processed sequence numbers. Format 1 (written before this one) held
+every slot's row; it is still read.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .streams import StreamTable
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FILENAME = "checkpoint.npz"
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -31,21 +34,22 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(
     directory: str | os.PathLike[str],
-    host_slab: Any,
+    rows: Any,
     table: StreamTable,
     fingerprint: dict[str, Any],
 ) -> Path:
     """Write everything needed to resume to `directory` atomically.
 
-    **Arguments:** `host_slab`, the slab as numpy arrays (`jax.device_get`); `table`, the
-    stream table; `fingerprint`, what must match at restore (model dims, capacity).
+    **Arguments:** `rows`, the slab rows of the streams in `table.slot_of`, in its order,
+    as numpy arrays (`SlabSnapshot.to_host()`); `table`, the stream table; `fingerprint`,
+    what must match at restore (model dims, capacity).
 
     **Returns:** the checkpoint's path.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {
-        f"slab_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(host_slab))
+        f"slab_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(rows))
     }
     evicted = [(s, st) for s, st in table.evicted.items() if st is not None]
     if evicted:
@@ -81,10 +85,12 @@ def load_checkpoint(
 ) -> Any | None:
     """Read the checkpoint in `directory`, if any, into `table`.
 
-    **Arguments:** `like_slab`, a host slab of the expected structure (shapes are
-    checked against it); `table`, an empty stream table to fill; `fingerprint`, as saved.
+    **Arguments:** `like_slab`, a fresh host slab: the saved rows are written into it
+    (shapes are checked against it), the other slots keep its fresh state; `table`, an
+    empty stream table to fill; `fingerprint`, as saved.
 
-    **Returns:** the host slab, or None when there is no checkpoint.
+    **Returns:** the host slab (`like_slab`, filled in), or None when there is no
+    checkpoint.
 
     **Raises:** `CheckpointError` when the file was written for another model or
     capacity, or cannot be read.
@@ -95,20 +101,29 @@ def load_checkpoint(
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
+            if meta.get("format") not in (1, FORMAT):
+                raise CheckpointError(
+                    f"{path} has format {meta.get('format')!r}, this daemon reads 1 and "
+                    f"{FORMAT}; move it away to start fresh"
+                )
             if meta.get("fingerprint") != fingerprint:
                 raise CheckpointError(
                     f"{path} was written for {meta.get('fingerprint')}, this daemon runs "
                     f"{fingerprint}; move it away to start fresh"
                 )
             leaves, treedef = jax.tree.flatten(like_slab)
-            arrays = [data[f"slab_{i}"] for i in range(len(leaves))]
-            for got, want in zip(arrays, leaves, strict=True):
-                if got.shape != np.shape(want):
+            rows: slice | np.ndarray = slice(None)  # format 1: every slot's row
+            if meta["format"] == FORMAT:  # the occupied slots' rows, in the slot map's order
+                rows = np.fromiter(meta["slots"].values(), np.intp, len(meta["slots"]))
+            for i, leaf in enumerate(leaves):
+                got, want = data[f"slab_{i}"], leaf[rows]
+                if got.shape != want.shape:
                     raise CheckpointError(
                         f"{path}: slab array {got.shape}, expected "
-                        f"{np.shape(want)}; move it away to start fresh"
+                        f"{want.shape}; move it away to start fresh"
                     )
-            slab = jax.tree.unflatten(treedef, arrays)
+                leaf[rows] = got
+            slab = jax.tree.unflatten(treedef, leaves)
             evicted_ids = meta["evicted"]
             if evicted_ids:
                 stacked = [data[f"evicted_{i}"] for i in range(len(leaves))]

@@ -302,8 +302,8 @@ class Daemon:
         directory = cfg.state.dir
         fingerprint = self._fingerprint(step)
 
-        def checkpoint(host_slab: Any, t: StreamTable) -> None:
-            save_checkpoint(directory, host_slab, t, fingerprint)
+        def checkpoint(rows: Any, t: StreamTable) -> None:
+            save_checkpoint(directory, rows, t, fingerprint)
 
         status = StatusLine(metrics, table, counter)
         observe = self._observer(table, status, adaptive)

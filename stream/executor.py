@@ -8,9 +8,9 @@ the step and the copy of its records (~50 µs, on the event loop: cheaper than a
 to a worker thread and back), then the device computes while the loop keeps receiving,
 the batcher forms the next batch and the integrator waits for the records. A bucket
 that fell back to eager execution runs in a worker thread instead (it takes tens of ms).
-It tells the batcher when the device has nothing left to do (`on_idle`). Checkpoints
-snapshot the slab between batches, when nothing else touches it, and are written in the
-background.
+It tells the batcher when the device has nothing left to do (`on_idle`). A checkpoint
+enqueues a copy of the occupied slab rows between two batches, like a step, and reads
+it back and writes it in the background.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from anyio.streams.memory import MemoryObjectSendStream
 
-from processors import FLAG_RESET, FLAG_VALID, SlabStep
+from processors import FLAG_RESET, FLAG_VALID, SlabSnapshot, SlabStep
 
 from .batcher import Batcher
 from .protocol import Frame
@@ -64,7 +64,7 @@ class Executor:
     - `step`: the compiled `SlabStep`.
     - `table`: the `StreamTable` (its capacity equals the slab's).
     - `slab`: the initial (fresh or restored) device slab.
-    - `checkpoint`: `checkpoint(host_slab, table)` writes a checkpoint (called in a worker
+    - `checkpoint`: `checkpoint(rows, table)` writes a checkpoint (called in a worker
         thread); None disables checkpoints.
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
     - `observe`: `observe(event, value)` for metrics: `("batch", (bucket, rows))`,
@@ -187,11 +187,13 @@ class Executor:
     async def checkpoint(self, *, final: bool = False) -> None:
         """Write a checkpoint if anything changed since the last one.
 
-        Only the snapshot holds up the device: the slab is copied to the host (it is
-        donated to the next step, so it must be read before that) and the stream table
-        copied; the file is written in the background while batches flow on (one write
-        at a time: while one runs, the next waits for a later batch). The final
-        checkpoint at shutdown is written before this returns.
+        Nothing here waits for the device: the stream table is copied and a copy of its
+        streams' slab rows is enqueued behind the steps already dispatched (the slab
+        itself is donated to the next step); the rows are read back and the file written
+        in the
+        background while batches flow on (one write at a time: while one runs, the next
+        waits for a later batch). The final checkpoint at shutdown is written before this
+        returns.
 
         A failed write (disk full, directory gone) is reported as `("checkpoint_error",
         message)` and retried at the next interval: the service goes on. Only the final
@@ -207,22 +209,23 @@ class Executor:
             return
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         t0 = time.perf_counter()
-        host_slab = await anyio.to_thread.run_sync(jax.device_get, self.slab, limiter=self._limiter)
         table = self.table.snapshot()
+        snapshot = self.step.snapshot(self.slab, list(table.slot_of.values()))
         self._dirty = False
         if final:
-            await self._write(host_slab, table, t0, final=True)
+            await self._write(snapshot, table, t0, final=True)
         else:
             self._writing = anyio.Event()
             assert self._background is not None
-            self._background.start_soon(self._write, host_slab, table, t0)
+            self._background.start_soon(self._write, snapshot, table, t0)
 
     async def _write(
-        self, host_slab: Any, table: StreamTable, t0: float, *, final: bool = False
+        self, snapshot: SlabSnapshot, table: StreamTable, t0: float, *, final: bool = False
     ) -> None:
-        assert self._checkpoint is not None
+        checkpoint = self._checkpoint
+        assert checkpoint is not None
         try:
-            await anyio.to_thread.run_sync(self._checkpoint, host_slab, table)
+            await anyio.to_thread.run_sync(lambda: checkpoint(snapshot.to_host(), table))
         except OSError as e:
             self._dirty = True  # nothing was saved: the next interval tries again
             self._observe("checkpoint_error", f"{type(e).__name__}: {e}")

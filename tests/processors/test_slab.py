@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import processors.slab as slab_module
 from processors import (
     FLAG_RESET,
     FLAG_VALID,
@@ -184,6 +185,31 @@ def test_read_write_slot_round_trip(step: SlabStep) -> None:
     others = np.arange(CAPACITY) != 3
     for old, new in zip(before, _host(slab), strict=True):
         np.testing.assert_array_equal(new[others], old[others])
+
+
+@pytest.mark.parametrize("rows_per_gather", [3, 256])
+def test_snapshot_copies_the_asked_rows_and_outlives_donation(
+    model: EnactiveModel, monkeypatch: pytest.MonkeyPatch, rows_per_gather: int
+) -> None:
+    monkeypatch.setattr(slab_module, "SNAPSHOT_ROWS", rows_per_gather)  # 3: several gathers
+    step = SlabStep(model, buckets=BUCKETS, capacity=CAPACITY)
+    step.compile()
+    slab = _stepped_slab(step)
+    before = _host(slab)
+    slots = [7, 0, 31, 5, 2, 6, 9]
+    with CompilationCounter() as counter:
+        counter.seal()
+        snapshot = step.snapshot(slab, slots)
+        empty = step.snapshot(slab, [])
+        slab, _ = step.run(slab, np.arange(CAPACITY), _x(step, CAPACITY, 3))  # donates
+        rows = [np.asarray(a) for a in jax.tree.leaves(snapshot.to_host())]
+        assert counter.runtime == 0
+    for got, old in zip(rows, before, strict=True):
+        np.testing.assert_array_equal(got, old[slots])
+    assert [a.shape for a in jax.tree.leaves(empty.to_host())] == [
+        (0, *a.shape[1:]) for a in before
+    ]
+    assert not np.allclose(_host(slab)[0][slots], before[0][slots])  # the slab moved on
 
 
 def test_run_splits_beyond_the_largest_bucket(step: SlabStep) -> None:

@@ -96,11 +96,49 @@ async def test_eviction_keeps_results_exact(step: processors.SlabStep) -> None:
         )
 
 
+async def test_checkpoints_hold_the_state_of_the_batches_they_claim(
+    step: processors.SlabStep,
+) -> None:
+    # A checkpoint is a copy of the streams' rows enqueued behind the steps before it and
+    # read back later, while later steps reuse (donate) the slab: each written one must
+    # still hold exactly the state after the batches its table says were processed.
+    written: list[tuple[list[np.ndarray], list[int], int, bool]] = []
+
+    def record(rows: object, table: StreamTable) -> None:
+        seqs = set(table.processed_seq.values())
+        assert len(seqs) == 1  # every stream in every batch: one seq for all
+        on_main = threading.current_thread() is threading.main_thread()
+        slots = list(table.slot_of.values())
+        written.append(([np.array(a) for a in jax.tree.leaves(rows)], slots, seqs.pop(), on_main))
+
+    prepared = batches(step, 6, 5)
+    executor = Executor(
+        step,
+        StreamTable(step.capacity, 64),
+        step.init_slab(),
+        checkpoint=record,
+        checkpoint_interval_s=1e-9,
+    )
+    await run(executor, prepared)
+    assert len(written) >= 2 and written[-1][2] == 6  # periodic ones and the final one
+    slab, after = step.init_slab(), {}
+    for k, frames in enumerate(prepared):
+        x = np.stack([f.payload for f in frames])
+        slab, _ = step.run(slab, np.arange(5), x, reset=np.full(5, k == 0))
+        after[k + 1] = [np.asarray(a) for a in jax.tree.leaves(slab)]
+    for leaves, slots, seq, on_main in written:
+        assert not on_main  # read back and written off the event loop
+        assert sorted(slots) == list(range(5))
+        for got, want in zip(leaves, after[seq], strict=True):
+            assert len(got) == 5  # the streams' rows, not the whole slab
+            np.testing.assert_allclose(got, want[slots], rtol=1e-6)
+
+
 async def test_checkpoint_failure_is_survived_but_not_at_the_end(step: processors.SlabStep) -> None:
     events: list[tuple[str, object]] = []
     calls = 0
 
-    def failing(host_slab: object, table: StreamTable) -> None:
+    def failing(rows: object, table: StreamTable) -> None:
         nonlocal calls
         calls += 1
         raise OSError(28, "No space left on device")
