@@ -8,23 +8,85 @@ its oldest frame has waited `max_wait` since it was received. While the executor
 the current batch keeps growing — the next batch forms while this one computes (the
 "model instance available" rule of Triton's dynamic batcher).
 
-The batcher holds at most `limit` frames (current + held back); past that it stops
-receiving, and back-pressure reaches the sources through the bounded stream before it.
+A `FrameRun` (like frames from one TCP read) whose streams are distinct and neither in
+the current batch nor held back joins the batch whole, as one piece: no object per frame
+on the hot path. Anything else goes frame by frame, with the same result.
+
+The batcher holds at most `limit` frames (current + held back; one run may take it past)
+past that it stops receiving, and back-pressure reaches the sources through the bounded
+stream before it.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
+import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .protocol import Frame
+from .protocol import Frame, FrameRun
 
-__all__ = ["Batcher"]
+__all__ = ["Batch", "Batcher"]
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """A batch as columns, one row per frame, oldest first.
+
+    - `stream_ids`, `seq`: per row (distinct streams).
+    - `timestamp` float64, `present` uint16, `received_ns` int64: `(n,)`.
+    - `payloads`: flat float32 arrays whose concatenation is the rows' payloads, row by
+        row (a run's block, or a frame's row).
+    """
+
+    stream_ids: list[str]
+    seq: list[int]
+    timestamp: np.ndarray
+    present: np.ndarray
+    received_ns: np.ndarray
+    payloads: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    @classmethod
+    def of(cls, pieces: Sequence[Frame | FrameRun]) -> Batch:
+        """The batch of these frames and runs, in order."""
+        ids: list[str] = []
+        seq: list[int] = []
+        timestamp: list[float] = []
+        present: list[int] = []
+        received: list[int] = []
+        payloads: list[np.ndarray] = []
+        for piece in pieces:
+            if isinstance(piece, FrameRun):
+                n = len(piece)
+                ids += piece.stream_ids
+                seq += piece.seq
+                timestamp += piece.timestamp.tolist()
+                present += [piece.present] * n
+                received += [piece.received_ns] * n
+                payloads.append(piece.payload.reshape(-1))
+            else:
+                ids.append(piece.stream_id)
+                seq.append(piece.seq)
+                timestamp.append(piece.timestamp)
+                present.append(piece.present)
+                received.append(piece.received_ns)
+                payloads.append(piece.payload)
+        return cls(
+            ids,
+            seq,
+            np.array(timestamp, np.float64),
+            np.array(present, np.uint16),
+            np.array(received, np.int64),
+            payloads,
+        )
 
 
 class Batcher:
@@ -54,7 +116,9 @@ class Batcher:
         self.limit = limit if limit is not None else 4 * max_batch
         self._clock = clock
         self._idle = idle
-        self._current: dict[str, Frame] = {}
+        self._pieces: list[Frame | FrameRun] = []  # the current batch, oldest first
+        self._ids: set[str] = set()  # its streams
+        self._count = 0  # its frames
         self._held: dict[str, collections.deque[Frame]] = {}
         self._held_count = 0
         self._changed = anyio.Event()
@@ -65,7 +129,7 @@ class Batcher:
 
     def __len__(self) -> int:
         """Frames in the batcher (current batch + held back)."""
-        return len(self._current) + self._held_count
+        return self._count + self._held_count
 
     @property
     def ended(self) -> bool:
@@ -85,21 +149,50 @@ class Batcher:
         """Look again whether the current batch is due (the device just went idle)."""
         self._changed.set()
 
-    def add(self, frame: Frame) -> None:
-        """Take one admitted frame (never waits; callers respect `has_space`)."""
-        self._add(frame)
+    def add(self, item: Frame | FrameRun) -> None:
+        """Take one admitted frame or run (never waits; callers respect `has_space`)."""
+        if type(item) is FrameRun:
+            self._add_run(item)
+        else:
+            self._add(item)  # type: ignore[arg-type]
         self.wake()
 
     def _add(self, frame: Frame) -> None:
-        held = self._held.get(frame.stream_id)
+        stream_id = frame.stream_id
+        held = self._held.get(stream_id)
         if held is not None:
             held.append(frame)
             self._held_count += 1
-        elif frame.stream_id in self._current or len(self._current) >= self.max_batch:
-            self._held[frame.stream_id] = collections.deque((frame,))
+        elif stream_id in self._ids or self._count >= self.max_batch:
+            self._held[stream_id] = collections.deque((frame,))
             self._held_count += 1
         else:
-            self._current[frame.stream_id] = frame
+            self._pieces.append(frame)
+            self._ids.add(stream_id)
+            self._count += 1
+
+    def _add_run(self, run: FrameRun) -> None:
+        ids = run.stream_ids
+        room = self.max_batch - self._count
+        streams = set(ids)
+        if (
+            room > 0
+            and len(streams) == len(ids)
+            and streams.isdisjoint(self._ids)
+            and (not self._held or self._held.keys().isdisjoint(streams))
+        ):
+            # Every frame would join the batch (up to its room) in order: join whole.
+            head = run if len(ids) <= room else run.head(room)
+            self._pieces.append(head)
+            self._ids.update(head.stream_ids)
+            self._count += len(head)
+            if head is run:
+                return
+            rest = range(room, len(ids))
+        else:
+            rest = range(len(ids))
+        for i in rest:
+            self._add(run.frame(i))
 
     @property
     def has_space(self) -> bool:
@@ -114,38 +207,54 @@ class Batcher:
 
     async def collect(
         self,
-        receive: MemoryObjectReceiveStream[Frame],
+        receive: MemoryObjectReceiveStream[Frame | FrameRun],
         admit: Callable[[Frame, int], bool] = lambda frame, now_ns: True,
+        admit_run: Callable[[FrameRun, int], bool] = lambda run, now_ns: False,
+        taken: Callable[[int], None] = lambda n: None,
     ) -> None:
-        """Receive frames until the stream ends, adding those `admit(frame, now_ns)`
-        accepts (`now_ns`: `time.monotonic_ns()` when the frame was taken off the
-        stream, read once per drain); then `end()`."""
+        """Receive frames and runs until the stream ends, adding those admitted; then
+        `end()`.
+
+        `admit(frame, now_ns)` decides for one frame; `admit_run(run, now_ns)` may admit
+        a whole run at once (True), or decline (False: nothing admitted, its frames go
+        through `admit` one by one). `now_ns` is `time.monotonic_ns()` when the item was
+        taken off the stream, read once per drain. `taken(n)` is told the frames of every
+        item received.
+        """
         async with receive:
             while True:
                 while not self.has_space:
                     self._space = anyio.Event()
                     await self._space.wait()
                 try:
-                    frame = await receive.receive()
+                    item = await receive.receive()
                 except anyio.EndOfStream:
                     break
                 now = time.monotonic_ns()
-                if admit(frame, now):
-                    self._add(frame)
-                # Drain what is already queued without yielding, waking the batch-taker
-                # or re-reading the clock per frame: once per drain is soon enough.
-                room = self.limit - len(self)
-                while room > 0:
+                # Take in what is already queued too, without yielding, waking the
+                # batch-taker or re-reading the clock per item: once per drain is enough.
+                while True:
+                    if type(item) is FrameRun:
+                        taken(len(item))
+                        if admit_run(item, now):
+                            self._add_run(item)
+                        else:
+                            for frame in item.frames():
+                                if admit(frame, now):
+                                    self._add(frame)
+                    else:
+                        taken(1)
+                        if admit(item, now):  # type: ignore[arg-type]
+                            self._add(item)  # type: ignore[arg-type]
+                    if len(self) >= self.limit:
+                        break
                     try:
-                        frame = receive.receive_nowait()
+                        item = receive.receive_nowait()
                     except anyio.WouldBlock:
                         break
                     except anyio.EndOfStream:
                         self.end()
                         return
-                    if admit(frame, now):
-                        self._add(frame)
-                        room -= 1
                 self.wake()
         self.end()
 
@@ -153,37 +262,39 @@ class Batcher:
 
     def _due_in_s(self) -> float:
         """Seconds until the current batch must close (≤ 0: now; inf: empty)."""
-        if not self._current:
+        if not self._pieces:
             return math.inf
-        if len(self._current) >= self.max_batch or self._ended or self._idle():
+        if self._count >= self.max_batch or self._ended or self._idle():
             return 0.0
-        # Insertion order is age order: held-back (older) frames enter a batch first.
-        oldest = next(iter(self._current.values())).received_ns
+        # Pieces are in age order: held-back (older) frames enter a batch first.
+        oldest = self._pieces[0].received_ns
         return (oldest + self.max_wait_ns - self._clock()) / 1e9
 
-    def take(self) -> list[Frame]:
+    def take(self) -> Batch:
         """Hand out the current batch now and start the next one from held-back frames."""
-        batch = list(self._current.values())
-        self._current = {}
+        batch = Batch.of(self._pieces)
+        self._pieces, self._ids, self._count = [], set(), 0
         for stream_id in list(self._held):
-            if len(self._current) >= self.max_batch:
+            if self._count >= self.max_batch:
                 break
             held = self._held[stream_id]
-            self._current[stream_id] = held.popleft()
+            self._pieces.append(held.popleft())
+            self._ids.add(stream_id)
+            self._count += 1
             self._held_count -= 1
             if not held:
                 del self._held[stream_id]
         self._space.set()
         return batch
 
-    async def next_batch(self) -> list[Frame] | None:
+    async def next_batch(self) -> Batch | None:
         """Wait until the current batch is due, then hand it out. None once the input has
         ended and everything was handed out."""
         while True:
             due = self._due_in_s()
             if due <= 0.0:
                 return self.take()
-            if self._ended and not self._current:
+            if self._ended and not self._pieces:
                 return None
             self._changed = anyio.Event()
             with anyio.move_on_after(due):

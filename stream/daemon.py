@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -38,10 +39,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, parse_address
 from .executor import Executor, Stepped
 from .http import serve_http
-from .ingest import Ingest
+from .ingest import Ingest, Item
 from .integrator import integrate
 from .metrics import Metrics
-from .protocol import Frame, FrameRejected, MomentSizes
+from .protocol import Frame, FrameRejected, FrameRun, MomentSizes
 from .sinks import EncodingCache, JsonlSink, Sink, StdoutSink, SubscriberServer
 from .sources import serve_tcp, serve_udp
 from .status import StatusLine
@@ -272,10 +273,12 @@ class Daemon:
             cfg.model.proprio_dim,
             cfg.model.motor_dim,
         )
-        ingest_send, ingest_receive = anyio.create_memory_object_stream[Frame](cfg.ingest.queue)
+        # Unbounded here: `Ingest` bounds it in frames (a run is one item of many frames).
+        ingest_send, ingest_receive = anyio.create_memory_object_stream[Item](math.inf)
         stepped_send, stepped_receive = anyio.create_memory_object_stream[Stepped](2)
         ingest = Ingest(
             ingest_send,
+            limit=cfg.ingest.queue,
             dims=cfg.dims,
             max_frame_bytes=cfg.ingest.max_frame_bytes,
             on_received=metrics.received,
@@ -326,7 +329,13 @@ class Daemon:
             self._queue_waits.append(now_ns - frame.received_ns)
             return True
 
-        metrics.watch_queue("ingest", lambda: ingest_send.statistics().current_buffer_used)
+        def admit_run(run: FrameRun, now_ns: int) -> bool:
+            if not table.admit_run(run.stream_ids, run.seq):
+                return False  # frame by frame, through `admit`
+            self._queue_waits += [now_ns - run.received_ns] * len(run)
+            return True
+
+        metrics.watch_queue("ingest", lambda: ingest.queued)
         metrics.watch_queue("batcher", lambda: len(batcher))
         # Batches dispatched to the device whose records the integrator has not taken yet.
         metrics.watch_queue("device", lambda: stepped_send.statistics().current_buffer_used)
@@ -334,7 +343,7 @@ class Daemon:
         async with anyio.create_task_group() as sink_group:
             sinks = await self._start_sinks(sink_group)
             async with anyio.create_task_group() as pipeline:
-                pipeline.start_soon(batcher.collect, ingest_receive, admit)
+                pipeline.start_soon(batcher.collect, ingest_receive, admit, admit_run, ingest.taken)
                 pipeline.start_soon(executor.run, batcher, stepped_send)
                 pipeline.start_soon(
                     lambda: integrate(

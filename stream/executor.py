@@ -27,8 +27,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from processors import FLAG_RESET, FLAG_VALID, SlabSnapshot, SlabStep
 
-from .batcher import Batcher
-from .protocol import Frame
+from .batcher import Batch, Batcher
 from .streams import SlotPlan, StreamTable
 
 __all__ = ["Executor", "Stepped"]
@@ -38,24 +37,19 @@ __all__ = ["Executor", "Stepped"]
 class Stepped:
     """One batch after the device step.
 
-    - `frames`: the batch's frames, in row order.
+    - `batch`: the batch's frames, as columns, in row order.
     - `records`: float32 `(bucket, K+D+P+M+3)` on the device, possibly still being
-        computed (its copy to the host is under way); rows past `len(frames)` are padding.
+        computed (its copy to the host is under way); rows past `len(batch)` are padding.
     - `eager`: True when the eager fallback produced the records.
     - `restored`: per frame, True when its stream's state came from a checkpoint.
     - `taken_ns`: when the batch left the batcher.
-    - `stream_ids`, `seq`, `received_ns`: the frames' own, in row order (read once here,
-        used again by the integrator).
     """
 
-    frames: list[Frame]
+    batch: Batch
     records: jax.Array
     eager: bool
     restored: list[bool]
     taken_ns: int
-    stream_ids: list[str]
-    seq: list[int]
-    received_ns: np.ndarray
 
 
 class Executor:
@@ -96,18 +90,17 @@ class Executor:
         self._writing: anyio.Event | None = None  # set while no checkpoint write runs
         self._background: anyio.abc.TaskGroup | None = None
 
-    def _assemble(self, frames: list[Frame], plan: SlotPlan) -> tuple[np.ndarray, np.ndarray]:
-        bucket = self.step.bucket_for(len(frames))
+    def _assemble(self, batch: Batch, plan: SlotPlan) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        bucket = self.step.bucket_for(n)
         x = np.zeros((bucket, self.step.input_width), np.float32)
         meta = np.zeros((bucket, 2), np.int32)
-        n = len(frames)
         # Straight into `x` (a C-contiguous view): ~3× cheaper than `np.stack` of the rows.
-        np.concatenate([f.payload for f in frames], out=x[:n].reshape(-1))
+        np.concatenate(batch.payloads, out=x[:n].reshape(-1))
         meta[:n, 0] = plan.slots
-        meta[:n, 1] = [
-            f.present | FLAG_VALID | (FLAG_RESET if fresh else 0)
-            for f, fresh in zip(frames, plan.fresh, strict=True)
-        ]
+        meta[:n, 1] = batch.present
+        meta[:n, 1] |= FLAG_VALID
+        meta[:n, 1][np.asarray(plan.fresh, bool)] |= FLAG_RESET
         return x, meta
 
     def _dispatch(self, x: np.ndarray, meta: np.ndarray) -> tuple[jax.Array, bool]:
@@ -136,14 +129,13 @@ class Executor:
         self._writing = anyio.Event()
         self._writing.set()
         async with send, anyio.create_task_group() as self._background:
-            while (frames := await batcher.next_batch()) is not None:
+            while (batch := await batcher.next_batch()) is not None:
                 taken = time.monotonic_ns()
-                n = len(frames)
-                received = np.fromiter((f.received_ns for f in frames), np.int64, n)
-                self._observe("batch_wait", (taken - received) / 1e9)
-                stream_ids = [f.stream_id for f in frames]
+                n = len(batch)
+                stream_ids = batch.stream_ids
+                self._observe("batch_wait", (taken - batch.received_ns) / 1e9)
                 plan = table.plan(stream_ids)
-                x, meta = self._assemble(frames, plan)
+                x, meta = self._assemble(batch, plan)
                 if plan.evict or plan.restore:
                     evicted = await anyio.to_thread.run_sync(
                         self._move, plan, limiter=self._limiter
@@ -161,8 +153,7 @@ class Executor:
                 else:
                     records, eager = self._dispatch(x, meta)
                 self.pending += 1
-                seq = [f.seq for f in frames]
-                table.processed_seq.update(zip(stream_ids, seq, strict=True))
+                table.processed_seq.update(zip(stream_ids, batch.seq, strict=True))
                 restored = [False] * n
                 if table.restored:
                     for i, stream_id in enumerate(stream_ids):
@@ -171,9 +162,7 @@ class Executor:
                             restored[i] = True
                 self._dirty = True
                 self._observe("batch", (len(x), n))
-                await send.send(
-                    Stepped(frames, records, eager, restored, taken, stream_ids, seq, received)
-                )
+                await send.send(Stepped(batch, records, eager, restored, taken))
                 if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
             await self.checkpoint(final=True)

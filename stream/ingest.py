@@ -1,12 +1,13 @@
 """The doorway between sources and the pipeline.
 
-Every source (TCP, UDP, synthetic, brokers) decodes bytes into `Frame`s and hands them to
-one `Ingest`, which owns the bounded stream into the admission stage and the counters a
-source must touch. Sources never see metrics objects or queues directly.
+Every source (TCP, UDP, synthetic, brokers) decodes bytes into `Frame`s — or, for a TCP
+read of like frames, one `FrameRun` — and hands them to one `Ingest`, which owns the
+stream into the admission stage, its bound in frames, and the counters a source must
+touch. Sources never see metrics objects or queues directly.
 
 Overload policies:
 
-- `block`: `await ingest.put(frame)` waits while the pipeline is full, so a TCP sender
+- `block`: `await ingest.put(item)` waits while the pipeline is full, so a TCP sender
   is slowed down by TCP's own flow control. Nothing is lost.
 - `drop_oldest`: the source keeps its own bounded ring (`DropOldest`), dropping — and
   counting — the oldest frame when it is full, and a pump task `put`s from the ring.
@@ -16,16 +17,22 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .protocol import Dims, Frame
+from .protocol import Dims, Frame, FrameRun
 
-__all__ = ["DropOldest", "Ingest"]
+__all__ = ["DropOldest", "Ingest", "Item"]
 
 T = TypeVar("T")
+Item: TypeAlias = Frame | FrameRun
+"""What goes through the ingest stream: one frame, or a run of frames."""
+
+
+def frames_in(item: Item) -> int:
+    return len(item) if type(item) is FrameRun else 1
 
 
 class Ingest:
@@ -33,8 +40,11 @@ class Ingest:
 
     **Arguments:**
 
-    - `send`: the bounded stream into the admission stage, shared by all sources (the
-        daemon closes it once every source has stopped).
+    - `send`: the stream into the admission stage, shared by all sources (the daemon
+        closes it once every source has stopped). Its buffer must not be bounded: `limit`
+        bounds it, in frames, and the receiver reports what it took with `taken(n)`.
+    - `limit`: frames the stream holds at most (`ingest.queue`); a run is never split,
+        so one run may take it past the limit while it was below.
     - `dims`: the configured modality sizes, for decoding.
     - `max_frame_bytes`: the configured frame size limit, for decoding.
     - `on_received(source, n)`, `on_rejected(source, reason)`, `on_dropped(reason, n)`:
@@ -45,8 +55,9 @@ class Ingest:
 
     def __init__(
         self,
-        send: MemoryObjectSendStream[Frame],
+        send: MemoryObjectSendStream[Item],
         *,
+        limit: int,
         dims: Dims,
         max_frame_bytes: int,
         on_received: Callable[[str, int], None] = lambda source, n: None,
@@ -54,6 +65,9 @@ class Ingest:
         on_dropped: Callable[[str, int], None] = lambda reason, n: None,
     ) -> None:
         self._send = send
+        self.limit = limit
+        self.queued = 0  # frames in the stream
+        self._room = anyio.Event()
         self.dims = dims
         self.max_frame_bytes = max_frame_bytes
         self._on_received = on_received
@@ -78,17 +92,28 @@ class Ingest:
         """Tell every source to stop taking new data (the daemon is shutting down)."""
         self.stopped.set()
 
-    async def put(self, frame: Frame) -> None:
-        """Hand one decoded frame to the pipeline, waiting while it is full (`block`)."""
-        await self._send.send(frame)
+    async def put(self, item: Item) -> None:
+        """Hand a decoded frame or run to the pipeline, waiting while it is full (`block`)."""
+        while self.queued >= self.limit:
+            if self._room.is_set():
+                self._room = anyio.Event()
+            await self._room.wait()
+        self._send.send_nowait(item)
+        self.queued += frames_in(item)
 
-    def put_nowait(self, frame: Frame) -> bool:
-        """Hand one frame over if there is room now; False (nothing counted) if not."""
-        try:
-            self._send.send_nowait(frame)
-        except anyio.WouldBlock:
+    def put_nowait(self, item: Item) -> bool:
+        """Hand a frame or run over if there is room now; False (nothing counted) if not."""
+        if self.queued >= self.limit:
             return False
+        self._send.send_nowait(item)
+        self.queued += frames_in(item)
         return True
+
+    def taken(self, n: int) -> None:
+        """The receiver took `n` frames off the stream."""
+        self.queued -= n
+        if self.queued < self.limit:
+            self._room.set()
 
 
 class DropOldest(Generic[T]):

@@ -49,18 +49,17 @@ async def integrate(
                 records = await anyio.to_thread.run_sync(np.asarray, item.records)
             ready = time.monotonic_ns()
             on_ready()
-            frames = item.frames
-            n = len(frames)
-            received = item.received_ns
-            present = np.fromiter((f.present for f in frames), np.uint16, n)
-            flags = np.where(present != ALL_PRESENT, FLAG_ABSENT, 0).astype(np.uint16)
+            batch = item.batch
+            n = len(batch)
+            received = batch.received_ns
+            flags = np.where(batch.present != ALL_PRESENT, FLAG_ABSENT, 0).astype(np.uint16)
             flags |= np.where(np.asarray(item.restored, bool), FLAG_RESTORED, 0).astype(np.uint16)
             if item.eager:
                 flags |= FLAG_EAGER
-            batch = MomentBatch(
-                item.stream_ids,
-                np.array(item.seq, np.uint64),
-                np.fromiter((f.timestamp for f in frames), np.float64, n),
+            moments = MomentBatch(
+                batch.stream_ids,
+                np.array(batch.seq, np.uint64),
+                batch.timestamp,
                 np.zeros(n, np.uint64),
                 flags,
                 sizes,
@@ -69,9 +68,9 @@ async def integrate(
             # One emission time per batch: offering a whole batch takes microseconds.
             t0 = time.monotonic_ns()
             latency = t0 - received
-            batch.latency_ns[:] = latency
+            moments.latency_ns[:] = latency
             for sink in sinks:
-                sink.offer(batch)
+                sink.offer(moments)
             t1 = time.monotonic_ns()
             observe("device", (ready - item.taken_ns) / 1e9)
             observe("batch_done", ((ready - item.taken_ns) / 1e9, n, len(records)))

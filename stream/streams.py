@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+import operator
+from typing import Any, cast
 
 from .protocol import FrameRejected
 
@@ -75,6 +76,19 @@ class StreamTable:
         elif seq < last:
             raise FrameRejected("stale_seq", f"seq {seq} of {stream_id!r} < last {last}")
         self.admitted_seq[stream_id] = seq
+
+    def admit_run(self, stream_ids: list[str], seq: list[int]) -> bool:
+        """Admit a run of frames at once when that is what `admit` would do frame by frame
+        with no rejection: distinct, known streams, each `seq` above its last. Otherwise
+        change nothing and return False (the caller then admits frame by frame)."""
+        admitted = self.admitted_seq
+        last = list(map(admitted.get, stream_ids))
+        if None in last or len(set(stream_ids)) != len(stream_ids):
+            return False
+        if not all(map(operator.gt, seq, cast(list[int], last))):
+            return False
+        admitted.update(zip(stream_ids, seq, strict=True))
+        return True
 
     def plan(self, stream_ids: list[str]) -> SlotPlan:
         """Give each stream of a batch (distinct ids) a slot, evicting the least recently

@@ -103,6 +103,59 @@ class Frame:
 
 
 @dataclasses.dataclass(slots=True)
+class FrameRun:
+    """Well-formed frames decoded together from one read, as columns.
+
+    A run's frames share their modalities (`present`), their receipt time and their
+    source; row `i` is the frame `frame(i)`. The TCP reader hands whole runs to the
+    pipeline, so the hot path builds no object per frame.
+
+    - `stream_ids`, `seq`: per frame, as Python `str` and `int`.
+    - `timestamp`: float64 `(n,)`; `payload`: float32 `(n, dims.total)`, zero-filled where
+        a modality is absent.
+    """
+
+    stream_ids: list[str]
+    seq: list[int]
+    timestamp: np.ndarray
+    payload: np.ndarray
+    present: int
+    received_ns: int
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    def frame(self, i: int) -> Frame:
+        """Row `i` as a `Frame`."""
+        return Frame(
+            self.stream_ids[i],
+            self.seq[i],
+            float(self.timestamp[i]),
+            self.payload[i],
+            self.present,
+            self.received_ns,
+            self.source,
+        )
+
+    def frames(self) -> list[Frame]:
+        """Every row as a `Frame`, in order."""
+        return [self.frame(i) for i in range(len(self))]
+
+    def head(self, n: int) -> FrameRun:
+        """The run of the first `n` rows (views, no copy)."""
+        return FrameRun(
+            self.stream_ids[:n],
+            self.seq[:n],
+            self.timestamp[:n],
+            self.payload[:n],
+            self.present,
+            self.received_ns,
+            self.source,
+        )
+
+
+@dataclasses.dataclass(slots=True)
 class Moment:
     """One integrated moment for one frame.
 

@@ -13,6 +13,7 @@ from ._types import (
     Dims,
     Frame,
     FrameRejected,
+    FrameRun,
     FramingLost,
     _byte_view,
     _pad,
@@ -37,14 +38,22 @@ class FrameReader:
     - `dims`: the configured modality sizes.
     - `max_frame_bytes`: the largest accepted value of the length field.
     - `source`: the `Frame.source` label of decoded frames.
+    - `runs`: hand a run of good, like frames (at least `MIN_RUN`, decoded in one pass) over
+        as one `FrameRun` instead of a `Frame` each.
     """
 
     def __init__(
-        self, dims: Dims, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, source: str = "tcp"
+        self,
+        dims: Dims,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        source: str = "tcp",
+        runs: bool = False,
     ) -> None:
         self.dims = dims
         self.max_frame_bytes = max_frame_bytes
         self.source = source
+        self.runs = runs
         self._buf = bytearray()
         self._skip = 0
         self._lost: FramingLost | None = None
@@ -54,7 +63,7 @@ class FrameReader:
         """Bytes held for a frame that has not arrived completely."""
         return len(self._buf)
 
-    def feed(self, data: Buffer, received_ns: int) -> list[Frame | FrameRejected]:
+    def feed(self, data: Buffer, received_ns: int) -> list[Frame | FrameRejected | FrameRun]:
         """Consume the next bytes of the stream.
 
         **Arguments:**
@@ -65,7 +74,7 @@ class FrameReader:
         **Returns:**
 
         Every frame completed by `data`, in order: a `Frame`, or the `FrameRejected` it
-        earned (returned, not raised).
+        earned (returned, not raised); with `runs`, also `FrameRun`s of good frames.
 
         **Raises:**
 
@@ -86,7 +95,7 @@ class FrameReader:
             src: bytes | bytearray = self._buf
         else:
             src = data if type(data) is bytes else bytes(data)
-        out: list[Frame | FrameRejected] = []
+        out: list[Frame | FrameRejected | FrameRun] = []
         pos, end = 0, len(src)
         while end - pos >= 8:
             magic, length = _PREFIX.unpack_from(src, pos)
@@ -118,6 +127,7 @@ class FrameReader:
                     max_frame_bytes=self.max_frame_bytes,
                     received_ns=received_ns,
                     source=self.source,
+                    as_run=self.runs,
                 )
                 if run:
                     out += run

@@ -26,6 +26,7 @@ from ._types import (
     Dims,
     Frame,
     FrameRejected,
+    FrameRun,
     _pad,
 )
 from .frames import _check_counts, check_stream_id, non_finite_payload
@@ -73,7 +74,8 @@ def decode_run(
     max_frame_bytes: int,
     received_ns: int,
     source: str,
-) -> tuple[list[Frame | FrameRejected], int]:
+    as_run: bool = False,
+) -> tuple[list[Frame | FrameRejected | FrameRun], int]:
     """Decode the run of frames shaped like the one at `src[pos]`.
 
     **Arguments:**
@@ -81,11 +83,13 @@ def decode_run(
     - `src`, `pos`, `end`: the buffer and the bounds of its unread bytes; a whole frame
         starts at `pos`.
     - `dims`, `max_frame_bytes`, `received_ns`, `source`: as for `decode_frame`.
+    - `as_run`: a run whose frames are all good comes back as one `FrameRun` instead of
+        a `Frame` each.
 
     **Returns:** `(items, next_pos)`: one `Frame` or `FrameRejected` per frame of the run,
-    in order, and where the run ended. `([], pos)` when there is no run of at least
-    `MIN_RUN` complete frames whose header matches the first's (the caller then goes on
-    frame by frame, which also finds any framing error).
+    in order (or `[FrameRun]`, see `as_run`), and where the run ended. `([], pos)` when
+    there is no run of at least `MIN_RUN` complete frames whose header matches the
+    first's (the caller then goes on frame by frame, which also finds any framing error).
     """
     head = _FRAME_HEADER.unpack_from(src, pos)
     magic, length, version, _, sid_len, *counts, _, _, _ = head
@@ -137,12 +141,17 @@ def decode_run(
     finite_t = np.isfinite(rows["timestamp"])
     if (finite_payload & finite_t).all() and all(type(s) is str for s in stream_ids):
         # The common case, every frame good: no per-frame checks.
-        frames: list[Frame | FrameRejected] = [
+        if as_run:
+            timestamps = np.array(rows["timestamp"], np.float64)  # a copy, like `payload`
+            good = cast(list[str], stream_ids)  # all `str`: checked just above
+            run = FrameRun(good, seq, timestamps, payload, present, received_ns, source)
+            return [run], pos + n * size
+        frames: list[Frame | FrameRejected | FrameRun] = [
             Frame(s, q, ts, row, present, received_ns, source)  # type: ignore[arg-type]
             for s, q, ts, row in zip(stream_ids, seq, timestamp, payload, strict=True)
         ]
         return frames, pos + n * size
-    out: list[Frame | FrameRejected] = []
+    out: list[Frame | FrameRejected | FrameRun] = []
     for i, ok in enumerate(cast(list[bool], finite_payload.tolist())):
         stream_id = stream_ids[i]
         if isinstance(stream_id, FrameRejected):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import cast
 
 import anyio
@@ -27,7 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..ingest import Ingest
 from ..net import accept_forever
-from ..protocol import Frame, FrameReader, FrameRejected, FramingLost, LineReader
+from ..protocol import Frame, FrameReader, FrameRejected, FrameRun, FramingLost, LineReader
 
 __all__ = ["serve_tcp"]
 
@@ -135,7 +136,7 @@ class _Connection:
 
     async def _read_binary(self, data: bytes | None) -> None:
         reader = FrameReader(
-            self.ingest.dims, max_frame_bytes=self.ingest.max_frame_bytes, source="tcp"
+            self.ingest.dims, max_frame_bytes=self.ingest.max_frame_bytes, source="tcp", runs=True
         )
         while data is not None:
             try:
@@ -159,13 +160,13 @@ class _Connection:
     async def _hand_over(
         self,
         label: str,
-        items: list[Frame | FrameRejected],
+        items: Sequence[Frame | FrameRejected | FrameRun],
         replies: MemoryObjectSendStream[bytes] | None,
     ) -> None:
         ingest = self.ingest
-        ingest.received(label, len(items))
+        ingest.received(label, sum(len(i) if type(i) is FrameRun else 1 for i in items))
         for item in items:
-            if isinstance(item, Frame):
+            if not isinstance(item, FrameRejected):
                 if not ingest.put_nowait(item):
                     await ingest.put(item)
                 continue

@@ -5,9 +5,11 @@ from __future__ import annotations
 import anyio
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from stream.batcher import Batcher
-from stream.protocol import ALL_PRESENT, Frame
+from stream.batcher import Batch, Batcher
+from stream.protocol import ALL_PRESENT, Frame, FrameRun
 
 
 class Clock:
@@ -31,7 +33,7 @@ async def test_full_batch_is_due_at_once() -> None:
         b.add(frame(f"s{i}", 1))
     with anyio.fail_after(1):
         batch = await b.next_batch()
-    assert [f.stream_id for f in batch] == ["s0", "s1", "s2", "s3"]
+    assert batch.stream_ids == ["s0", "s1", "s2", "s3"]
 
 
 async def test_partial_batch_waits_for_its_deadline() -> None:
@@ -43,7 +45,7 @@ async def test_partial_batch_waits_for_its_deadline() -> None:
     clock.now = 2_000_000
     with anyio.fail_after(1):
         batch = await b.next_batch()
-    assert [f.seq for f in batch] == [1]
+    assert batch.seq == [1]
 
 
 async def test_deadline_counts_from_receipt_not_from_arrival_in_batcher() -> None:
@@ -52,7 +54,7 @@ async def test_deadline_counts_from_receipt_not_from_arrival_in_batcher() -> Non
     b = Batcher(8, 0.002, clock=clock)
     b.add(frame("a", 1, received_ns=0))  # waited 50 ms upstream already
     with anyio.fail_after(1):
-        assert [f.seq for f in await b.next_batch()] == [1]
+        assert (await b.next_batch()).seq == [1]  # type: ignore[union-attr]
 
 
 async def test_one_frame_per_stream_and_order_kept() -> None:
@@ -67,11 +69,11 @@ async def test_one_frame_per_stream_and_order_kept() -> None:
     b.end()
     with anyio.fail_after(1):
         while (batch := await b.next_batch()) is not None:
-            ids = [f.stream_id for f in batch]
+            ids = batch.stream_ids
             assert len(ids) == len(set(ids))
             sizes.append(len(batch))
-            for f in batch:
-                seen[f.stream_id].append(f.seq)
+            for stream_id, seq in zip(ids, batch.seq, strict=True):
+                seen[stream_id].append(seq)
     assert seen == {"a": [1, 2, 3], "b": [1, 2]}
     assert sizes == [2, 2, 1]
 
@@ -84,7 +86,7 @@ async def test_never_exceeds_max_batch() -> None:
     out = []
     while (batch := await b.next_batch()) is not None:
         assert len(batch) <= 3
-        out += [f.stream_id for f in batch]
+        out += batch.stream_ids
     assert out == [f"s{i}" for i in range(10)]
 
 
@@ -102,13 +104,13 @@ async def test_collect_applies_admission_and_back_pressure() -> None:
         got = []
         with anyio.fail_after(2):
             while (batch := await b.next_batch()) is not None:
-                got += [f.stream_id for f in batch]
+                got += batch.stream_ids
     assert got == [f"s{i}" for i in range(10) if i != 3]
 
 
 async def test_frame_arriving_wakes_a_waiting_executor() -> None:
     b = Batcher(1, 10.0)
-    result: list[list[Frame] | None] = []
+    result: list[Batch | None] = []
 
     async def pull() -> None:
         result.append(await b.next_batch())
@@ -118,7 +120,7 @@ async def test_frame_arriving_wakes_a_waiting_executor() -> None:
         await anyio.wait_all_tasks_blocked()
         assert result == []
         b.add(frame("x", 7))
-    assert result[0] is not None and result[0][0].seq == 7
+    assert result[0] is not None and result[0].seq == [7]
 
 
 async def test_an_idle_device_takes_a_waiting_batch_before_its_deadline() -> None:
@@ -127,7 +129,7 @@ async def test_an_idle_device_takes_a_waiting_batch_before_its_deadline() -> Non
     b = Batcher(8, 10.0, clock=clock, idle=lambda: device_idle)
     b.add(frame("a", 1))
     assert b._due_in_s() == pytest.approx(10.0)  # busy device: wait for company
-    got: list[list[Frame] | None] = []
+    got: list[Batch | None] = []
 
     async def pull() -> None:
         got.append(await b.next_batch())
@@ -138,4 +140,94 @@ async def test_an_idle_device_takes_a_waiting_batch_before_its_deadline() -> Non
         assert got == []
         device_idle = True
         b.wake()  # what the executor does when its last batch's records are taken
-    assert got[0] is not None and [f.seq for f in got[0]] == [1]
+    assert got[0] is not None and got[0].seq == [1]
+
+
+def run_of(frames: list[Frame]) -> FrameRun:
+    return FrameRun(
+        [f.stream_id for f in frames],
+        [f.seq for f in frames],
+        np.array([f.timestamp for f in frames], np.float64),
+        np.stack([f.payload for f in frames]),
+        ALL_PRESENT,
+        frames[0].received_ns,
+        "tcp",
+    )
+
+
+def batch_rows(batch: Batch) -> list[tuple[str, int, float, tuple[float, ...]]]:
+    payload = np.concatenate(batch.payloads).reshape(len(batch), -1)
+    return [
+        (s, q, t, tuple(p))
+        for s, q, t, p in zip(
+            batch.stream_ids, batch.seq, batch.timestamp, payload.tolist(), strict=True
+        )
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.lists(
+        st.one_of(
+            st.lists(st.sampled_from("abcdefg"), min_size=1, max_size=9),  # one read's streams
+            st.just("take"),
+            st.just("grow"),  # adaptive batching raising the cap
+        ),
+        max_size=25,
+    ),
+)
+@example(max_batch=1, script=[["a", "b"], "grow", ["b"], "take"])  # b held, not in the batch
+async def test_runs_batch_exactly_like_their_frames_one_by_one(
+    max_batch: int, script: list[list[str] | str]
+) -> None:
+    by_frame, by_run = Batcher(8, 0.0), Batcher(8, 0.0)
+    for b in (by_frame, by_run):
+        b.set_max_batch(max_batch)
+    seq: dict[str, int] = {}
+    got: tuple[list[list[tuple]], list[list[tuple]]] = ([], [])
+    for step in script:
+        if step == "grow":
+            for b in (by_frame, by_run):
+                b.set_max_batch(b.max_batch + 1)
+            continue
+        if step == "take":
+            for b, out in zip((by_frame, by_run), got, strict=True):
+                out.append(batch_rows(b.take()) if len(b) else [])
+            continue
+        frames = []
+        for stream in step:
+            seq[stream] = seq.get(stream, 0) + 1
+            row = np.array([ord(stream), seq[stream]], np.float32)
+            frames.append(Frame(stream, seq[stream], seq[stream] * 0.5, row, ALL_PRESENT, 0, "tcp"))
+        for f in frames:
+            by_frame.add(f)
+        by_run.add(run_of(frames))
+        assert len(by_frame) == len(by_run)
+    for b in (by_frame, by_run):
+        b.end()
+    for b, out in zip((by_frame, by_run), got, strict=True):
+        while (batch := await b.next_batch()) is not None:
+            out.append(batch_rows(batch))
+    assert got[0] == got[1]
+    assert sum(map(len, got[1])) == sum(seq.values())  # every frame, once
+
+
+async def test_collect_admits_a_run_whole_or_frame_by_frame() -> None:
+    send, receive = anyio.create_memory_object_stream[Frame | FrameRun](100)
+    b = Batcher(8, 0.0)
+    taken: list[int] = []
+    whole = run_of([frame("a", 1), frame("b", 1)])
+    split = run_of([frame("c", 1), frame("d", 0), frame("e", 1)])
+    for item in (whole, split, frame("f", 1)):
+        send.send_nowait(item)
+    send.close()
+    await b.collect(
+        receive,
+        admit=lambda f, now_ns: f.seq == 1,
+        admit_run=lambda run, now_ns: run is whole,
+        taken=taken.append,
+    )
+    assert taken == [2, 3, 1]
+    batch = await b.next_batch()
+    assert batch is not None and batch.stream_ids == ["a", "b", "c", "e", "f"]

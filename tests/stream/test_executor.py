@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import processors
+from stream.batcher import Batch
 from stream.executor import Executor, Stepped
 from stream.protocol import ALL_PRESENT, Frame
 from stream.streams import StreamTable
@@ -23,8 +24,8 @@ class Batches:
     def __init__(self, batches: list[list[Frame]]) -> None:
         self._batches = list(batches)
 
-    async def next_batch(self) -> list[Frame] | None:
-        return self._batches.pop(0) if self._batches else None
+    async def next_batch(self) -> Batch | None:
+        return Batch.of(self._batches.pop(0)) if self._batches else None
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ async def run(executor: Executor, prepared: list[list[Frame]]) -> list[np.ndarra
     async def drain() -> None:
         async with receive:
             async for item in receive:
-                out.append(np.asarray(item.records)[: len(item.frames)])
+                out.append(np.asarray(item.records)[: len(item.batch)])
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain)

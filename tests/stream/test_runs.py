@@ -6,7 +6,15 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stream.protocol import Dims, Frame, FrameReader, FrameRejected, decode_frame, encode_frame
+from stream.protocol import (
+    Dims,
+    Frame,
+    FrameReader,
+    FrameRejected,
+    FrameRun,
+    decode_frame,
+    encode_frame,
+)
 from stream.protocol.runs import MIN_RUN, decode_run
 
 DIMS = Dims(3, 2, 2, 1)
@@ -60,13 +68,31 @@ def test_reader_equals_frame_by_frame(seed: int, n: int, corrupt: float, chunk: 
         except FrameRejected as exc:
             want.append(exc)
     data = b"".join(raw)
-    got: list[Frame | FrameRejected] = []
-    reader = FrameReader(DIMS)
-    for start in range(0, len(data), chunk * 16):
-        got += reader.feed(data[start : start + chunk * 16], 7)
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
+    for runs in (False, True):
+        got: list[Frame | FrameRejected] = []
+        reader = FrameReader(DIMS, runs=runs)
+        for start in range(0, len(data), chunk * 16):
+            for item in reader.feed(data[start : start + chunk * 16], 7):
+                got += item.frames() if isinstance(item, FrameRun) else [item]
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            same(a, b)
+
+
+def test_a_run_of_good_frames_comes_whole_and_owns_its_memory() -> None:
+    raw = frames(np.random.default_rng(3), 12, 0.0)
+    data = bytearray(b"".join(raw))
+    items = FrameReader(DIMS, runs=True).feed(data, 5)
+    assert len(items) == 1 and isinstance(items[0], FrameRun)
+    run = items[0]
+    assert len(run) == 12 and run.seq == list(range(1, 13)) and run.received_ns == 5
+    want = [decode_frame(f, DIMS, received_ns=5, source="tcp") for f in raw]
+    data[:] = bytes(len(data))  # the receive buffer is reused: the run must not change
+    for a, b in zip(run.frames(), want, strict=True):
         same(a, b)
+    head = run.head(5)
+    assert head.stream_ids == run.stream_ids[:5] and head.seq == run.seq[:5]
+    np.testing.assert_array_equal(head.payload, run.payload[:5])
 
 
 def test_run_stops_where_the_shape_changes() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import socket
 import threading
 
@@ -10,8 +11,8 @@ import anyio
 import numpy as np
 import pytest
 
-from stream.ingest import Ingest
-from stream.protocol import Dims, Frame, FrameReader
+from stream.ingest import Ingest, Item
+from stream.protocol import Dims, Frame, FrameReader, FrameRun
 from stream.send import run_sender, send
 from stream.sources import serve_tcp, serve_udp
 from stream.synthetic import SyntheticBodies
@@ -22,10 +23,11 @@ HOST = "127.0.0.1"
 
 async def collect(transport: str, **kwargs: object) -> tuple[list[Frame], collections.Counter]:
     """Run the sender against a real source; every frame and the received counts."""
-    send_end, receive_end = anyio.create_memory_object_stream[Frame](100_000)
+    send_end, receive_end = anyio.create_memory_object_stream[Item](math.inf)
     received: collections.Counter[str] = collections.Counter()
     ingest = Ingest(
         send_end,
+        limit=100_000,
         dims=DIMS,
         max_frame_bytes=4096,
         on_received=lambda source, n: received.update({source: n}),
@@ -41,8 +43,11 @@ async def collect(transport: str, **kwargs: object) -> tuple[list[Frame], collec
             report = await run_sender(HOST, port, transport=transport, dims=DIMS, **options)  # type: ignore[arg-type]
             assert report.ticks == 10
             assert report.frames == 10 * options["streams"]
+            frames: list[Frame] = []
             with anyio.fail_after(5):
-                frames = [await receive_end.receive() for _ in range(report.frames)]
+                while len(frames) < report.frames:
+                    item = await receive_end.receive()
+                    frames += item.frames() if isinstance(item, FrameRun) else [item]
             tg.cancel_scope.cancel()
     return frames, received
 

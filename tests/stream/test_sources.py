@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import socket
 import struct
 import sys
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from anyio.abc import SocketStream
 
-from stream.ingest import Ingest
-from stream.protocol import Dims, Frame, encode_frame, encode_json_frame
+from stream.ingest import Ingest, Item
+from stream.protocol import Dims, Frame, FrameRun, encode_frame, encode_json_frame
 from stream.sources import serve_tcp, serve_udp
 
 DIMS = Dims(4, 3, 2, 2)
@@ -26,13 +27,15 @@ class Recorder:
     """An `Ingest` over a memory stream that records every counter call."""
 
     def __init__(self, capacity: int = 10_000, max_frame_bytes: int = 4096) -> None:
-        self.send, self.receive = anyio.create_memory_object_stream[Frame](capacity)
+        self.send, self.receive = anyio.create_memory_object_stream[Item](math.inf)
+        self._taken: list[Frame] = []  # received, not returned by `frames()` yet
         self.received: collections.Counter[str] = collections.Counter()
         self.rejected: list[tuple[str, str]] = []
         self.dropped: collections.Counter[str] = collections.Counter()
         self._changed = anyio.Event()
         self.ingest = Ingest(
             self.send,
+            limit=capacity,
             dims=DIMS,
             max_frame_bytes=max_frame_bytes,
             on_received=self._on_received,
@@ -69,8 +72,15 @@ class Recorder:
                 await self._changed.wait()
 
     async def frames(self, n: int, within: float = 5.0) -> list[Frame]:
+        """The next `n` frames off the stream (runs taken apart), as the batcher takes them."""
         with anyio.fail_after(within):
-            return [await self.receive.receive() for _ in range(n)]
+            while len(self._taken) < n:
+                item = await self.receive.receive()
+                frames = item.frames() if isinstance(item, FrameRun) else [item]
+                self.ingest.taken(len(frames))
+                self._taken += frames
+        out, self._taken = self._taken[:n], self._taken[n:]
+        return out
 
 
 def payload(seq: int) -> dict[str, np.ndarray]:
@@ -301,3 +311,23 @@ async def test_udp_datagrams_the_kernel_drops_are_counted_too():
             await rec.until(lambda: rec.received["udp"] == sent, within=10)
             assert rec.dropped["overload"] > 0  # the kernel dropped some, and they count
             tg.cancel_scope.cancel()
+
+
+async def test_ingest_bounds_its_stream_in_frames_not_items():
+    send, receive = anyio.create_memory_object_stream[Item](math.inf)
+    ingest = Ingest(send, limit=4, dims=DIMS, max_frame_bytes=4096)
+    one = Frame("s", 1, 0.0, np.zeros(DIMS.total, np.float32), 15, 0, "tcp")
+    run = FrameRun(["a", "b", "c"], [1, 1, 1], np.zeros(3), np.zeros((3, DIMS.total)), 15, 0, "tcp")
+    assert ingest.put_nowait(run) and ingest.queued == 3
+    assert ingest.put_nowait(one) and ingest.queued == 4
+    assert not ingest.put_nowait(one)  # full: nothing sent, nothing counted
+    assert receive.statistics().current_buffer_used == 2
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ingest.put, one)
+        await anyio.wait_all_tasks_blocked()
+        assert receive.statistics().current_buffer_used == 2  # waiting for room
+        assert receive.receive_nowait() is run
+        ingest.taken(3)  # what the batcher reports
+    assert ingest.queued == 2 and receive.statistics().current_buffer_used == 2
+    send.close()
+    receive.close()

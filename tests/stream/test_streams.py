@@ -32,6 +32,23 @@ def test_too_many_streams_only_past_the_known_limit() -> None:
     assert "d" not in t.admitted_seq
 
 
+def test_a_run_is_admitted_whole_only_when_frame_by_frame_would_admit_all() -> None:
+    t = StreamTable(4, 8)
+    for s in "abc":
+        t.admit(s, 5)
+    assert t.admit_run(["a", "b", "c"], [6, 9, 7])
+    assert t.admitted_seq == {"a": 6, "b": 9, "c": 7}
+    declined = [
+        (["a", "d"], [7, 1]),  # a new stream: `admit` decides (`too_many_streams`)
+        (["a", "a"], [7, 8]),  # a stream twice: order within the run matters
+        (["a", "b"], [7, 9]),  # b's seq again: `duplicate_seq`
+        (["a", "c"], [8, 3]),  # c's seq lower: `stale_seq`
+    ]
+    for ids, seq in declined:
+        assert not t.admit_run(ids, seq)
+        assert t.admitted_seq == {"a": 6, "b": 9, "c": 7}  # nothing changed
+
+
 def test_slots_are_stable_and_distinct() -> None:
     t = StreamTable(4, 8)
     p1 = t.plan(["a", "b"])

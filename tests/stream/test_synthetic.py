@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import numpy as np
 
-from stream.ingest import Ingest
+from stream.ingest import Ingest, Item
 from stream.protocol import ALL_PRESENT, Dims, Frame
 from stream.synthetic import SyntheticBodies, run_synthetic
 
@@ -69,19 +71,36 @@ def test_frames_carry_identity_and_rows():
 
 
 class Sink:
+    """The ingest's receiving end, holding at most `capacity` frames."""
+
     def __init__(self, capacity: int) -> None:
-        self.send, self.receive = anyio.create_memory_object_stream[Frame](capacity)
+        self.send, self._receive = anyio.create_memory_object_stream[Item](math.inf)
         self.received = 0
 
         def count(source: str, n: int) -> None:
             assert source == "synthetic"
             self.received += n
 
-        self.ingest = Ingest(self.send, dims=DIMS, max_frame_bytes=4096, on_received=count)
+        self.ingest = Ingest(
+            self.send, limit=capacity, dims=DIMS, max_frame_bytes=4096, on_received=count
+        )
+
+    async def receive(self) -> Frame:
+        frame = await self._receive.receive()
+        assert isinstance(frame, Frame)
+        self.ingest.taken(1)
+        return frame
+
+    async def __aiter__(self) -> AsyncIterator[Frame]:
+        while True:
+            try:
+                yield await self.receive()
+            except anyio.EndOfStream:
+                return
 
     def close(self) -> None:
         self.send.close()
-        self.receive.close()
+        self._receive.close()
 
 
 async def test_zero_streams_returns_after_started():
@@ -97,7 +116,7 @@ async def test_paced_at_the_rate_with_increasing_seq():
     with anyio.move_on_after(0.3):
         await run_synthetic(sink.ingest, streams=3, rate_hz=100.0)
     sink.send.close()
-    frames = [f async for f in sink.receive]
+    frames = [f async for f in sink]
     assert len(frames) == sink.received and len(frames) % 3 == 0
     ticks = len(frames) // 3
     assert 15 <= ticks <= 31  # deadlines at 0, 10, ..., 300 ms: never more than 31
@@ -116,10 +135,10 @@ async def test_falling_behind_skips_ticks_instead_of_bursting():
     got: list[int] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: run_synthetic(sink.ingest, streams=1, rate_hz=1000.0))
-        got.append((await sink.receive.receive()).seq)
+        got.append((await sink.receive()).seq)
         await anyio.sleep(0.1)  # a stalled pipeline: the feed blocks in put()
         with anyio.move_on_after(0.02):
-            async for frame in sink.receive:
+            async for frame in sink:
                 got.append(frame.seq)
         tg.cancel_scope.cancel()
     # Taken: the first; then the frames in the stream and held by the blocked put; then a
