@@ -21,7 +21,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .model import EnactiveModel, EnactiveState, pack_record
@@ -147,11 +146,10 @@ class SlabStep:
         self._host_fresh = jax.device_get(model.init_state())
         self._slab_sharding = jax.tree.map(lambda _: self._split, self._host_fresh)
         self._params = jax.device_put(self.params, self._replicated)
-        # The executables take the parameters as one flat vector, unravelled inside:
-        # flattening the module tree on every call cost ~60 µs of Python per step, and
-        # passing its 53 leaves one by one ~27 µs more of dispatch than one array.
-        flat, self._unravel = ravel_pytree(self.params)
-        self._flat_params = jax.device_put(flat, self._replicated)
+        # The executables take the parameters as a flat list: flattening the module tree
+        # on every call cost ~60 µs of Python per step (53 leaves behind Equinox's
+        # attribute machinery).
+        self._param_leaves, self._param_def = jax.tree.flatten(self._params)
         self.executables: dict[int, Any] = {}
         self.eager_buckets: dict[int, str] = {}
         self.compile_seconds: dict[int, float] = {}
@@ -184,12 +182,14 @@ class SlabStep:
     def _lower(self, bucket: int) -> Any:
         sh = self._batch_sharding(bucket)
         fn = jax.jit(
-            lambda p, s, x, m: _slab_step(self.static, self._unravel(p), s, x, m),
+            lambda p, s, x, m: _slab_step(
+                self.static, jax.tree.unflatten(self._param_def, p), s, x, m
+            ),
             donate_argnums=(1,),
             out_shardings=(self._slab_sharding, sh),
         )
         return fn.lower(
-            self._flat_params,
+            self._param_leaves,
             self._slab_spec(),
             jax.ShapeDtypeStruct((bucket, self.input_width), np.float32, sharding=sh),
             jax.ShapeDtypeStruct((bucket, 2), np.int32, sharding=sh),
@@ -273,7 +273,7 @@ class SlabStep:
             try:
                 # Host arrays go straight in: the executable places them by its own input
                 # shardings, ~80 µs cheaper per step than a separate device_put.
-                new_slab, records = exe(self._flat_params, slab, x, meta)
+                new_slab, records = exe(self._param_leaves, slab, x, meta)
                 return new_slab, records, False
             except Exception as e:
                 if any(leaf.is_deleted() for leaf in jax.tree.leaves(slab)):
