@@ -7,8 +7,11 @@
  synthetic (block)           ≤ limit frames)    not awaited)                           jsonl, stdout
 ```
 
-Every arrow is a bounded memory object stream (or the batcher's bounded buffer), so a
-full stage slows the one before it; sources that cannot be slowed drop and count.
+Every arrow is a bounded memory object stream (the ingest's bounded in frames by
+`Ingest`, the batcher's own buffer bounded by `limit`), so a full stage slows the one
+before it; sources that cannot be slowed drop and count. On the TCP path a read's run
+of like frames travels as one `FrameRun` and batches leave the batcher as columns
+(`Batch`): no object per frame.
 `/readyz` turns 200 once every bucket is compiled and every listener is bound.
 SIGTERM/SIGINT: stop the sources, drain what was received, checkpoint, exit.
 """
