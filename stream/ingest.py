@@ -31,7 +31,7 @@ Item: TypeAlias = Frame | FrameRun
 """What goes through the ingest stream: one frame, or a run of frames."""
 
 
-def frames_in(item: Item) -> int:
+def _frames_in(item: Item) -> int:
     return len(item) if type(item) is FrameRun else 1
 
 
@@ -99,14 +99,14 @@ class Ingest:
                 self._room = anyio.Event()
             await self._room.wait()
         self._send.send_nowait(item)
-        self.queued += frames_in(item)
+        self.queued += _frames_in(item)
 
     def put_nowait(self, item: Item) -> bool:
         """Hand a frame or run over if there is room now; False (nothing counted) if not."""
         if self.queued >= self.limit:
             return False
         self._send.send_nowait(item)
-        self.queued += frames_in(item)
+        self.queued += _frames_in(item)
         return True
 
     def taken(self, n: int) -> None:

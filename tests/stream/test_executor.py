@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import jax
@@ -53,6 +55,22 @@ def batches(step: processors.SlabStep, n_batches: int, n_streams: int) -> list[l
         ]
         for k in range(n_batches)
     ]
+
+
+def checkpointing(
+    step: processors.SlabStep,
+    checkpoint: Callable[[Any, StreamTable], None],
+    observe: Callable[[str, Any], None] = lambda event, value: None,
+) -> Executor:
+    """An executor over a fresh slab that checkpoints after every batch."""
+    return Executor(
+        step,
+        StreamTable(step.capacity, 64),
+        step.init_slab(),
+        checkpoint=checkpoint,
+        checkpoint_interval_s=1e-9,
+        observe=observe,
+    )
 
 
 async def run(executor: Executor, prepared: list[list[Frame]]) -> list[np.ndarray]:
@@ -113,14 +131,7 @@ async def test_checkpoints_hold_the_state_of_the_batches_they_claim(
         written.append(([np.array(a) for a in jax.tree.leaves(rows)], slots, seqs.pop(), on_main))
 
     prepared = batches(step, 6, 5)
-    executor = Executor(
-        step,
-        StreamTable(step.capacity, 64),
-        step.init_slab(),
-        checkpoint=record,
-        checkpoint_interval_s=1e-9,
-    )
-    await run(executor, prepared)
+    await run(checkpointing(step, record), prepared)
     assert len(written) >= 2 and written[-1][2] == 6  # periodic ones and the final one
     slab, after = step.init_slab(), {}
     for k, frames in enumerate(prepared):
@@ -144,14 +155,7 @@ async def test_checkpoint_failure_is_survived_but_not_at_the_end(step: processor
         calls += 1
         raise OSError(28, "No space left on device")
 
-    executor = Executor(
-        step,
-        StreamTable(step.capacity, 64),
-        step.init_slab(),
-        checkpoint=failing,
-        checkpoint_interval_s=1e-9,
-        observe=lambda e, v: events.append((e, v)),
-    )
+    executor = checkpointing(step, failing, observe=lambda e, v: events.append((e, v)))
     with pytest.raises(BaseExceptionGroup) as info:
         await run(executor, batches(step, 3, 2))
     assert info.group_contains(OSError)
