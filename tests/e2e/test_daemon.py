@@ -202,6 +202,39 @@ def test_sigterm_checkpoints_and_restart_continues_exactly(
         d.kill()
 
 
+def test_runs_of_like_frames_with_replays_inside_are_admitted_frame_by_frame(
+    daemon: DaemonProcess,
+) -> None:
+    # Runs of like frames travel whole through the pipeline; a run holding a replayed seq,
+    # or a stream twice, must give exactly what admitting its frames one by one gives.
+    sub = daemon.subscribe("run-*")
+    wait_subscribed(daemon)
+    rng = np.random.default_rng(4)
+    ids = [f"run-{i}" for i in range(4)]
+
+    def run(seqs: list[int]) -> bytes:
+        return b"".join(
+            encode_frame(s, q, 0.0, **payload(rng)) for s, q in zip(ids, seqs, strict=True)
+        )
+
+    conn = daemon.connect()
+    conn.sendall(run([1, 1, 1, 1]) + run([2, 2, 2, 2]))  # each stream twice in one read
+    conn.sendall(run([3, 1, 3, 3]))  # run-1 back to 1: stale_seq, the rest go on
+    conn.sendall(run([4, 4, 4, 3]))  # run-3's 3 again: duplicate_seq
+    moments = sub.read(14)
+    got: dict[str, list[int]] = defaultdict(list)
+    for m in moments:
+        got[m.stream_id].append(m.seq)
+    assert got == {
+        "run-0": [1, 2, 3, 4],
+        "run-1": [1, 2, 4],
+        "run-2": [1, 2, 3, 4],
+        "run-3": [1, 2, 3],
+    }
+    for reason in ("stale_seq", "duplicate_seq"):
+        assert daemon.wait_metric(M, {"reason": reason, "source": "tcp"}, 1) == 1, reason
+
+
 def test_readyz_and_healthz(daemon: DaemonProcess) -> None:
     assert daemon.http("/healthz")[0] == 200
     assert daemon.http("/readyz") == (200, "ready\n")
