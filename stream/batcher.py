@@ -12,9 +12,9 @@ A `FrameRun` (like frames from one TCP read) whose streams are distinct and neit
 the current batch nor held back joins the batch whole, as one piece: no object per frame
 on the hot path. Anything else goes frame by frame, with the same result.
 
-The batcher holds at most `limit` frames (current + held back; one run may take it past)
-past that it stops receiving, and back-pressure reaches the sources through the bounded
-stream before it.
+The batcher holds at most `limit` frames, current and held back (one run may take it
+past); beyond that it stops receiving, and back-pressure reaches the sources through the
+bounded stream before it.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class Batcher:
             and streams.isdisjoint(self._ids)
             and (not self._held or self._held.keys().isdisjoint(streams))
         ):
-            # Every frame would join the batch (up to its room) in order: join whole.
+            # What `_add` would do frame by frame: the first `room` frames join the
+            # batch, in order (here as one piece); the rest are held back.
             head = run if len(ids) <= room else run.head(room)
             self._pieces.append(head)
             self._ids.update(head.stream_ids)
