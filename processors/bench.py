@@ -105,7 +105,7 @@ def _eager_frame_seconds(model: EnactiveModel, repeats: int, frames: int) -> flo
 
 def run_kernel_bench(
     config: ModelConfig | None = None,
-    buckets: Sequence[int] = (1, 8, 32, 64, 128, 256),
+    buckets: Sequence[int] = (1, 8, 32, 64, 96, 128, 192, 256),
     *,
     repeats: int = 5,
     min_time: float = 0.2,
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         buckets: tuple[int, ...] = (1, 8, 64)
         kwargs: dict[str, Any] = {"repeats": 3, "min_time": 0.05, "eager_frames": 2}
     else:
-        buckets = (1, 8, 32, 64, 128, 256)
+        buckets = (1, 8, 32, 64, 96, 128, 192, 256)
         kwargs = {"repeats": 5, "min_time": 0.2, "eager_frames": 3}
     config = ModelConfig()
     machine = machine_info()

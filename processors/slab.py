@@ -109,7 +109,7 @@ class SlabStep:
 
     - `model`: the `EnactiveModel` (its parameters travel as an argument, not as
         constants baked into the executables).
-    - `buckets`: batch sizes to compile, e.g. `(1, 8, 32, 64, 128, 256)`.
+    - `buckets`: batch sizes to compile, e.g. `(1, 8, 32, 64, 96, 128, 192, 256)`.
     - `capacity`: streams the slab holds; rounded up to a multiple of the device count.
     - `devices`: devices to shard the slab and the batches over (default: the first
         local device). With several, the slab's stream axis and each bucket's batch axis

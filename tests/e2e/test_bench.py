@@ -250,7 +250,7 @@ def test_daemon_config_is_valid_and_as_asked(tmp_path: Path) -> None:
     path = tmp_path / "d.toml"
     path.write_text(daemon_config(settings, tmp_path / "state", str(tmp_path / "cache")))
     cfg = load_config(path, env={})
-    assert cfg.batching.buckets == (1, 8, 32, 64, 128, 256)
+    assert cfg.batching.buckets == (1, 8, 32, 64, 96, 128, 192, 256)
     assert cfg.state.max_streams >= 5000
     assert cfg.log.status_interval_s == 0
     assert cfg.state.dir == str(tmp_path / "state")

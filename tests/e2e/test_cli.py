@@ -126,7 +126,7 @@ def test_info_reports_backend_and_config(tmp_path: Path) -> None:
     info = json.loads(r.stdout)
     assert info["jit"]["backend"] in ("cpu", "gpu", "cuda", "rocm", "tpu")
     assert info["jit"]["compilation_cache_dir"] == str(tmp_path / "cache")
-    assert info["config"]["batching"]["buckets"] == [1, 8, 32, 64, 128, 256]
+    assert info["config"]["batching"]["buckets"] == [1, 8, 32, 64, 96, 128, 192, 256]
 
 
 def test_unusable_checkpoint_is_a_one_line_start_up_error(

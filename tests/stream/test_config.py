@@ -33,7 +33,7 @@ def test_defaults() -> None:
     assert cfg.output.tcp == "127.0.0.1:7401"
     assert (cfg.output.jsonl, cfg.output.stdout, cfg.output.subscriber_buffer) == ("", False, 4096)
     assert cfg.metrics.listen == "127.0.0.1:9400"
-    assert cfg.batching.buckets == (1, 8, 32, 64, 128, 256)
+    assert cfg.batching.buckets == (1, 8, 32, 64, 96, 128, 192, 256)
     assert cfg.batching.max_wait_ms == 0.5
     assert cfg.batching.adaptive is False
     assert cfg.batching.slo_p99_ms == 5.0
@@ -267,7 +267,7 @@ def test_as_dict_lists_every_section_with_plain_values() -> None:
     assert list(d) == [
         "ingest", "output", "metrics", "batching", "model", "state", "synthetic", "device", "log",
     ]  # fmt: skip
-    assert d["batching"]["buckets"] == [1, 8, 32, 64, 128, 256]
+    assert d["batching"]["buckets"] == [1, 8, 32, 64, 96, 128, 192, 256]
     assert d["model"]["som_grid"] == [20, 20]
 
 
