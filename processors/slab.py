@@ -156,6 +156,9 @@ class SlabStep:
         self._read: Any = None
         self._write: Any = None
         self._gather: Any = None
+        self._no_rows = jax.tree.map(  # the host rows of a snapshot of no slots
+            lambda leaf: np.empty((0, *np.shape(leaf)), np.asarray(leaf).dtype), self._host_fresh
+        )
 
     # -- shapes -----------------------------------------------------------------------
 
@@ -338,10 +341,7 @@ class SlabStep:
         chunks = [self._gather(slab, index[i : i + chunk]) for i in range(0, len(index), chunk)]
         for leaf in jax.tree.leaves(chunks):
             leaf.copy_to_host_async()
-        empty = jax.tree.map(
-            lambda leaf: np.empty((0, *np.shape(leaf)), np.asarray(leaf).dtype), self._host_fresh
-        )
-        return SlabSnapshot(chunks, len(slots), empty)
+        return SlabSnapshot(chunks, len(slots), self._no_rows)
 
     def write_slot(self, slab: EnactiveState, slot: int, state: Any) -> EnactiveState:
         """Put one stream's host state into `slot` (the slab is donated)."""

@@ -180,10 +180,9 @@ class Executor:
         Nothing here waits for the device: the stream table is copied and a copy of its
         streams' slab rows is enqueued behind the steps already dispatched (the slab
         itself is donated to the next step); the rows are read back and the file written
-        in the
-        background while batches flow on (one write at a time: while one runs, the next
-        waits for a later batch). The final checkpoint at shutdown is written before this
-        returns.
+        in the background while batches flow on (one write at a time: while one runs, the
+        next waits for a later batch). The final checkpoint at shutdown is written before
+        this returns.
 
         A failed write (disk full, directory gone) is reported as `("checkpoint_error",
         message)` and retried at the next interval: the service goes on. Only the final

@@ -24,14 +24,15 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from .protocol import Dims, Frame, FrameRun
 
-__all__ = ["DropOldest", "Ingest", "Item"]
+__all__ = ["DropOldest", "Ingest", "Item", "frames_in"]
 
 T = TypeVar("T")
 Item: TypeAlias = Frame | FrameRun
 """What goes through the ingest stream: one frame, or a run of frames."""
 
 
-def _frames_in(item: Item) -> int:
+def frames_in(item: object) -> int:
+    """Frames an item stands for: a run's length, else 1 (a frame, or a rejection)."""
     return len(item) if type(item) is FrameRun else 1
 
 
@@ -94,19 +95,17 @@ class Ingest:
 
     async def put(self, item: Item) -> None:
         """Hand a decoded frame or run to the pipeline, waiting while it is full (`block`)."""
-        while self.queued >= self.limit:
+        while not self.put_nowait(item):
             if self._room.is_set():
                 self._room = anyio.Event()
             await self._room.wait()
-        self._send.send_nowait(item)
-        self.queued += _frames_in(item)
 
     def put_nowait(self, item: Item) -> bool:
         """Hand a frame or run over if there is room now; False (nothing counted) if not."""
         if self.queued >= self.limit:
             return False
         self._send.send_nowait(item)
-        self.queued += _frames_in(item)
+        self.queued += frames_in(item)
         return True
 
     def taken(self, n: int) -> None:

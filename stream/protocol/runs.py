@@ -133,19 +133,20 @@ def decode_run(
                 column += count
             start += dim
     seq = rows["seq"].tolist()
-    timestamp = rows["timestamp"].tolist()
     ids = rows["id"].tobytes()
     step = sid_len + _pad(sid_len)
     stream_ids = [_stream_id(ids[i : i + sid_len]) for i in range(0, n * step, step)]
     finite_payload = np.isfinite(payload).all(axis=1)
     finite_t = np.isfinite(rows["timestamp"])
-    if (finite_payload & finite_t).all() and all(type(s) is str for s in stream_ids):
+    all_good = (finite_payload & finite_t).all() and all(type(s) is str for s in stream_ids)
+    if all_good and as_run:
+        timestamps = np.array(rows["timestamp"], np.float64)  # a copy, like `payload`
+        good = cast(list[str], stream_ids)  # all `str`: checked just above
+        run = FrameRun(good, seq, timestamps, payload, present, received_ns, source)
+        return [run], pos + n * size
+    timestamp = rows["timestamp"].tolist()
+    if all_good:
         # The common case, every frame good: no per-frame checks.
-        if as_run:
-            timestamps = np.array(rows["timestamp"], np.float64)  # a copy, like `payload`
-            good = cast(list[str], stream_ids)  # all `str`: checked just above
-            run = FrameRun(good, seq, timestamps, payload, present, received_ns, source)
-            return [run], pos + n * size
         frames: list[Frame | FrameRejected | FrameRun] = [
             Frame(s, q, ts, row, present, received_ns, source)  # type: ignore[arg-type]
             for s, q, ts, row in zip(stream_ids, seq, timestamp, payload, strict=True)

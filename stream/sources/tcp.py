@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..ingest import Ingest
+from ..ingest import Ingest, frames_in
 from ..net import accept_forever
 from ..protocol import Frame, FrameReader, FrameRejected, FrameRun, FramingLost, LineReader
 
@@ -164,7 +164,7 @@ class _Connection:
         replies: MemoryObjectSendStream[bytes] | None,
     ) -> None:
         ingest = self.ingest
-        ingest.received(label, sum(len(i) if type(i) is FrameRun else 1 for i in items))
+        ingest.received(label, sum(map(frames_in, items)))
         for item in items:
             if not isinstance(item, FrameRejected):
                 if not ingest.put_nowait(item):
