@@ -290,6 +290,7 @@ class DeviceConfig:
     count: int = _f(1, _Int(1, 4096))
     compilation_cache_dir: str = _f("", _Str())
     cpu_threads: int = _f(0, _Int(0, 4096))
+    pin_threads: bool = _f(True, _Bool())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

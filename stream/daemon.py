@@ -37,6 +37,7 @@ import processors
 from processors import CompilationCounter, EnactiveModel, SlabStep
 
 from .adaptive import AdaptiveBatching
+from .affinity import cpu_split, pinned
 from .batcher import Batcher
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, parse_address
@@ -145,9 +146,15 @@ class Daemon:
         self.config = config
         # Before anything below creates the XLA client (jax.default_backend() does).
         self.xla_cpu_threads = xla_cpu_threads(config)
-        self.metrics = metrics or Metrics(
-            buckets=config.batching.buckets, backend=jax.default_backend()
-        )
+        # XLA's threads keep the affinity of the thread that creates the client: the compute
+        # CPUs (`[device] pin_threads`). A client that already exists (JAX used before the
+        # daemon) keeps its own, and then the loop is not pinned either: alone, that would
+        # only take the other cores from it.
+        split = cpu_split() if config.device.pin_threads and not _xla_backend_started() else None
+        with pinned(split.compute if split else None) as applied:
+            backend = jax.default_backend()
+        self.cpus = split if applied else None
+        self.metrics = metrics or Metrics(buckets=config.batching.buckets, backend=backend)
         self._status = status or log.info
         self._ready_file = ready_file
         self.ready = False
@@ -189,6 +196,9 @@ class Daemon:
 
         backend = jax.default_backend()
         threads = f", {self.xla_cpu_threads} XLA CPU threads" if backend == "cpu" else ""
+        if self.cpus:
+            compute = ",".join(map(str, sorted(self.cpus.compute)))
+            threads += f"; event loop on CPU {self.cpus.loop}, XLA on CPUs {compute}"
         self._status(
             f"compiling {total} buckets {step.buckets} on "
             f"{cfg.device.count} {backend} device(s){threads}…"
@@ -243,7 +253,8 @@ class Daemon:
                     )
                 outer.start_soon(self._signals)
                 step, table, slab = await anyio.to_thread.run_sync(self._prepare)
-                await self._serve(step, table, slab, counter, task_status)
+                with pinned({self.cpus.loop} if self.cpus else None):
+                    await self._serve(step, table, slab, counter, task_status)
                 outer.cancel_scope.cancel()
         finally:
             counter.close()

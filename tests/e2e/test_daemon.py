@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,5 +286,35 @@ def test_device_cpu_threads_sizes_the_xla_pool(tmp_path: Path, compilation_cache
         names = [(t / "comm").read_text().strip() for t in tasks.iterdir()]
         assert names.count("tf_XLAEigen") == 3
         assert "1 cpu device(s), 3 XLA CPU threads" in d.output()
+    finally:
+        d.kill()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("pin", [True, False])
+def test_event_loop_and_xla_threads_on_separate_cpus(
+    tmp_path: Path, compilation_cache: str, pin: bool
+) -> None:
+    allowed = os.sched_getaffinity(0)
+    loop_cpu = min(allowed)
+    d = DaemonProcess(tmp_path, compilation_cache)
+    setting = f"[device]\npin_threads = {str(pin).lower()}\n"
+    d.config.write_text(d.config.read_text().replace("[device]\n", setting))
+    d.start()
+    try:
+        assert d.proc is not None
+        tasks = Path(f"/proc/{d.proc.pid}/task")
+        xla = [
+            int(t.name)
+            for t in tasks.iterdir()
+            if (t / "comm").read_text().strip() == "tf_XLAEigen"
+        ]
+        assert xla
+        # The main thread runs the event loop.
+        assert os.sched_getaffinity(d.proc.pid) == ({loop_cpu} if pin else allowed)
+        assert {frozenset(os.sched_getaffinity(t)) for t in xla} == {
+            frozenset(allowed - {loop_cpu} if pin else allowed)
+        }
+        assert (f"event loop on CPU {loop_cpu}," in d.output()) == pin
     finally:
         d.kill()
