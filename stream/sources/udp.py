@@ -117,14 +117,18 @@ async def _receive(
     # leaves the kernel's receive buffer as the only buffer before the counted ring, and
     # the kernel's own drops are counted from the counter it attaches to each datagram.
     # Datagrams enter the ring raw: only those the pipeline takes are ever decoded.
+    # Each datagram lands in one reused buffer and is copied out at its own size: `recvmsg`
+    # would allocate the largest size for every datagram and shrink it, and under a flood
+    # that churn fragments the heap (the RSS held its peak ~30 MiB higher).
     kernel_drops = 0
     ancillary = socket.CMSG_SPACE(_DROPS.size)
+    buffer = memoryview(bytearray(MAX_DATAGRAM_BYTES))
     while True:
         await anyio.wait_readable(sock)
         received_ns = time.monotonic_ns()
         for _ in range(READ_BATCH):
             try:
-                data, cmsgs, _, _ = sock.recvmsg(MAX_DATAGRAM_BYTES, ancillary)
+                size, cmsgs, _, _ = sock.recvmsg_into([buffer], ancillary)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionError:  # an ICMP error echoed back for an unrelated send
@@ -138,4 +142,4 @@ async def _receive(
                         ingest.received("udp", lost)
                         ingest.dropped("overload", lost)
             ingest.received("udp")
-            ring.push((data, received_ns))
+            ring.push((bytes(buffer[:size]), received_ns))
