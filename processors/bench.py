@@ -42,6 +42,8 @@ from .slab import FLAG_VALID, SlabStep, _slab_step
 __all__ = ["machine_info", "main", "run_kernel_bench"]
 
 ALL_PRESENT = 0b1111
+BUCKETS = (1, 8, 32, 64, 96, 128, 192, 256)
+"""The buckets measured by default: the daemon's default buckets (`stream.config`)."""
 
 
 def _timed(fn: Callable[[], Any], n: int) -> tuple[float, float]:
@@ -105,7 +107,7 @@ def _eager_frame_seconds(model: EnactiveModel, repeats: int, frames: int) -> flo
 
 def run_kernel_bench(
     config: ModelConfig | None = None,
-    buckets: Sequence[int] = (1, 8, 32, 64, 96, 128, 192, 256),
+    buckets: Sequence[int] = BUCKETS,
     *,
     repeats: int = 5,
     min_time: float = 0.2,
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         buckets: tuple[int, ...] = (1, 8, 64)
         kwargs: dict[str, Any] = {"repeats": 3, "min_time": 0.05, "eager_frames": 2}
     else:
-        buckets = (1, 8, 32, 64, 96, 128, 192, 256)
+        buckets = BUCKETS
         kwargs = {"repeats": 5, "min_time": 0.2, "eager_frames": 3}
     config = ModelConfig()
     machine = machine_info()

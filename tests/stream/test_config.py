@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from stream.config import (
+    DEFAULT_BUCKETS,
     EMBEDDED_DEFAULT_OVERRIDES,
     Config,
     ConfigError,
@@ -324,3 +325,10 @@ def test_xla_cpu_threads(threads: int, count: int, environ: dict, expect: int | 
         expect = max(len(os.sched_getaffinity(0)) - 1, 1)
     assert got == expect
     assert environ["PJRT_NPROC"] == str(expect)
+
+
+def test_the_kernel_bench_measures_the_default_buckets() -> None:
+    # `processors` does not import `stream`, so the two tuples are kept equal here.
+    from processors.bench import BUCKETS
+
+    assert BUCKETS == DEFAULT_BUCKETS
