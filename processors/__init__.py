@@ -3,7 +3,15 @@ moment per frame, as pure per-stream steps batched with `jax.vmap` and compiled 
 time over a device-resident state slab."""
 
 from .body_schema import BodySchemaOutput, BodySchemaProcessor, BodyState
-from .config import BodySchemaConfig, ModelConfig, ModelConfigError, TemporalConfig
+from .build import build_model, model_fingerprint
+from .config import (
+    MAX_DIM,
+    MODEL_BOUNDS,
+    BodySchemaConfig,
+    ModelConfig,
+    ModelConfigError,
+    TemporalConfig,
+)
 from .factories import (
     create_body_schema_processor,
     create_body_schema_processor_no_jit,
@@ -35,7 +43,9 @@ from .temporal import TemporalOutput, TemporalProcessor, TemporalState
 __all__ = [
     "FLAG_RESET",
     "FLAG_VALID",
+    "MAX_DIM",
     "MODALITIES",
+    "MODEL_BOUNDS",
     "RECORD_FIELDS",
     "SNAPSHOT_ROWS",
     "BodySchemaConfig",
@@ -57,6 +67,7 @@ __all__ = [
     "TemporalOutput",
     "TemporalProcessor",
     "TemporalState",
+    "build_model",
     "create_body_schema_processor",
     "create_body_schema_processor_no_jit",
     "create_body_schema_processor_safe",
@@ -66,6 +77,7 @@ __all__ = [
     "enable_compilation_cache",
     "get_jit_info",
     "load_params",
+    "model_fingerprint",
     "pack_record",
     "safe_jit",
     "save_params",

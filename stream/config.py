@@ -4,6 +4,10 @@ Layers, later wins: built-in defaults, then a TOML file, then `ENACTIVE_<SECTION
 environment variables, then overrides (`{"section.key": value}`, e.g. from CLI flags).
 Every value is checked at load; a bad one raises `ConfigError` naming `section.key`, the
 value, where it came from and what is allowed. The reference is `docs/configuration.md`.
+
+The `[model]` sizes are `processors.ModelConfig`'s: their defaults and bounds are read from
+there, and `load_config` builds that config (`Config.model_config`), so whatever the model
+would refuse is refused here, as a `ConfigError`, before anything starts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import processors
 
 from .protocol import Dims
 
@@ -245,24 +251,33 @@ class BatchingConfig:
     slo_p99_ms: float = _f(5.0, _Float(0, 60000, lo_open=True))
 
 
-_DIM = _Int(1, 4096)
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(processors.ModelConfig)}
+
+
+def _size(name: str) -> Any:
+    """A `[model]` size: default and bounds are those of `processors.ModelConfig`."""
+    lo, hi = processors.MODEL_BOUNDS[name]
+    return _f(_MODEL_DEFAULTS[name], _IntList(2, lo, hi) if name == "som_grid" else _Int(lo, hi))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """`[model]`: model sizes, seed and weights file."""
+    """`[model]`: model sizes (`processors.ModelConfig`'s), seed and weights file."""
 
-    state_dim: int = _f(32, _DIM)
-    proprio_dim: int = _f(64, _DIM)
-    tactile_dim: int = _f(32, _DIM)
-    motor_dim: int = _f(32, _DIM)
-    retention_depth: int = _f(10, _DIM)
-    protention_horizon: int = _f(5, _DIM)
-    hidden_dim: int = _f(64, _DIM)
-    som_grid: tuple[int, int] = _f((20, 20), _IntList(2, 1, 128))
-    attention_heads: int = _f(2, _DIM)
+    state_dim: int = _size("state_dim")
+    proprio_dim: int = _size("proprio_dim")
+    tactile_dim: int = _size("tactile_dim")
+    motor_dim: int = _size("motor_dim")
+    retention_depth: int = _size("retention_depth")
+    protention_horizon: int = _size("protention_horizon")
+    hidden_dim: int = _size("hidden_dim")
+    som_grid: tuple[int, int] = _size("som_grid")
+    attention_heads: int = _size("attention_heads")
     seed: int = _f(0, _Int(0, (1 << 32) - 1))
     params: str = _f("", _Str())
+
+
+_MODEL_SIZES = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name in _MODEL_DEFAULTS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -333,6 +348,12 @@ class Config:
         """Input modality sizes: `Dims(state_dim, proprio_dim, tactile_dim, motor_dim)`."""
         m = self.model
         return Dims(m.state_dim, m.proprio_dim, m.tactile_dim, m.motor_dim)
+
+    @property
+    def model_config(self) -> processors.ModelConfig:
+        """The `[model]` sizes as the model takes them (`load_config` has checked that
+        they are accepted); `model.seed` and `model.params` are the caller's to use."""
+        return processors.ModelConfig(**{k: getattr(self.model, k) for k in _MODEL_SIZES})
 
     def as_dict(self) -> dict[str, dict[str, object]]:
         """Returns `{section: {key: value}}`, tuples as lists (JSON- and TOML-ready)."""
@@ -514,14 +535,16 @@ def _check_cross(cfg: Config, raw: _Raw) -> None:
             f"state.max_known_streams = {cfg.state.max_known_streams}: must be at least "
             f"state.max_streams = {cfg.state.max_streams} (from {origin})"
         )
-    heads, dim = cfg.model.attention_heads, cfg.model.state_dim
-    if dim % heads:
-        origin = raw["model"].get("attention_heads", (None, "default"))[1]
-        divisors = [d for d in range(1, dim + 1) if dim % d == 0]
-        raise ConfigError(
-            f"model.attention_heads = {heads}: must divide model.state_dim = {dim}; "
-            f"choose one of {', '.join(map(str, divisors))} (from {origin})"
-        )
+    try:
+        _ = cfg.model_config  # what the model refuses, across fields too
+    except processors.ModelConfigError as e:
+        key = e.field.partition("[")[0]
+        if key not in _MODEL_SIZES:  # a size the daemon does not expose: always the default
+            raise ConfigError(f"[model]: {e}") from None
+        origin = raw["model"].get(key, (None, "default"))[1]
+        value = _toml_value(getattr(cfg.model, key))
+        reason = e.reason.replace(f"{e.owner}.", "model.")
+        raise ConfigError(f"model.{key} = {value}: {reason} (from {origin})") from None
 
 
 def _resolve_dirs(cfg: Config, env: Mapping[str, str]) -> Config:

@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 
 from processors import (
+    MODEL_BOUNDS,
     BodySchemaConfig,
     EnactiveModel,
     ModelConfig,
     ModelConfigError,
     ParamsMismatchError,
     TemporalConfig,
+    build_model,
     load_params,
+    model_fingerprint,
     save_params,
 )
 
@@ -31,7 +34,8 @@ from processors import (
         ),
         (
             lambda: ModelConfig(attention_heads=3),
-            "ModelConfig.attention_heads = 3: must divide state_dim = 32",
+            "ModelConfig.attention_heads = 3: must divide ModelConfig.state_dim = 32; "
+            "choose one of 1, 2, 4, 8, 16, 32",
         ),
         (
             lambda: ModelConfig(som_grid=(0, 4)),
@@ -52,6 +56,14 @@ from processors import (
         (
             lambda: TemporalConfig(state_dim=True),
             "TemporalConfig.state_dim = True: must be an integer in [1, 4096]",
+        ),
+        (
+            lambda: ModelConfig(retention_depth=1025),
+            "ModelConfig.retention_depth = 1025: must be an integer in [1, 1024]",
+        ),
+        (
+            lambda: TemporalConfig(attention_heads=3),
+            "TemporalConfig.attention_heads = 3: must divide TemporalConfig.state_dim = 32",
         ),
         (
             lambda: TemporalConfig(protention_horizon=2.0),
@@ -78,6 +90,32 @@ from processors import (
 def test_config_errors_name_field_value_and_range(make, message: str) -> None:
     with pytest.raises(ModelConfigError, match=re.escape(message)):
         make()
+
+
+def test_errors_carry_field_value_and_reason() -> None:
+    with pytest.raises(ModelConfigError) as info:
+        ModelConfig(som_grid=(4, 129))
+    e = info.value
+    assert (e.owner, e.field, e.value) == ("ModelConfig", "som_grid[1]", 129)
+    assert e.reason == "must be an integer in [1, 128]"
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_BOUNDS))
+def test_bounds_are_the_ones_checked(name: str) -> None:
+    lo, hi = MODEL_BOUNDS[name]
+
+    def make(v: int) -> ModelConfig:
+        if name == "som_grid":
+            return ModelConfig(som_grid=(v, v))
+        if name == "attention_heads":  # it must divide state_dim too
+            return ModelConfig(attention_heads=v, state_dim=max(v, 1))
+        return ModelConfig(**{"attention_heads": 1, name: v})
+
+    for v in (lo, hi):
+        make(v)
+    for v in (lo - 1, hi + 1):
+        with pytest.raises(ModelConfigError, match=re.escape(f"[{lo}, {hi}]")):
+            make(v)
 
 
 def test_config_is_frozen_validated_data() -> None:
@@ -135,3 +173,27 @@ def test_initialisation_is_deterministic(small_config: ModelConfig) -> None:
     assert not np.array_equal(
         np.asarray(a.temporal.impression.weight), np.asarray(c.temporal.impression.weight)
     )
+
+
+def test_build_model_seeds_then_loads_params(small_config: ModelConfig, tmp_path) -> None:
+    model = build_model(small_config, seed=3, params=None)
+    same = EnactiveModel(small_config, key=jax.random.PRNGKey(3))
+    for a, b in zip(_arrays(model), _arrays(same), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert build_model(small_config, seed=3, params="").config == small_config
+    path = tmp_path / "params.eqx"
+    save_params(model, path)
+    loaded = build_model(small_config, seed=4, params=str(path))
+    for a, b in zip(_arrays(loaded), _arrays(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError):
+        build_model(small_config, seed=0, params=str(tmp_path / "missing.eqx"))
+
+
+def test_model_fingerprint_is_the_checkpoint_format(small_config: ModelConfig) -> None:
+    # Written into every checkpoint and compared at restore: this exact layout.
+    assert model_fingerprint(small_config, 512) == {
+        "dims": [8, 6, 4, 3],
+        "model": [3, 2, 8, [3, 3], 2],
+        "capacity": 512,
+    }

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+import processors
 from stream.config import (
-    DEFAULT_BUCKETS,
     EMBEDDED_DEFAULT_OVERRIDES,
     Config,
     ConfigError,
+    ModelConfig,
     load_config,
     parse_address,
 )
@@ -149,6 +151,9 @@ def test_embedded_default_overrides() -> None:
         ("model.hidden_dim", -3, "model.hidden_dim = -3"),
         ("model.attention_heads", 3, "model.attention_heads = 3: must divide model.state_dim"),
         ("model.attention_heads", 0, "model.attention_heads = 0: must be an integer in [1,"),
+        ("model.attention_heads", 64, "model.attention_heads = 64: must divide model.state_dim"),
+        ("model.retention_depth", 1025, "model.retention_depth = 1025: must be an integer in"),
+        ("model.protention_horizon", 257, "= 257: must be an integer in [1, 256]"),
         ("model.som_grid", [20], "model.som_grid = [20]: must be a list of 2 integers in [1, 128]"),
         ("model.som_grid", [20, 129], "[1, 128]"),
         ("model.seed", -1, "model.seed = -1"),
@@ -179,6 +184,47 @@ def test_attention_heads_message_lists_divisors() -> None:
     with pytest.raises(ConfigError, match=r"choose one of 1, 2, 4, 8, 16, 32"):
         load(**{"model.attention_heads": 3})
     assert load(**{"model.attention_heads": 8, "model.state_dim": 64}).model.attention_heads == 8
+
+
+def test_model_sizes_past_what_the_model_takes_are_config_errors() -> None:
+    # `check-config` once accepted this and `run` then died in a worker thread.
+    with pytest.raises(ConfigError) as info:
+        load(**{"model.retention_depth": 2000})
+    message = str(info.value)
+    assert message.startswith("model.retention_depth = 2000: must be an integer in [1, 1024]")
+    assert processors.MODEL_BOUNDS["retention_depth"] == (1, 1024)  # the bound is the model's
+
+
+_SIZES = [f.name for f in dataclasses.fields(ModelConfig) if f.name in processors.MODEL_BOUNDS]
+
+
+@pytest.mark.parametrize("key", _SIZES)
+def test_model_sizes_take_default_and_bounds_from_processors(key: str) -> None:
+    lo, hi = processors.MODEL_BOUNDS[key]
+    model = processors.ModelConfig()
+    assert getattr(load().model, key) == getattr(model, key)
+
+    def at(v: int) -> dict[str, object]:
+        if key == "som_grid":
+            return {"model.som_grid": [v, v]}
+        if key == "attention_heads":  # it must divide state_dim too
+            return {"model.attention_heads": v, "model.state_dim": min(max(v, 1), hi)}
+        return {f"model.{key}": v, "model.attention_heads": 1}
+
+    for v in (lo, hi):  # what loads, the model takes
+        got = getattr(load(**at(v)).model_config, key)
+        assert got == ((v, v) if key == "som_grid" else v)
+    for v in (lo - 1, hi + 1):
+        with pytest.raises(ConfigError, match=re.escape(f"model.{key} = ")) as info:
+            load(**at(v))
+        assert f"[{lo}, {hi}]" in str(info.value)
+
+
+def test_model_config_is_the_models() -> None:
+    cfg = load(**{"model.state_dim": 16, "model.som_grid": [4, 5], "model.attention_heads": 4})
+    assert cfg.model_config == processors.ModelConfig(
+        state_dim=16, som_grid=(4, 5), attention_heads=4
+    )
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -317,7 +363,7 @@ def test_docs_describe_every_key_and_show_the_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_xla_cpu_threads(threads: int, count: int, environ: dict, expect: int | None) -> None:
-    from stream.daemon import xla_cpu_threads
+    from stream.xla import xla_cpu_threads
 
     config = load(**{"device.cpu_threads": threads, "device.count": count})
     got = xla_cpu_threads(config, environ)
@@ -325,10 +371,3 @@ def test_xla_cpu_threads(threads: int, count: int, environ: dict, expect: int | 
         expect = max(len(os.sched_getaffinity(0)) - 1, 1)
     assert got == expect
     assert environ["PJRT_NPROC"] == str(expect)
-
-
-def test_the_kernel_bench_measures_the_default_buckets() -> None:
-    # `processors` does not import `stream`, so the two tuples are kept equal here.
-    from processors.bench import BUCKETS
-
-    assert BUCKETS == DEFAULT_BUCKETS
