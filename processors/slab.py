@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -253,6 +254,33 @@ class SlabStep:
         """Place a host (numpy) slab — e.g. one read from a checkpoint — on the device(s)."""
         return jax.device_put(host, self._slab_sharding)
 
+    def put_batch(self, x: np.ndarray, meta: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Place a host batch on the device(s) the way its bucket's executable takes it.
+
+        Serving passes host arrays straight to `step(...)`; this is for callers that keep
+        a batch on the device (benchmarks, `step_fn`).
+
+        **Arguments:** `x` float32 `(B, D+P+T+M)`, `meta` int32 `(B, 2)`, as for `__call__`.
+
+        **Returns:** `(x, meta)` as device arrays.
+        """
+        return jax.device_put((x, meta), self._batch_sharding(x.shape[0]))
+
+    @property
+    def step_fn(
+        self,
+    ) -> Callable[[EnactiveState, jax.Array, jax.Array], tuple[EnactiveState, jax.Array]]:
+        """The batched step as a pure function with this model's parameters bound:
+        `new_slab, records = step.step_fn(slab, x, meta)`.
+
+        The same gather → `jax.vmap(model)` → scatter → pack as every compiled bucket,
+        but not compiled, not donating `slab`, for any batch size: jittable, or run op by
+        op under `jax.disable_jit()` (what the eager fallback does). Arguments and
+        returns as for `__call__`, without the `eager` flag; records float32
+        `(B, K+D+P+M+3)`.
+        """
+        return functools.partial(_slab_step, self.static, self._params)
+
     def __call__(
         self, slab: EnactiveState, x: np.ndarray, meta: np.ndarray
     ) -> tuple[EnactiveState, jax.Array, bool]:
@@ -282,9 +310,9 @@ class SlabStep:
                 if any(leaf.is_deleted() for leaf in jax.tree.leaves(slab)):
                     raise
                 self._fall_back(bucket, e)
-        xs, ms = jax.device_put((x, meta), self._batch_sharding(bucket))
+        xs, ms = self.put_batch(x, meta)
         with jax.disable_jit():
-            new_slab, records = _slab_step(self.static, self._params, slab, xs, ms)
+            new_slab, records = self.step_fn(slab, xs, ms)
         return new_slab, records, True
 
     def run(

@@ -4,7 +4,7 @@ per-frame baseline, compilations, restart and memory — one run, one JSON, one 
 Phases, one service at a time (the host has 2 cores):
 
 ```
-kernel    processors.bench.run_kernel_bench in this process: compiled step per bucket
+kernel    stream.bench.kernel.run_kernel_bench in this process: compiled step per bucket
 daemon    start ─► warm-up run ─► `runs` throughput runs (median = max e2e rate)
           ─► latency runs at loads × max ─► soak (RSS before/after) ─► compilations
           ─► SIGTERM ─► restart, timed to the ready file ─► warm-up ─► UDP overload at
@@ -85,7 +85,10 @@ def _model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def _kernel(settings: BenchSettings, kwargs: dict[str, Any]) -> dict[str, Any]:
     from processors import ModelConfig
-    from processors.bench import run_kernel_bench
+
+    # Imported here, not at the top: `python -m stream.bench.kernel` imports this package
+    # first, and would otherwise find the module already imported (runpy warns).
+    from .kernel import run_kernel_bench
 
     rows = run_kernel_bench(
         ModelConfig(**kwargs),
@@ -269,9 +272,9 @@ def run_bench(
     """
     import processors
     from processors import ModelConfig
-    from processors.bench import machine_info
 
     from ..config import load_config
+    from .kernel import machine_info
 
     settings = settings or BenchSettings()
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ class BenchSettings:
         daemon's default); `adaptive`: turn on its adaptive batching, steering for
         `slo_p99_ms`.
     - `kernel_buckets`, `kernel_repeats`, `kernel_min_time`, `kernel_eager_frames`: passed
-        to `processors.bench.run_kernel_bench`.
+        to `stream.bench.kernel.run_kernel_bench`.
     - `model`: `[model]` keys for the daemon, the baseline and the kernel (empty: defaults).
     - `cache_dir`: the JAX compilation cache ("" → the user's, from `load_config()`).
     - `timeout_s`: how long a client waits for the next byte, and a service to get ready.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ import pytest
 
 from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_table, run_bench
 from stream.bench.client import ClientError, ClientSpec, _latencies, _paced
+from stream.bench.kernel import format_table as kernel_table
+from stream.bench.kernel import run_kernel_bench
 from stream.bench.measure import combine_latency_runs, rounds_for
 from stream.bench.runner import MODEL_KEYS
 from stream.bench.stats import cdf, growth_pct, late_growth_pct, median, percentiles
@@ -306,6 +310,33 @@ def _check_load(load: dict[str, Any]) -> None:
     assert load["latency_ms"]["min"] <= cdf_x[0] <= cdf_x[-1] <= load["latency_ms"]["max"]
     assert load["runs"] == len(load["runs_p99_ms"]) == 2
     assert load["offered_frames_per_s"] > 0 and 0 < load["measured_frames"] < load["frames"]
+
+
+# -- the kernel bench --------------------------------------------------------------------
+
+
+def test_kernel_bench_smoke(small_config: Any) -> None:
+    rows = run_kernel_bench(small_config, (4,), repeats=1, min_time=0.0, eager_frames=1)
+    assert [r["bucket"] for r in rows] == [4]
+    for r in rows:
+        assert all(v > 0 for v in r.values()), r
+        assert r["compiled_frames_per_s"] == pytest.approx(
+            r["bucket"] * 1e6 / r["compiled_step_us"]
+        )
+        assert r["speedup"] == pytest.approx(r["compiled_frames_per_s"] / r["eager_frames_per_s"])
+    assert kernel_table(rows).count("\n") == 2
+
+
+def test_kernel_bench_runs_alone_from_the_command_line() -> None:
+    # `-W error`: runpy warns when the package imports the module it is asked to run.
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "stream.bench.kernel", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "python -m stream.bench.kernel" in proc.stdout
 
 
 @pytest.mark.timeout(120)

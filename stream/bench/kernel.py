@@ -14,8 +14,10 @@ For every bucket it measures, with `time.perf_counter`, each figure the median o
 `speedup` is compiled frames/s divided by eager per-frame frames/s.
 
 ```
-python -m processors.bench [--quick] [--json FILE]
+python -m stream.bench.kernel [--quick] [--json FILE]
 ```
+
+It uses only `processors`' public API (`SlabStep.put_batch`, `SlabStep.step_fn`).
 """
 
 from __future__ import annotations
@@ -34,15 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .jit import get_jit_info
-from .model import EnactiveModel
-from .slab import FLAG_VALID, SlabStep, _slab_step
+from processors import FLAG_VALID, EnactiveModel, ModelConfig, SlabStep, get_jit_info
 
-__all__ = ["machine_info", "main", "run_kernel_bench"]
+from ..config import DEFAULT_BUCKETS
+
+__all__ = ["BUCKETS", "format_table", "machine_info", "main", "run_kernel_bench"]
 
 ALL_PRESENT = 0b1111
-BUCKETS = (1, 8, 32, 64, 96, 128, 192, 256)
+BUCKETS: tuple[int, ...] = DEFAULT_BUCKETS
 """The buckets measured by default: the daemon's default buckets (`stream.config`)."""
 
 
@@ -145,7 +146,7 @@ def run_kernel_bench(
     rows = []
     for bucket in step.buckets:
         x, meta = _batch(step, bucket, bucket)
-        xs, ms = jax.device_put((x, meta), step._batch_sharding(bucket))
+        xs, ms = step.put_batch(x, meta)
         box = [step.init_slab()]
 
         def compiled(box: list[Any] = box, xs: Any = xs, ms: Any = ms, b: int = bucket) -> Any:
@@ -154,11 +155,11 @@ def run_kernel_bench(
                 raise RuntimeError(f"bucket {b} ran eagerly: {step.eager_buckets.get(b)}")
             return records
 
-        slab = step.init_slab()
+        slab, step_fn = step.init_slab(), step.step_fn
 
-        def eager_batch(slab: Any = slab, xs: Any = xs, ms: Any = ms) -> Any:
+        def eager_batch(slab: Any = slab, xs: Any = xs, ms: Any = ms, fn: Any = step_fn) -> Any:
             with jax.disable_jit():
-                return _slab_step(step.static, step._params, slab, xs, ms)
+                return fn(slab, xs, ms)
 
         step_s, cores = _seconds_per_call(compiled, repeats, min_time)
         eager_step_s, _ = _seconds_per_call(eager_batch, repeats, min_time)
@@ -224,9 +225,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m processors.bench [--quick] [--json FILE]`: run and print the table."""
+    """`python -m stream.bench.kernel [--quick] [--json FILE]`: run and print the table."""
     parser = argparse.ArgumentParser(
-        prog="python -m processors.bench",
+        prog="python -m stream.bench.kernel",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
