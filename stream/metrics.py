@@ -2,21 +2,24 @@
 
 `Metrics` owns its metric objects and registers them on the `registry` it is given (a new
 `CollectorRegistry` by default, never the process-global one). Names use the `enactive_`
-prefix, base units and `_total` counters; known label sets start at 0 so dashboards and
+prefix, base units and `_total` counters; the label sets of the running configuration
+(its sources, sinks and buckets, every reason and stage) start at 0 so dashboards and
 `rate()` see every series from the first scrape. No label ever carries a stream id. The
 reference, with a PromQL example per metric, is `docs/metrics.md`.
 
-Hot-path helpers (`received`, `reject`, `observe_stage`, ...) look up pre-bound label
-children in dicts. A label value outside the known set is recorded as `"other"`, so no
-caller can grow the number of series without bound.
+`Metrics` implements `stream.events.PipelineEvents`: the stages report to it (`received`,
+`rejected`, `batch`, `moments`, ...), and each event looks up pre-bound label children in
+dicts. A label value outside the known set is recorded as `"other"`, so no caller can grow
+the number of series without bound.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -24,6 +27,9 @@ from prometheus_client.exposition import generate_latest
 
 from .histogram import BatchHistogram
 from .protocol import REASONS
+
+if TYPE_CHECKING:
+    from .events import PipelineEvents
 
 __all__ = [
     "BATCH_FILL_BUCKETS",
@@ -40,11 +46,13 @@ __all__ = [
     "Metrics",
 ]
 
-SOURCES = ("tcp", "udp", "json", "synthetic", "nats", "mqtt", "lsl", "replay")
-DROP_REASONS = ("overload", "slow_sink")
+# The `source` labels and sink names the code has. A configuration pre-declares the series
+# of the ones it runs (`Metrics(sources=..., sinks=...)`); the others appear at first use.
+SOURCES = ("tcp", "json", "udp", "synthetic")
+SINKS = ("tcp", "jsonl", "stdout")
+DROP_REASONS = ("overload",)
 STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
 PHASES = ("warmup", "runtime")
-SINKS = ("tcp", "jsonl", "stdout", "nats", "mqtt")
 SINK_DROP_REASONS = ("slow_sink", "slow_subscriber", "disconnected", "error")
 JIT_PROCESSORS = ("temporal", "body_schema", "slab_step")
 # Fallback reasons are the failing exception's class name (what `processors` reports); the
@@ -96,11 +104,18 @@ def _version(dist: str) -> str:
 
 
 class Metrics:
-    """The daemon's metrics, registered on one registry.
+    """The daemon's metrics, registered on one registry; a `PipelineEvents`.
 
     **Arguments:**
 
     - `registry`: where to register; default a new `CollectorRegistry()`.
+    - `sources`: the `source` labels of the configured sources (e.g. `("tcp", "json")`);
+        `frames_received_total` and `frames_rejected_total` start with their series
+        (× every rejection reason). A label of `SOURCES` not given here gets its series
+        at its first frame; any other label counts as `"other"`.
+    - `sinks`: the names of the configured sinks (e.g. `("tcp",)`); likewise for
+        `moments_emitted_total` and `moments_dropped_total` (× every sink drop reason),
+        with `SINKS`.
     - `buckets`: the batch buckets (batch sizes, ints); `batches_total` and
         `jit_compile_seconds` start with one series per bucket.
     - `version`, `jax_version`, `backend`: build metadata for `enactive_build_info`
@@ -111,6 +126,8 @@ class Metrics:
         self,
         registry: CollectorRegistry | None = None,
         *,
+        sources: Sequence[str] = (),
+        sinks: Sequence[str] = (),
         buckets: Sequence[int] = (),
         version: str | None = None,
         jax_version: str | None = None,
@@ -119,6 +136,11 @@ class Metrics:
         self.registry = CollectorRegistry() if registry is None else registry
         r = self.registry
         self.buckets = tuple(int(b) for b in buckets)
+        self.sources = tuple(dict.fromkeys(sources))
+        self.sinks = tuple(dict.fromkeys(sinks))
+        # Label values counted under their own name; anything else is "other".
+        self._known_sources = (*self.sources, *(s for s in SOURCES if s not in self.sources))
+        self._known_sinks = (*self.sinks, *(s for s in SINKS if s not in self.sinks))
 
         def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
             return Counter(f"enactive_{name}", doc, labels, registry=r)
@@ -195,10 +217,11 @@ class Metrics:
         self._queues = _QueueDepthCollector()
         r.register(self._queues)
 
-        # Pre-bound children: known label sets exist (at 0) from the first scrape.
-        self._received = {s: self.frames_received.labels(s) for s in SOURCES}
+        # Pre-bound children: the running configuration's label sets exist (at 0) from the
+        # first scrape.
+        self._received = {s: self.frames_received.labels(s) for s in self.sources}
         self._rejected = {
-            (s, why): self.frames_rejected.labels(s, why) for s in SOURCES for why in REASONS
+            (s, why): self.frames_rejected.labels(s, why) for s in self.sources for why in REASONS
         }
         self._dropped = {why: self.frames_dropped.labels(why) for why in DROP_REASONS}
         self._batches = {b: self.batches.labels(str(b)) for b in self.buckets}
@@ -207,10 +230,10 @@ class Metrics:
             self.stage_latency.labels(stage)
         self._phase = {p: self.jit_compilations.labels(p) for p in PHASES}
         self._fallback_reasons: set[str] = set()
-        self._emitted = {s: self.moments_emitted.labels(s) for s in SINKS}
+        self._emitted = {s: self.moments_emitted.labels(s) for s in self.sinks}
         self._sink_dropped = {
             (s, why): self.moments_dropped.labels(s, why)
-            for s in SINKS
+            for s in self.sinks
             for why in SINK_DROP_REASONS
         }
         self.ready.set(0)
@@ -220,63 +243,98 @@ class Metrics:
             backend=backend,
         )
 
-    # --- hot path -----------------------------------------------------------------------
+    # --- events (`PipelineEvents`) -----------------------------------------------------
 
-    def received(self, source: str, n: int = 1) -> None:
-        """Counts `n` frames received from `source` (one of `SOURCES`)."""
+    def received(self, source: str, n: int) -> None:
+        """Counts `n` frames received from `source`."""
         child = self._received.get(source)
         if child is None:
-            child = _other(self.frames_received, (source, SOURCES))
+            child = _other(self.frames_received, (source, self._known_sources))
         child.inc(n)
 
-    def reject(self, source: str, reason: str) -> None:
+    def rejected(self, source: str, reason: str) -> None:
         """Counts one frame rejected from `source` for `reason` (one of `protocol.REASONS`)."""
         child = self._rejected.get((source, reason))
         if child is None:
-            child = _other(self.frames_rejected, (source, SOURCES), (reason, REASONS))
+            child = _other(self.frames_rejected, (source, self._known_sources), (reason, REASONS))
         child.inc()
 
-    def drop(self, reason: str, n: int = 1) -> None:
+    def dropped(self, reason: str, n: int) -> None:
         """Counts `n` well-formed frames dropped for `reason` (one of `DROP_REASONS`)."""
         child = self._dropped.get(reason)
         if child is None:
             child = _other(self.frames_dropped, (reason, DROP_REASONS))
         child.inc(n)
 
-    def processed(self, n: int) -> None:
-        """Counts `n` frames stepped through the model."""
-        self.frames_processed.inc(n)
-
-    def batch(self, bucket: int, rows: int) -> None:
-        """Records one batch of `rows` real frames padded to `bucket` rows."""
+    def batch(self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray) -> None:
+        """Records one batch of `rows` real frames padded to `bucket` rows. `queue_s`,
+        `batch_wait_s`: float64 `(rows,)`, seconds, per frame: receipt to admission, and
+        receipt to the batch leaving the batcher."""
         child = self._batches.get(bucket)
         if child is None:
             child = self.batches.labels(OTHER)
         child.inc()
         self.batch_fill.observe(rows / bucket if bucket > 0 else 0.0)
+        self.stage_latency.observe(queue_s, "queue")
+        self.stage_latency.observe(batch_wait_s, "batch_wait")
+
+    def evicted(self, n: int) -> None:
+        """Counts `n` stream states evicted from the slab."""
+        self.evictions.inc(n)
+
+    def restored(self, n: int) -> None:
+        """Counts `n` stream states restored into the slab."""
+        self.restores.inc(n)
+
+    def checkpointed(self, seconds: float, positions: int) -> None:
+        """Records one checkpoint that took `seconds` to write (`positions` is not a
+        metric)."""
+        self.checkpoints.inc()
+        self.checkpoint_seconds.observe(seconds)
+
+    def checkpoint_failed(self, message: str) -> None:
+        """Counts one checkpoint that could not be written (`message` is for the log)."""
+        self.checkpoint_errors.inc()
+
+    def moments(
+        self,
+        bucket: int,
+        device_s: float,
+        integrate_s: float,
+        emit_s: float,
+        end_to_end_s: np.ndarray,
+    ) -> None:
+        """Records one batch's stage times (seconds) and its moments' end-to-end latencies
+        (float64 `(n,)`, seconds, one per moment: `n` frames were processed)."""
+        stage = self.stage_latency
+        stage.observe(device_s, "device")
+        stage.observe(integrate_s, "integrate")
+        stage.observe(emit_s, "emit")
+        self.end_to_end.observe(end_to_end_s)
+        self.frames_processed.inc(int(np.size(end_to_end_s)))
+
+    def emitted(self, sink: str, n: int) -> None:
+        """Counts `n` moments delivered by `sink`."""
+        child = self._emitted.get(sink)
+        if child is None:
+            child = _other(self.moments_emitted, (sink, self._known_sinks))
+        child.inc(n)
+
+    def sink_dropped(self, sink: str, reason: str, n: int) -> None:
+        """Counts `n` moments `sink` could not take, for `reason` (`SINK_DROP_REASONS`)."""
+        child = self._sink_dropped.get((sink, reason))
+        if child is None:
+            child = _other(
+                self.moments_dropped, (sink, self._known_sinks), (reason, SINK_DROP_REASONS)
+            )
+        child.inc(n)
+
+    # --- other observations ---------------------------------------------------------------
 
     def observe_stage(self, stage: str, seconds: npt.ArrayLike) -> None:
         """Records the time spent in `stage` (one of `STAGES`): one value, or an array of
         one value per frame of a batch, in seconds."""
         self.stage_latency.observe(seconds, stage if stage in STAGES else OTHER)
-
-    def observe_end_to_end(self, seconds: npt.ArrayLike) -> None:
-        """Records end-to-end latencies (an array, one per emitted moment), in seconds."""
-        self.end_to_end.observe(seconds)
-
-    def emitted(self, sink: str, n: int = 1) -> None:
-        """Counts `n` moments delivered to `sink` (one of `SINKS`)."""
-        child = self._emitted.get(sink)
-        if child is None:
-            child = _other(self.moments_emitted, (sink, SINKS))
-        child.inc(n)
-
-    def sink_drop(self, sink: str, reason: str, n: int = 1) -> None:
-        """Counts `n` moments `sink` could not take, for `reason` (`SINK_DROP_REASONS`)."""
-        child = self._sink_dropped.get((sink, reason))
-        if child is None:
-            child = _other(self.moments_dropped, (sink, SINKS), (reason, SINK_DROP_REASONS))
-        child.inc(n)
 
     # --- lifecycle and state ------------------------------------------------------------
 
@@ -303,19 +361,6 @@ class Metrics:
         if child is None:
             child = self.jit_compile_seconds.labels(OTHER)
         child.set(seconds)
-
-    def checkpointed(self, seconds: float) -> None:
-        """Records one checkpoint that took `seconds` to write."""
-        self.checkpoints.inc()
-        self.checkpoint_seconds.observe(seconds)
-
-    def evicted(self, n: int = 1) -> None:
-        """Counts `n` stream states evicted from the slab."""
-        self.evictions.inc(n)
-
-    def restored(self, n: int = 1) -> None:
-        """Counts `n` stream states restored into the slab."""
-        self.restores.inc(n)
 
     def set_ready(self, ready: bool) -> None:
         """Sets `enactive_ready` to 1 or 0."""
@@ -348,3 +393,8 @@ _M = TypeVar("_M", Counter, Gauge)
 def _other(metric: _M, *pairs: tuple[str, Sequence[str]]) -> _M:
     """The child for label values outside the known sets: each unknown one is `"other"`."""
     return metric.labels(*(_known(value, known) for value, known in pairs))
+
+
+if TYPE_CHECKING:
+    # mypy checks that `Metrics` implements every event, with the protocol's signature.
+    _IMPLEMENTS: type[PipelineEvents] = Metrics

@@ -70,11 +70,23 @@ class StreamTable:
                 raise FrameRejected(
                     "too_many_streams",
                     f"{len(self.admitted_seq)} streams known, limit {self.max_known}",
+                    stream_id=stream_id,
+                    seq=seq,
                 )
         elif seq == last:
-            raise FrameRejected("duplicate_seq", f"seq {seq} of {stream_id!r} seen already")
+            raise FrameRejected(
+                "duplicate_seq",
+                f"seq {seq} of {stream_id!r} seen already",
+                stream_id=stream_id,
+                seq=seq,
+            )
         elif seq < last:
-            raise FrameRejected("stale_seq", f"seq {seq} of {stream_id!r} < last {last}")
+            raise FrameRejected(
+                "stale_seq",
+                f"seq {seq} of {stream_id!r} < last {last}",
+                stream_id=stream_id,
+                seq=seq,
+            )
         self.admitted_seq[stream_id] = seq
 
     def admit_run(self, stream_ids: list[str], seq: list[int]) -> bool:

@@ -18,7 +18,17 @@ from typing import Any
 import pytest
 
 from stream.config import load_config
-from stream.metrics import Metrics
+from stream.metrics import (
+    DROP_REASONS,
+    JIT_PROCESSORS,
+    PHASES,
+    SINK_DROP_REASONS,
+    SINKS,
+    SOURCES,
+    STAGES,
+    Metrics,
+)
+from stream.protocol import REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -33,6 +43,19 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 TOMLS = sorted(DEPLOY.rglob("*.toml"))
 YAMLS = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 METRIC = re.compile(r"\benactive_[a-z0-9_]+")
+SELECTOR = re.compile(r"\b(enactive_[a-z0-9_]+)\{([^}]*)\}")
+MATCHER = re.compile(r'(\w+)\s*=\s*"([^"]*)"')  # `label="value"` (not `=~`, `!=`)
+# The values a label can take, per family (`None`: any); families not listed: any.
+LABEL_VALUES: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "enactive_frames_received_total": {"source": SOURCES},
+    "enactive_frames_rejected_total": {"source": SOURCES, "reason": REASONS},
+    "enactive_frames_dropped_total": {"reason": DROP_REASONS},
+    "enactive_stage_latency_seconds": {"stage": STAGES},
+    "enactive_jit_compilations_total": {"phase": PHASES},
+    "enactive_jit_fallback_total": {"processor": JIT_PROCESSORS, "reason": None},
+    "enactive_moments_emitted_total": {"sink": SINKS},
+    "enactive_moments_dropped_total": {"sink": SINKS, "reason": SINK_DROP_REASONS},
+}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 TOOL_TIMEOUT_S = 60
 
@@ -56,6 +79,19 @@ def _unknown_metrics(text: str, families: dict[str, str]) -> set[str]:
         if base is not None and families.get(base) == "histogram":
             continue
         unknown.add(name)
+    return unknown
+
+
+def _unknown_label_values(text: str) -> set[str]:
+    """The `name{label="value"}` matchers in `text` whose value the daemon never exposes."""
+    unknown = set()
+    for name, matchers in SELECTOR.findall(text):
+        base = next((name[: -len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s)), name)
+        known = LABEL_VALUES.get(base, {})
+        for label, value in MATCHER.findall(matchers):
+            values = known.get(label)
+            if values is not None and value not in values:
+                unknown.add(f'{name}{{{label}="{value}"}}')
     return unknown
 
 
@@ -156,6 +192,31 @@ def test_dashboard_names_only_real_metrics() -> None:
     # The dashboard shows every family the daemon exposes (except _created samples).
     shown = {next((m[: -len(s)] for s in HISTOGRAM_SUFFIXES if m.endswith(s)), m) for m in named}
     assert {f for f in families if not f.endswith("_created")} <= shown
+
+
+def test_unknown_label_values_are_caught() -> None:
+    ok = 'enactive_frames_dropped_total{job="x", reason="overload"} + enactive_jit_fallback_total'
+    assert _unknown_label_values(ok) == set()
+    bad = (
+        'enactive_frames_dropped_total{reason="slow_sink"}'
+        ' + enactive_frames_received_total{source=~"tcp|nats", source="mqtt"}'
+        ' + enactive_stage_latency_seconds_bucket{stage="nope", le="0.001"}'
+    )
+    assert _unknown_label_values(bad) == {
+        'enactive_frames_dropped_total{reason="slow_sink"}',
+        'enactive_frames_received_total{source="mqtt"}',
+        'enactive_stage_latency_seconds_bucket{stage="nope"}',
+    }
+
+
+@pytest.mark.parametrize("path", [ALERTS, ALERTS_TEST, DASHBOARD], ids=lambda p: p.name)
+def test_deploy_names_only_real_label_values(path: Path) -> None:
+    if path == DASHBOARD:
+        text = "\n".join(_dashboard_exprs(json.loads(path.read_text())))
+    else:
+        text = path.read_text()
+    assert SELECTOR.search(text)
+    assert _unknown_label_values(text) == set()
 
 
 def test_dashboard_uses_a_prometheus_datasource_variable() -> None:

@@ -44,12 +44,25 @@ REASONS = (
 
 
 class FrameRejected(Exception):
-    """A frame broke the protocol; `reason` is one of `REASONS`."""
+    """A frame broke the protocol; `reason` is one of `REASONS`.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `stream_id` and `seq` are the frame's, when they were read (and the id is valid)
+    before the rule it broke was checked, else None.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        stream_id: str | None = None,
+        seq: int | None = None,
+    ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.stream_id = stream_id
+        self.seq = seq
 
 
 class FramingLost(FrameRejected):
@@ -90,7 +103,10 @@ class Frame:
     `payload` is float32 of shape `(dims.total,)`: sensory, proprio, tactile, motor in that
     order, zero-filled where a modality is absent; `present` holds the presence bits.
     `received_ns` is `time.monotonic_ns()` when the bytes arrived; `source` is the metric
-    label of the transport that carried it (`tcp`, `udp`, `json`, `synthetic`, ...).
+    label of the transport that carried it (`tcp`, `udp`, `json`, `synthetic`, ...);
+    `position` is its source position, what the source needs to acknowledge it once its
+    effect on state is durable (None where the transport has nothing to acknowledge:
+    TCP, UDP, synthetic; see `stream.sources.base`).
     """
 
     stream_id: str
@@ -100,6 +116,7 @@ class Frame:
     present: int
     received_ns: int
     source: str
+    position: object = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -113,6 +130,7 @@ class FrameRun:
     - `stream_ids`, `seq`: per frame, as Python `str` and `int`.
     - `timestamp`: float64 `(n,)`; `payload`: float32 `(n, dims.total)`, zero-filled where
         a modality is absent.
+    - `positions`: per frame, its source position; None when the source has none.
     """
 
     stream_ids: list[str]
@@ -122,6 +140,7 @@ class FrameRun:
     present: int
     received_ns: int
     source: str
+    positions: list[object] | None = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -136,6 +155,7 @@ class FrameRun:
             self.present,
             self.received_ns,
             self.source,
+            None if self.positions is None else self.positions[i],
         )
 
     def frames(self) -> list[Frame]:
@@ -152,6 +172,7 @@ class FrameRun:
             self.present,
             self.received_ns,
             self.source,
+            None if self.positions is None else self.positions[:n],
         )
 
 

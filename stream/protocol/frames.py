@@ -144,8 +144,33 @@ def decode_frame(
         raise FrameRejected(
             "bad_length", f"length={length}, expected {expected} for L={sid_len}, N={counts}"
         )
-    present = _check_counts(counts, dims)
     raw_id = bytes(view[FRAME_HEADER_BYTES : FRAME_HEADER_BYTES + sid_len])
+    try:
+        present = _check_counts(counts, dims)
+        stream_id = _decode_id(raw_id)
+        if not math.isfinite(timestamp):
+            raise FrameRejected("non_finite", f"timestamp={timestamp}, expected finite")
+        total = dims.total
+        if sum(counts) == total:
+            payload = np.frombuffer(view, _F32, total, offset).astype(np.float32)
+        else:
+            payload = np.zeros(total, np.float32)
+            start = 0
+            for n, dim in zip(counts, dims, strict=True):
+                if n:
+                    payload[start : start + n] = np.frombuffer(view, _F32, n, offset)
+                    offset += 4 * n
+                start += dim
+        _check_finite(payload)
+    except FrameRejected as exc:
+        # The header is consistent: the frame's seq and (when valid) id are known.
+        exc.stream_id, exc.seq = _valid_id(raw_id), seq
+        raise
+    return Frame(stream_id, seq, timestamp, payload, present, received_ns, source)
+
+
+def _decode_id(raw_id: bytes) -> str:
+    """The text of a binary frame's stream id; `FrameRejected("bad_stream_id")` if bad."""
     try:
         stream_id = raw_id.decode("utf-8")
     except UnicodeDecodeError:
@@ -153,21 +178,15 @@ def decode_frame(
     if stream_id is None:
         raise FrameRejected("bad_stream_id", f"stream id {_short(raw_id)} is not valid UTF-8")
     check_stream_id(stream_id)
-    if not math.isfinite(timestamp):
-        raise FrameRejected("non_finite", f"timestamp={timestamp}, expected finite")
-    total = dims.total
-    if sum(counts) == total:
-        payload = np.frombuffer(view, _F32, total, offset).astype(np.float32)
-    else:
-        payload = np.zeros(total, np.float32)
-        start = 0
-        for n, dim in zip(counts, dims, strict=True):
-            if n:
-                payload[start : start + n] = np.frombuffer(view, _F32, n, offset)
-                offset += 4 * n
-            start += dim
-    _check_finite(payload)
-    return Frame(stream_id, seq, timestamp, payload, present, received_ns, source)
+    return stream_id
+
+
+def _valid_id(raw_id: bytes) -> str | None:
+    """The text of a binary frame's stream id, or None when it breaks the id rule."""
+    try:
+        return _decode_id(raw_id)
+    except FrameRejected:
+        return None
 
 
 def _reject_constant(token: str) -> Any:
@@ -224,6 +243,14 @@ def decode_json(
         raise FrameRejected("bad_json", problem)
     if type(obj) is not dict:
         raise FrameRejected("bad_json", f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        return _json_frame(obj, dims, received_ns, source)
+    except FrameRejected as exc:
+        exc.stream_id, exc.seq = _json_identity(obj)
+        raise
+
+
+def _json_frame(obj: dict[str, Any], dims: Dims, received_ns: int, source: str) -> Frame:
     stream_id, seq, timestamp = obj.get("stream"), obj.get("seq"), obj.get("t")
     if type(stream_id) is not str:
         raise FrameRejected("bad_json", f'"stream"={_short(stream_id)}, expected a string')
@@ -257,6 +284,21 @@ def decode_json(
         start += dim
     _check_finite(payload)
     return Frame(stream_id, seq, t, payload, present, received_ns, source)
+
+
+def _json_identity(obj: dict[str, Any]) -> tuple[str | None, int | None]:
+    """A JSON frame object's `"stream"` and `"seq"`, each None unless valid."""
+    stream_id, seq = obj.get("stream"), obj.get("seq")
+    if type(stream_id) is str:
+        try:
+            check_stream_id(stream_id)
+        except FrameRejected:
+            stream_id = None
+    else:
+        stream_id = None
+    if type(seq) is not int or not 0 <= seq <= _MAX_U64:
+        seq = None
+    return stream_id, seq
 
 
 def decode_message(

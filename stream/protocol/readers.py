@@ -24,7 +24,7 @@ from .runs import MIN_RUN, decode_run
 
 def _clean(exc: FrameRejected) -> FrameRejected:
     # A fresh instance holds no traceback, so no frame (nor buffer) is kept alive by it.
-    return type(exc)(exc.reason, exc.detail)
+    return type(exc)(exc.reason, exc.detail, stream_id=exc.stream_id, seq=exc.seq)
 
 
 class FrameReader:

@@ -156,11 +156,14 @@ def decode_run(
     for i, ok in enumerate(cast(list[bool], finite_payload.tolist())):
         stream_id = stream_ids[i]
         if isinstance(stream_id, FrameRejected):
-            out.append(FrameRejected(stream_id.reason, stream_id.detail))
+            out.append(FrameRejected(stream_id.reason, stream_id.detail, seq=seq[i]))
         elif not finite_t[i]:
-            out.append(FrameRejected("non_finite", f"timestamp={timestamp[i]}, expected finite"))
+            detail = f"timestamp={timestamp[i]}, expected finite"
+            out.append(FrameRejected("non_finite", detail, stream_id=stream_id, seq=seq[i]))
         elif not ok:
-            out.append(cast(FrameRejected, non_finite_payload(payload[i])))
+            rejected = cast(FrameRejected, non_finite_payload(payload[i]))
+            rejected.stream_id, rejected.seq = stream_id, seq[i]
+            out.append(rejected)
         else:
             out.append(
                 Frame(stream_id, seq[i], timestamp[i], payload[i], present, received_ns, source)

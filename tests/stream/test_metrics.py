@@ -1,19 +1,24 @@
-"""Metrics: names, types, initial label sets, scrape-time queue depths, helpers."""
+"""Metrics: names, types, initial label sets, scrape-time queue depths, events."""
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream.config import EMBEDDED_DEFAULT_OVERRIDES, load_config
+from stream.events import PipelineEvents
 from stream.metrics import (
     DROP_REASONS,
     LATENCY_BUCKETS,
     MAX_FALLBACK_REASONS,
     PHASES,
+    SINK_DROP_REASONS,
     SINKS,
     SOURCES,
     STAGES,
@@ -22,6 +27,10 @@ from stream.metrics import (
 from stream.protocol import REASONS
 
 BUCKETS = (1, 8, 64)
+# The embedded default's shape: the TCP listener (binary `tcp` and JSON-lines `json`), UDP
+# and the synthetic feed in; the TCP subscriber server out.
+DEFAULT_SOURCES = ("tcp", "json", "udp", "synthetic")
+DEFAULT_SINKS = ("tcp",)
 
 # family name (as the parser reports it) -> type
 EXPECTED = {
@@ -60,7 +69,15 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 def metrics(registry: CollectorRegistry) -> Metrics:
-    return Metrics(registry, buckets=BUCKETS, version="1.2.3", jax_version="0.0.1", backend="cpu")
+    return Metrics(
+        registry,
+        sources=SOURCES,
+        sinks=SINKS,
+        buckets=BUCKETS,
+        version="1.2.3",
+        jax_version="0.0.1",
+        backend="cpu",
+    )
 
 
 def families(m: Metrics) -> dict[str, str]:
@@ -93,6 +110,11 @@ def test_own_registry_by_default() -> None:
     assert a.registry is not b.registry
 
 
+def test_metrics_implements_pipeline_events(metrics: Metrics) -> None:
+    events: PipelineEvents = metrics  # mypy (and `stream/metrics.py` itself) check this
+    assert events is metrics
+
+
 def test_known_label_sets_start_at_zero(registry: CollectorRegistry, metrics: Metrics) -> None:
     get = registry.get_sample_value
     for source in SOURCES:
@@ -111,6 +133,9 @@ def test_known_label_sets_start_at_zero(registry: CollectorRegistry, metrics: Me
         assert get("enactive_stage_latency_seconds_count", {"stage": stage}) == 0
     for sink in SINKS:
         assert get("enactive_moments_emitted_total", {"sink": sink}) == 0
+        for reason in SINK_DROP_REASONS:
+            labels = {"sink": sink, "reason": reason}
+            assert get("enactive_moments_dropped_total", labels) == 0
     assert get("enactive_ready") == 0
     assert get("enactive_frames_processed_total") == 0
 
@@ -146,10 +171,95 @@ def test_failing_queue_callable_does_not_break_the_scrape(
     assert registry.get_sample_value("enactive_queue_depth", {"stage": "sink"}) is None
 
 
+def series(m: Metrics) -> dict[str, int]:
+    """`{family: number of series}`: histograms count label sets, not their samples;
+    `_created` samples (which the daemon turns off) are left out."""
+    label_sets: dict[str, set[tuple[tuple[str, str], ...]]] = {}
+    for family in text_string_to_metric_families(m.exposition().decode()):
+        if family.name.endswith("_created"):
+            continue
+        found = label_sets.setdefault(family.name, set())
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            found.add(tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le")))
+    return {name: len(found) for name, found in label_sets.items()}
+
+
+def test_series_of_the_embedded_default_shape() -> None:
+    buckets = load_config(None, env={}, overrides=EMBEDDED_DEFAULT_OVERRIDES).batching.buckets
+    m = Metrics(sources=DEFAULT_SOURCES, sinks=DEFAULT_SINKS, buckets=buckets)
+    got = series(m)
+    assert got == {
+        "enactive_frames_received": len(DEFAULT_SOURCES),
+        "enactive_frames_rejected": len(DEFAULT_SOURCES) * len(REASONS),
+        "enactive_frames_dropped": len(DROP_REASONS),
+        "enactive_frames_processed": 1,
+        "enactive_batches": len(buckets),
+        "enactive_batch_fill_ratio": 1,
+        "enactive_stage_latency_seconds": len(STAGES),
+        "enactive_end_to_end_latency_seconds": 1,
+        "enactive_jit_fallback": 0,
+        "enactive_jit_compilations": len(PHASES),
+        "enactive_jit_compile_seconds": len(buckets),
+        "enactive_active_streams": 1,
+        "enactive_batch_max_wait_seconds": 1,
+        "enactive_batch_max_size": 1,
+        "enactive_ready": 1,
+        "enactive_state_checkpoints": 1,
+        "enactive_state_checkpoint_errors": 1,
+        "enactive_checkpoint_seconds": 1,
+        "enactive_state_evictions": 1,
+        "enactive_state_restores": 1,
+        "enactive_moments_emitted": len(DEFAULT_SINKS),
+        "enactive_moments_dropped": len(DEFAULT_SINKS) * len(SINK_DROP_REASONS),
+        "enactive_subscribers": 1,
+        "enactive_build_info": 1,
+        "enactive_queue_depth": 0,  # at scrape time, once the pipeline watches its queues
+    }
+    assert (len(DEFAULT_SOURCES), len(REASONS), len(buckets)) == (4, 11, 8)
+    assert sum(got.values()) == 91  # 160 when every source and sink the code knew was declared
+
+
+def test_no_series_for_what_is_not_configured(registry: CollectorRegistry) -> None:
+    m = Metrics(registry, sources=("tcp",), sinks=("jsonl",), buckets=(1,))
+    text = m.exposition().decode()
+    for name in ("udp", "json", "synthetic", "nats", "mqtt", "lsl", "replay", "other"):
+        assert f'source="{name}"' not in text, name
+    for name in ("tcp", "stdout", "nats", "mqtt", "other"):
+        assert f'sink="{name}"' not in text, name
+    assert 'reason="slow_sink"' not in text.split("enactive_moments_dropped_total")[0]
+    rejected = Counter(
+        s.labels["source"]
+        for f in text_string_to_metric_families(text)
+        if f.name == "enactive_frames_rejected"
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
+    assert rejected == {"tcp": len(REASONS)}
+
+
+def test_unconfigured_labels_appear_at_first_use(registry: CollectorRegistry) -> None:
+    m = Metrics(registry, sources=("tcp",), sinks=("tcp",))
+    get = registry.get_sample_value
+    m.received("udp", 2)  # a label the code has, not pre-declared: its own series
+    m.received("nats", 3)  # a label the code does not have: "other"
+    m.rejected("json", "bad_json")
+    m.emitted("stdout", 4)
+    m.sink_dropped("mqtt", "slow_sink", 5)
+    assert get("enactive_frames_received_total", {"source": "udp"}) == 2
+    assert get("enactive_frames_received_total", {"source": "other"}) == 3
+    assert get("enactive_frames_received_total", {"source": "nats"}) is None
+    assert get("enactive_frames_rejected_total", {"source": "json", "reason": "bad_json"}) == 1
+    assert get("enactive_frames_rejected_total", {"source": "json", "reason": "oversize"}) is None
+    assert get("enactive_moments_emitted_total", {"sink": "stdout"}) == 4
+    assert get("enactive_moments_dropped_total", {"sink": "other", "reason": "slow_sink"}) == 5
+
+
 def test_reject_counting(registry: CollectorRegistry, metrics: Metrics) -> None:
-    metrics.reject("tcp", "bad_magic")
-    metrics.reject("tcp", "bad_magic")
-    metrics.reject("udp", "non_finite")
+    metrics.rejected("tcp", "bad_magic")
+    metrics.rejected("tcp", "bad_magic")
+    metrics.rejected("udp", "non_finite")
     get = registry.get_sample_value
     assert get("enactive_frames_rejected_total", {"source": "tcp", "reason": "bad_magic"}) == 2
     assert get("enactive_frames_rejected_total", {"source": "udp", "reason": "non_finite"}) == 1
@@ -160,42 +270,58 @@ def test_unknown_label_values_fold_into_other(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
     for i in range(50):
-        metrics.reject(f"weird-{i}", "bad_magic")
-        metrics.reject("tcp", f"why-{i}")
+        metrics.rejected(f"weird-{i}", "bad_magic")
+        metrics.rejected("tcp", f"why-{i}")
     get = registry.get_sample_value
     assert get("enactive_frames_rejected_total", {"source": "other", "reason": "bad_magic"}) == 50
     assert get("enactive_frames_rejected_total", {"source": "tcp", "reason": "other"}) == 50
     assert "weird-" not in metrics.exposition().decode()
 
 
-def test_hot_path_helpers(registry: CollectorRegistry, metrics: Metrics) -> None:
+def test_events(registry: CollectorRegistry, metrics: Metrics) -> None:
     get = registry.get_sample_value
     metrics.received("tcp", 5)
-    metrics.drop("overload", 2)
-    metrics.processed(7)
-    metrics.batch(8, 2)
-    metrics.batch(8, 8)
-    metrics.observe_stage("device", 0.0012)
-    metrics.observe_stage("queue", [1e-5, 0.003, 10.0])
-    metrics.observe_end_to_end([0.0009, 0.004])
+    metrics.dropped("overload", 2)
+    metrics.batch(8, 2, np.array([1e-5, 0.003]), np.array([0.0004, 0.0004]))
+    metrics.batch(8, 8, np.full(8, 10.0), np.full(8, 0.002))
+    metrics.moments(8, 0.0012, 0.0003, 0.00002, np.array([0.0009, 0.004]))
+    metrics.moments(8, 0.0012, 0.0003, 0.00002, np.array([0.006, 0.007, 0.008]))
     metrics.emitted("tcp", 3)
-    metrics.sink_drop("tcp", "slow_sink")
+    metrics.sink_dropped("tcp", "slow_subscriber", 1)
     assert get("enactive_frames_received_total", {"source": "tcp"}) == 5
     assert get("enactive_frames_dropped_total", {"reason": "overload"}) == 2
-    assert get("enactive_frames_processed_total") == 7
+    assert get("enactive_frames_processed_total") == 5  # one per moment
     assert get("enactive_batches_total", {"bucket": "8"}) == 2
     assert get("enactive_batch_fill_ratio_sum") == pytest.approx(1.25)
     assert get("enactive_batch_fill_ratio_bucket", {"le": "0.2"}) == 0
     assert get("enactive_batch_fill_ratio_bucket", {"le": "0.3"}) == 1
-    assert get("enactive_stage_latency_seconds_bucket", {"stage": "device", "le": "0.001"}) == 0
-    assert get("enactive_stage_latency_seconds_bucket", {"stage": "device", "le": "0.002"}) == 1
-    assert get("enactive_stage_latency_seconds_count", {"stage": "queue"}) == 3
+    assert get("enactive_stage_latency_seconds_count", {"stage": "queue"}) == 10
     assert get("enactive_stage_latency_seconds_bucket", {"stage": "queue", "le": "5.0"}) == 2
+    assert get("enactive_stage_latency_seconds_count", {"stage": "batch_wait"}) == 10
+    wait = {"stage": "batch_wait", "le": "0.0005"}
+    assert get("enactive_stage_latency_seconds_bucket", wait) == 2
+    assert get("enactive_stage_latency_seconds_sum", {"stage": "batch_wait"}) == pytest.approx(
+        0.0008 + 0.016
+    )
+    assert get("enactive_stage_latency_seconds_bucket", {"stage": "device", "le": "0.001"}) == 0
+    assert get("enactive_stage_latency_seconds_bucket", {"stage": "device", "le": "0.002"}) == 2
+    assert get("enactive_stage_latency_seconds_count", {"stage": "integrate"}) == 2
+    assert get("enactive_stage_latency_seconds_bucket", {"stage": "emit", "le": "5e-05"}) == 2
     assert get("enactive_end_to_end_latency_seconds_bucket", {"le": "0.001"}) == 1
-    assert get("enactive_end_to_end_latency_seconds_count") == 2
+    assert get("enactive_end_to_end_latency_seconds_count") == 5
     assert get("enactive_moments_emitted_total", {"sink": "tcp"}) == 3
-    labels = {"sink": "tcp", "reason": "slow_sink"}
+    labels = {"sink": "tcp", "reason": "slow_subscriber"}
     assert get("enactive_moments_dropped_total", labels) == 1
+
+
+def test_observe_stage(registry: CollectorRegistry, metrics: Metrics) -> None:
+    metrics.observe_stage("device", 0.0012)
+    metrics.observe_stage("queue", [1e-5, 0.003, 10.0])
+    metrics.observe_stage("elsewhere", 0.5)
+    get = registry.get_sample_value
+    assert get("enactive_stage_latency_seconds_count", {"stage": "device"}) == 1
+    assert get("enactive_stage_latency_seconds_count", {"stage": "queue"}) == 3
+    assert get("enactive_stage_latency_seconds_count", {"stage": "other"}) == 1
 
 
 def test_lifecycle_helpers(registry: CollectorRegistry, metrics: Metrics) -> None:
@@ -203,9 +329,11 @@ def test_lifecycle_helpers(registry: CollectorRegistry, metrics: Metrics) -> Non
     metrics.jit_compiled("warmup", 3)
     metrics.jit_fallback("slab_step", "XlaRuntimeError")
     metrics.set_compile_seconds(64, 1.5)
-    metrics.checkpointed(0.02)
+    metrics.checkpointed(0.02, 3)
+    metrics.checkpoint_failed("disk full")
+    metrics.checkpoint_failed("disk full")
     metrics.evicted(4)
-    metrics.restored()
+    metrics.restored(1)
     metrics.set_ready(True)
     metrics.active_streams.set(12)
     metrics.subscribers.set(2)
@@ -216,6 +344,7 @@ def test_lifecycle_helpers(registry: CollectorRegistry, metrics: Metrics) -> Non
     assert get("enactive_jit_compile_seconds", {"bucket": "64"}) == 1.5
     assert get("enactive_state_checkpoints_total") == 1
     assert get("enactive_checkpoint_seconds_count") == 1
+    assert get("enactive_state_checkpoint_errors_total") == 2
     assert get("enactive_state_evictions_total") == 4
     assert get("enactive_state_restores_total") == 1
     assert get("enactive_ready") == 1

@@ -37,6 +37,7 @@ from stream.protocol import (
     moment_fields,
     moment_to_json,
 )
+from stream.streams import StreamTable
 
 DIMS = Dims(3, 2, 4, 1)
 SMALL = Dims(2, 1, 0, 1)
@@ -565,6 +566,86 @@ def test_line_reader_never_loses_framing():
     items = reader.feed(full_frame() + b"\n" + encode_json_frame("s", 3, 0.0), 0)
     assert isinstance(items[0], FrameRejected) and items[0].reason == "bad_json"
     assert isinstance(items[-1], Frame) and items[-1].seq == 3
+
+
+# --------------------------------------------------------------------------- which frame
+
+
+def about(rejection: FrameRejected) -> tuple[str, str | None, int | None]:
+    return rejection.reason, rejection.stream_id, rejection.seq
+
+
+def test_binary_rejection_names_the_frame_once_its_header_is_read():
+    def decode(data: bytes) -> tuple[str, str | None, int | None]:
+        with pytest.raises(FrameRejected) as info:
+            decode_frame(data, DIMS)
+        return about(info.value)
+
+    nan = [0.0] * (DIMS.total - 1) + [float("nan")]
+    assert decode(raw_frame(seq=7, counts=(3, 12, 4, 1))) == ("dim_mismatch", "arm-1", 7)
+    assert decode(raw_frame(seq=7, payload=nan)) == ("non_finite", "arm-1", 7)
+    assert decode(raw_frame(seq=7, timestamp=float("inf"))) == ("non_finite", "arm-1", 7)
+    # A bad id is not repeated back; a bad id or dims with a bad id: the seq only.
+    assert decode(raw_frame(b"a b", seq=7)) == ("bad_stream_id", None, 7)
+    assert decode(raw_frame(b"\xff\xfe", seq=7)) == ("bad_stream_id", None, 7)
+    assert decode(raw_frame(b"a b", seq=7, counts=(3, 12, 4, 1))) == ("dim_mismatch", None, 7)
+    # Before the header is known consistent, nothing is.
+    assert decode(raw_frame(seq=7, magic=b"XXXX")) == ("bad_magic", None, None)
+    assert decode(raw_frame(seq=7, version=2)) == ("bad_version", None, None)
+    assert decode(raw_frame(seq=7, length=1000)) == ("bad_length", None, None)
+    assert decode(raw_frame(seq=7)[:-4]) == ("bad_length", None, None)
+    frame = raw_frame(seq=7)
+    with pytest.raises(FrameRejected) as info:
+        decode_frame(frame, DIMS, max_frame_bytes=len(frame) - 9)
+    assert about(info.value) == ("oversize", None, None)
+
+
+def test_json_rejection_names_the_frame_when_it_has_a_valid_stream_and_seq():
+    def decode(text: str) -> tuple[str, str | None, int | None]:
+        with pytest.raises(FrameRejected) as info:
+            decode_json(text, DIMS)
+        return about(info.value)
+
+    arm = {"stream": "arm-1", "seq": 7}
+    assert decode(json_line(**arm, motor=[1, 2])) == ("dim_mismatch", "arm-1", 7)
+    assert decode(json_line(**arm, sensory=[1, 2, 1e39])) == ("non_finite", "arm-1", 7)
+    assert decode(json_line(**arm, t=10**400)) == ("non_finite", "arm-1", 7)
+    assert decode(json_line(**arm, t=...)) == ("bad_json", "arm-1", 7)
+    assert decode(json_line(**arm, tactile="1")) == ("bad_json", "arm-1", 7)
+    assert decode(json_line(stream="arm-1", seq=-1)) == ("bad_json", "arm-1", None)
+    assert decode(json_line(stream="arm-1", seq="7")) == ("bad_json", "arm-1", None)
+    assert decode(json_line(stream=7, seq=7)) == ("bad_json", None, 7)
+    assert decode(json_line(stream="a b", seq=7)) == ("bad_stream_id", None, 7)
+    assert decode('{"stream": "arm-1", "seq": 7, "t": NaN}') == ("non_finite", None, None)
+    assert decode('{"stream": "arm-1", "seq": 7') == ("bad_json", None, None)
+    assert decode("[1]") == ("bad_json", None, None)
+
+
+def test_readers_keep_which_frame_a_rejection_is_about():
+    line = json_line(stream="arm-1", seq=7, motor=[1, 2]).encode() + b"\n"
+    (item,) = LineReader(DIMS).feed(line, 0)
+    assert isinstance(item, FrameRejected) and about(item) == ("dim_mismatch", "arm-1", 7)
+    nan = [0.0] * (DIMS.total - 1) + [float("nan")]
+    bad = raw_frame(seq=7, payload=nan)
+    for data in (bad, bad + full_frame(seq=8) * 5):  # alone, and in a run of like frames
+        for runs in (False, True):
+            item = FrameReader(DIMS, runs=runs).feed(data, 0)[0]
+            assert isinstance(item, FrameRejected) and about(item) == ("non_finite", "arm-1", 7)
+
+
+def test_admission_rejections_name_the_frame():
+    # The pipeline's own reasons (not the codec's) come from `StreamTable.admit`.
+    table = StreamTable(2, max_known=2)
+    table.admit("arm-1", 7)
+    table.admit("arm-2", 1)
+    for stream_id, seq, reason in [
+        ("arm-1", 7, "duplicate_seq"),
+        ("arm-1", 6, "stale_seq"),
+        ("arm-3", 1, "too_many_streams"),
+    ]:
+        with pytest.raises(FrameRejected) as info:
+            table.admit(stream_id, seq)
+        assert about(info.value) == (reason, stream_id, seq)
 
 
 # --------------------------------------------------------------------------- moments

@@ -1,0 +1,180 @@
+"""One typed interface for everything a pipeline stage reports.
+
+Stages never know who listens: they call methods of one `PipelineEvents`. `Metrics`
+implements all of them (that is how every number reaches `/metrics`); the status line and
+adaptive batching subclass `Listener`, which ignores every event, and override the few
+they need; `Events` fans one call out to several listeners. An event that no listener
+knows is a type error, not a silently ignored string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Events", "Listener", "PipelineEvents"]
+
+
+class PipelineEvents(Protocol):
+    """What the stages report. Every method is called on the event loop and must return
+    quickly (no I/O); seconds are floats, arrays are float64 of seconds, one per frame."""
+
+    # -- sources (through `Ingest`) -------------------------------------------------------
+    def received(self, source: str, n: int) -> None:
+        """`n` frames arrived from `source` (counted whether they are then decoded,
+        rejected or dropped: received = processed + rejected + dropped)."""
+
+    def rejected(self, source: str, reason: str) -> None:
+        """One frame from `source` was rejected for `reason` (`protocol.REASONS`)."""
+
+    def dropped(self, reason: str, n: int) -> None:
+        """`n` well-formed frames were dropped by an overload policy (`overload`)."""
+
+    # -- admission, batcher, executor ------------------------------------------------------
+    def batch(
+        self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
+    ) -> None:
+        """A batch of `rows` frames padded to `bucket` was dispatched to the device.
+        `queue_s`: per frame, receipt to admission; `batch_wait_s`: per frame, receipt
+        to the batch leaving the batcher."""
+
+    def evicted(self, n: int) -> None:
+        """`n` idle streams' states were moved from the device slab to the host."""
+
+    def restored(self, n: int) -> None:
+        """`n` returning streams' states were moved back into the slab."""
+
+    def checkpointed(self, seconds: float, positions: int) -> None:
+        """A checkpoint is durable; it took `seconds` and covers `positions` source
+        positions, now committed to their sources."""
+
+    def checkpoint_failed(self, message: str) -> None:
+        """A checkpoint could not be written (retried at the next interval)."""
+
+    # -- integrator and sinks --------------------------------------------------------------
+    def moments(
+        self,
+        bucket: int,
+        device_s: float,
+        integrate_s: float,
+        emit_s: float,
+        end_to_end_s: np.ndarray,
+    ) -> None:
+        """One batch's moments were offered to the sinks. `device_s`: from leaving the
+        batcher to records on the host; `integrate_s`: from there to emission; `emit_s`:
+        offering them; `end_to_end_s`: per moment, receipt to emission."""
+
+    def emitted(self, sink: str, n: int) -> None:
+        """`n` moments were delivered by `sink`."""
+
+    def sink_dropped(self, sink: str, reason: str, n: int) -> None:
+        """`n` moments could not be delivered by `sink`, for `reason`."""
+
+
+class Listener:
+    """A `PipelineEvents` that ignores every event: subclass it and override what you
+    need."""
+
+    def received(self, source: str, n: int) -> None:
+        pass
+
+    def rejected(self, source: str, reason: str) -> None:
+        pass
+
+    def dropped(self, reason: str, n: int) -> None:
+        pass
+
+    def batch(
+        self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
+    ) -> None:
+        pass
+
+    def evicted(self, n: int) -> None:
+        pass
+
+    def restored(self, n: int) -> None:
+        pass
+
+    def checkpointed(self, seconds: float, positions: int) -> None:
+        pass
+
+    def checkpoint_failed(self, message: str) -> None:
+        pass
+
+    def moments(
+        self,
+        bucket: int,
+        device_s: float,
+        integrate_s: float,
+        emit_s: float,
+        end_to_end_s: np.ndarray,
+    ) -> None:
+        pass
+
+    def emitted(self, sink: str, n: int) -> None:
+        pass
+
+    def sink_dropped(self, sink: str, reason: str, n: int) -> None:
+        pass
+
+
+class Events:
+    """Every event goes to each of `listeners`, in order."""
+
+    def __init__(self, listeners: Sequence[PipelineEvents]) -> None:
+        self.listeners = tuple(listeners)
+
+    def received(self, source: str, n: int) -> None:
+        for each in self.listeners:
+            each.received(source, n)
+
+    def rejected(self, source: str, reason: str) -> None:
+        for each in self.listeners:
+            each.rejected(source, reason)
+
+    def dropped(self, reason: str, n: int) -> None:
+        for each in self.listeners:
+            each.dropped(reason, n)
+
+    def batch(
+        self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
+    ) -> None:
+        for each in self.listeners:
+            each.batch(bucket, rows, queue_s, batch_wait_s)
+
+    def evicted(self, n: int) -> None:
+        for each in self.listeners:
+            each.evicted(n)
+
+    def restored(self, n: int) -> None:
+        for each in self.listeners:
+            each.restored(n)
+
+    def checkpointed(self, seconds: float, positions: int) -> None:
+        for each in self.listeners:
+            each.checkpointed(seconds, positions)
+
+    def checkpoint_failed(self, message: str) -> None:
+        for each in self.listeners:
+            each.checkpoint_failed(message)
+
+    def moments(
+        self,
+        bucket: int,
+        device_s: float,
+        integrate_s: float,
+        emit_s: float,
+        end_to_end_s: np.ndarray,
+    ) -> None:
+        for each in self.listeners:
+            each.moments(bucket, device_s, integrate_s, emit_s, end_to_end_s)
+
+    def emitted(self, sink: str, n: int) -> None:
+        for each in self.listeners:
+            each.emitted(sink, n)
+
+    def sink_dropped(self, sink: str, reason: str, n: int) -> None:
+        for each in self.listeners:
+            each.sink_dropped(sink, reason, n)
