@@ -4,7 +4,8 @@
 - `JsonlSink`: JSON lines appended to a file.
 - `StdoutSink`: JSON lines on standard output.
 
-Every sink has a `name`, a non-blocking `offer(moment)` and an `async run()`; see `Sink`.
+Every sink has a `name`, a non-blocking `offer(batch)`, an `async run()` and the moments it
+holds (`queued`, `buffers`); it reports through `PipelineEvents`. See `Sink` for the contract.
 Sinks given one `EncodingCache` encode each moment once per format between them.
 """
 
@@ -13,10 +14,9 @@ from .base import (
     SLOW_SINK,
     SLOW_SUBSCRIBER,
     WRITE_ERROR,
+    Chunk,
     EncodingCache,
     Format,
-    OnDropped,
-    OnEmitted,
     Sink,
 )
 from .files import JsonlSink, StdoutSink
@@ -27,11 +27,10 @@ __all__ = [
     "SLOW_SINK",
     "SLOW_SUBSCRIBER",
     "WRITE_ERROR",
+    "Chunk",
     "EncodingCache",
     "Format",
     "JsonlSink",
-    "OnDropped",
-    "OnEmitted",
     "Sink",
     "StdoutSink",
     "SubscriberServer",

@@ -1,12 +1,13 @@
-"""What every sink shares: the `Sink` interface, drop reasons and the encoding cache."""
+"""What every sink shares: the `Sink` interface, drop reasons, the encoding cache and the
+`Chunk` its buffers hold."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from anyio.abc import TaskStatus
 
+from ..buffers import WeightedBuffer
 from ..protocol import MomentBatch
 
 __all__ = [
@@ -14,10 +15,9 @@ __all__ = [
     "SLOW_SINK",
     "SLOW_SUBSCRIBER",
     "WRITE_ERROR",
+    "Chunk",
     "EncodingCache",
     "Format",
-    "OnDropped",
-    "OnEmitted",
     "Sink",
 ]
 
@@ -31,26 +31,63 @@ WRITE_ERROR = "error"
 """A file sink's write failed; the moments of that write are lost."""
 
 Format = Literal["binary", "json"]
-OnEmitted = Callable[[str, int], None]
-"""`on_emitted(sink_name, n)`: `n` moments delivered."""
-OnDropped = Callable[[str, str, int], None]
-"""`on_dropped(sink_name, reason, n)`: `n` moments not delivered."""
 
 
 class Sink(Protocol):
-    """Where integrated moments go.
+    """Where integrated moments go: the contract between the integrator and every sink.
 
-    `offer()` is called on the event loop for every batch of moments and never blocks or
-    awaits: a sink whose buffer is full drops them and counts them. `run()` does the I/O
-    until cancelled, calling `task_status.started(...)` once ready, and on cancellation
-    flushes what it holds (shielded, bounded in time).
+    - **`offer(batch)`** is called on the event loop, once per batch of moments, in the
+      order the batches were integrated. It never blocks, awaits, does I/O or raises: it
+      encodes what it keeps (through the shared `EncodingCache`) and puts it into a
+      bounded `WeightedBuffer` (weight = moments, overflow `drop_newest`). What does not
+      fit is dropped there and then and counted (a batch larger than the whole buffer is
+      taken only into an empty one).
+    - **`run(task_status=...)`** does the I/O until cancelled: it opens or binds its
+      output, then calls `task_status.started(...)` once (`started(port)` for the
+      subscriber server, `started()` otherwise: "ready and bound"), then drains its
+      buffer(s). A failure to open or bind raises before `started`, so `tg.start()`
+      fails loudly.
+    - **Cancellation** is the only way `run` ends. It then flushes what it holds
+      (shielded, bounded: what a buffer holds, and at most `FLUSH_S` per subscriber),
+      closes what it opened and re-raises the cancellation.
+    - **Counting**, through `PipelineEvents`: `emitted(name, n)` once `n` moments were
+      written; `sink_dropped(name, reason, n)` for `n` moments that never will be:
+      `slow_subscriber` / `slow_sink` (the buffer was full when offered),
+      `error` (a file write failed), `disconnected` (a subscriber was cut off; counted
+      once per subscriber, n = 1; the moments it still held are not counted, nor are
+      those of a subscriber that hangs up).
+    - **At most once.** A moment dropped by a slow sink is counted and gone: no retry,
+      no back-pressure on the pipeline, and one slow sink or subscriber never delays
+      another.
+    - **Ordering.** A subscriber (and a file) receives each stream's moments in `seq`
+      order, possibly with gaps where moments were dropped; moments of different streams
+      interleave in integration order.
+    - **`queued`**: moments held now (summed over subscribers), read at scrape time as the
+      sink's queue depth; **`buffers`**: each buffer now (one per subscriber for the
+      server), for its `statistics()`.
     """
 
     name: str
 
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def buffers(self) -> tuple[WeightedBuffer[Chunk], ...]: ...
+
     def offer(self, batch: MomentBatch) -> None: ...
 
     async def run(self, *, task_status: TaskStatus[Any] = ...) -> None: ...
+
+
+class Chunk:
+    """Encoded moments in a sink's buffer. The buffer takes (or drops) an empty chunk;
+    `data` is filled in only once it was taken, so a dropped batch is never encoded."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
 
 
 class EncodingCache:

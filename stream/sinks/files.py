@@ -1,15 +1,14 @@
 """JSON-lines sinks: a file (`JsonlSink`) or standard output (`StdoutSink`).
 
-`offer()` appends a batch's JSON lines to a bounded buffer (counted in moments; full: the
-batch is dropped, counted `slow_sink`); `run()` writes whatever has gathered in one go in a
-worker thread and flushes it, so the event loop never waits on the disk, and writes grow
-by themselves when the disk is slow. On cancellation the rest of the buffer is written (shielded).
+`offer()` appends a batch's JSON lines to a `WeightedBuffer` (weight = moments, overflow
+`drop_newest`: when full the batch is dropped, counted `slow_sink`); `run()` writes whatever
+has gathered in one go in a worker thread and flushes it, so the event loop never waits on
+the disk, and writes grow by themselves when the disk is slow. On cancellation the rest of
+the buffer is written (shielded).
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
 import sys
 from pathlib import Path
@@ -18,8 +17,10 @@ from typing import BinaryIO
 import anyio
 from anyio.abc import TaskStatus
 
+from ..buffers import WeightedBuffer
+from ..events import PipelineEvents
 from ..protocol import MomentBatch
-from .base import SLOW_SINK, WRITE_ERROR, EncodingCache, OnDropped, OnEmitted
+from .base import SLOW_SINK, WRITE_ERROR, Chunk, EncodingCache
 
 __all__ = ["JsonlSink", "StdoutSink"]
 
@@ -35,29 +36,34 @@ class _LineSink:
         self,
         *,
         buffer: int,
-        on_emitted: OnEmitted,
-        on_dropped: OnDropped,
+        events: PipelineEvents,
         cache: EncodingCache | None = None,
     ) -> None:
         if buffer < 1:
             raise ValueError(f"buffer={buffer}, expected >= 1")
         self.buffer = buffer
-        self._on_emitted = on_emitted
-        self._on_dropped = on_dropped
+        self._events = events
         self._cache = cache or EncodingCache()
-        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (lines, n)
-        self._queued = 0  # moments in `_queue`
-        self._ready = anyio.Event()
+        self._buffer = WeightedBuffer[Chunk](buffer, overflow="drop_newest", on_drop=self._slow)
+
+    @property
+    def queued(self) -> int:
+        """Moments held now."""
+        return self._buffer.weight
+
+    @property
+    def buffers(self) -> tuple[WeightedBuffer[Chunk], ...]:
+        """The one buffer."""
+        return (self._buffer,)
 
     def offer(self, batch: MomentBatch) -> None:
         """Queue `batch`'s JSON lines; never blocks (a full buffer drops them, counted)."""
-        n = len(batch)
-        if self._queued + n > self.buffer:
-            self._on_dropped(self.name, SLOW_SINK, n)
-            return
-        self._queue.append((self._cache.get(batch, "json"), n))
-        self._queued += n
-        self._ready.set()
+        chunk = Chunk()
+        if self._buffer.put_nowait(chunk, len(batch)):
+            chunk.data = self._cache.get(batch, "json")
+
+    def _slow(self, chunk: Chunk, n: int) -> None:
+        self._events.sink_dropped(self.name, SLOW_SINK, n)
 
     def _open(self) -> BinaryIO:
         raise NotImplementedError
@@ -71,14 +77,11 @@ class _LineSink:
         try:
             task_status.started()
             while True:
-                if not self._queue:
-                    self._ready = anyio.Event()
-                    await self._ready.wait()
-                    continue
+                await self._buffer.wait_readable()
                 await self._write_batch(file)
         finally:
             with anyio.CancelScope(shield=True):
-                if self._queue:
+                if len(self._buffer):
                     await self._write_batch(file)
                 try:
                     await anyio.to_thread.run_sync(self._close, file)
@@ -86,21 +89,19 @@ class _LineSink:
                     log.warning("%s sink: close failed", self.name, exc_info=True)
 
     async def _write_batch(self, file: BinaryIO) -> None:
-        # The lines leave the queue only once written: a cancellation before the thread
+        # The lines leave the buffer only once written: a cancellation before the thread
         # starts leaves them for the shielded cleanup (once started, the thread finishes).
-        taken = len(self._queue)
-        data = b"".join(lines for lines, _ in itertools.islice(self._queue, taken))
-        n = sum(count for _, count in itertools.islice(self._queue, taken))
+        held = self._buffer.peek_all()
+        data = b"".join(chunk.data for chunk, _ in held)
+        n = sum(count for _, count in held)
         try:
             await anyio.to_thread.run_sync(_write_and_flush, file, data)
         except OSError:
             log.warning("%s sink: write failed, %d moments lost", self.name, n, exc_info=True)
-            self._on_dropped(self.name, WRITE_ERROR, n)
+            self._events.sink_dropped(self.name, WRITE_ERROR, n)
         else:
-            self._on_emitted(self.name, n)
-        for _ in range(taken):
-            self._queue.popleft()
-        self._queued -= n
+            self._events.emitted(self.name, n)
+        self._buffer.take(len(held))
 
 
 def _write_and_flush(file: BinaryIO, data: bytes) -> None:
@@ -115,7 +116,7 @@ class JsonlSink(_LineSink):
 
     - `path`: the file; it and its parent directories are created if missing.
     - `buffer`: moments buffered, >= 1.
-    - `on_emitted(sink_name)`, `on_dropped(sink_name, reason)`: counters.
+    - `events`: told `emitted(name, n)` and `sink_dropped(name, reason, n)`.
     - `cache`: shared with other sinks to encode each moment once per format.
     """
 
@@ -126,11 +127,10 @@ class JsonlSink(_LineSink):
         path: str | Path,
         *,
         buffer: int,
-        on_emitted: OnEmitted,
-        on_dropped: OnDropped,
+        events: PipelineEvents,
         cache: EncodingCache | None = None,
     ) -> None:
-        super().__init__(buffer=buffer, on_emitted=on_emitted, on_dropped=on_dropped, cache=cache)
+        super().__init__(buffer=buffer, events=events, cache=cache)
         self.path = Path(path)
 
     def _open(self) -> BinaryIO:
@@ -146,7 +146,7 @@ class StdoutSink(_LineSink):
 
     **Arguments:**
 
-    - `buffer`, `on_emitted`, `on_dropped`, `cache`: as for `JsonlSink`.
+    - `buffer`, `events`, `cache`: as for `JsonlSink`.
     - `output`: a binary file to write to instead of `sys.stdout.buffer` (left open).
     """
 
@@ -156,12 +156,11 @@ class StdoutSink(_LineSink):
         self,
         *,
         buffer: int,
-        on_emitted: OnEmitted,
-        on_dropped: OnDropped,
+        events: PipelineEvents,
         cache: EncodingCache | None = None,
         output: BinaryIO | None = None,
     ) -> None:
-        super().__init__(buffer=buffer, on_emitted=on_emitted, on_dropped=on_dropped, cache=cache)
+        super().__init__(buffer=buffer, events=events, cache=cache)
         self._output = output
 
     def _open(self) -> BinaryIO:

@@ -5,16 +5,15 @@ receives the moments of the streams whose id matches the glob (`fnmatch` rules, 
 sensitive; `*` for all): binary records back to back, or JSON lines. A missing or bad
 line is answered `ERR <why>\\n` and the connection closed.
 
-Each subscriber has its own bounded buffer (counted in moments) filled by `offer()` with
-the encoded rows of each batch it matches, and drained by its writer task, so a slow
-subscriber only loses its own moments (counted `slow_subscriber`); one
-whose buffer stays full for `stall_timeout` seconds, or whose socket fails, is cut off
+Each subscriber has its own `WeightedBuffer` (weight = moments, overflow `drop_newest`)
+filled by `offer()` with the encoded rows of each batch it matches, and drained by its
+writer task, so a slow subscriber only loses its own moments (counted `slow_subscriber`);
+one whose buffer stays full for `stall_timeout` seconds, or whose socket fails, is cut off
 (counted `disconnected`, once).
 """
 
 from __future__ import annotations
 
-import collections
 import fnmatch
 import logging
 import re
@@ -26,17 +25,11 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ..net import accept_forever
+from ..buffers import WeightedBuffer
+from ..events import PipelineEvents
+from ..net import accept_forever, listen_tcp
 from ..protocol import MomentBatch
-from .base import (
-    DISCONNECTED,
-    SLOW_SUBSCRIBER,
-    EncodingCache,
-    Format,
-    OnDropped,
-    OnEmitted,
-    encode,
-)
+from .base import DISCONNECTED, SLOW_SUBSCRIBER, Chunk, EncodingCache, Format, encode
 
 __all__ = ["SubscriberServer"]
 
@@ -53,14 +46,12 @@ _MEMO_LIMIT = 1 << 16  # per-subscriber memo of stream-id matches
 
 
 class _Subscriber:
-    def __init__(self, fmt: Format, glob: str) -> None:
+    def __init__(self, fmt: Format, glob: str, buffer: WeightedBuffer[Chunk]) -> None:
         self.fmt = fmt
         self.glob = glob
-        self.queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (bytes, n)
-        self.queued = 0  # moments in `queue`
+        self.buffer = buffer
         self.everything = glob == "*"
         self.full_since: float | None = None
-        self.ready = anyio.Event()
         self.scope = anyio.CancelScope()
         self.cut_off = False
         self._match = re.compile(fnmatch.translate(glob)).match
@@ -90,7 +81,7 @@ class SubscriberServer:
 
     - `address`: `(host, port)` to listen on; port 0 picks a free port.
     - `buffer`: moments buffered per subscriber, >= 1.
-    - `on_emitted(sink_name)`, `on_dropped(sink_name, reason)`: counters.
+    - `events`: told `emitted(name, n)` and `sink_dropped(name, reason, n)`.
     - `on_subscribers(n)`: called with the number of subscribers whenever it changes.
     - `cache`: shared with other sinks to encode each moment once per format.
     - `handshake_timeout`: seconds a client has to send its `SUB` line.
@@ -105,8 +96,7 @@ class SubscriberServer:
         address: tuple[str, int] = ("127.0.0.1", 7401),
         *,
         buffer: int,
-        on_emitted: OnEmitted,
-        on_dropped: OnDropped,
+        events: PipelineEvents,
         on_subscribers: Callable[[int], None] = lambda n: None,
         cache: EncodingCache | None = None,
         handshake_timeout: float = 10.0,
@@ -117,8 +107,7 @@ class SubscriberServer:
             raise ValueError(f"buffer={buffer}, expected >= 1")
         self.address = address
         self.buffer = buffer
-        self._on_emitted = on_emitted
-        self._on_dropped = on_dropped
+        self._events = events
         self._on_subscribers = on_subscribers
         self._cache = cache or EncodingCache()
         self._handshake_timeout = handshake_timeout
@@ -131,6 +120,16 @@ class SubscriberServer:
         """Subscribers connected now."""
         return len(self._subscribers)
 
+    @property
+    def queued(self) -> int:
+        """Moments held now, summed over subscribers."""
+        return sum(sub.buffer.weight for sub in self._subscribers)
+
+    @property
+    def buffers(self) -> tuple[WeightedBuffer[Chunk], ...]:
+        """Each subscriber's buffer now."""
+        return tuple(sub.buffer for sub in self._subscribers)
+
     def offer(self, batch: MomentBatch) -> None:
         """Queue `batch`'s matching moments for every subscriber; never blocks."""
         now: float | None = None
@@ -139,17 +138,15 @@ class SubscriberServer:
             n = len(batch) if rows is None else len(rows)
             if n == 0:
                 continue
-            if sub.queued + n <= self.buffer:
-                data = (
+            chunk = Chunk()
+            if sub.buffer.put_nowait(chunk, n):
+                chunk.data = (
                     self._cache.get(batch, sub.fmt)
                     if rows is None
                     else encode(batch, sub.fmt, rows)
                 )
-                sub.queue.append((data, n))
-                sub.queued += n
-                sub.ready.set()
                 continue
-            self._on_dropped(self.name, SLOW_SUBSCRIBER, n)
+            # Dropped, and counted `slow_subscriber` by the buffer's `on_drop`.
             if now is None:
                 now = self._clock()
             if sub.full_since is None:
@@ -160,13 +157,16 @@ class SubscriberServer:
     def _cut_off(self, sub: _Subscriber) -> None:
         if not sub.cut_off:
             sub.cut_off = True
-            self._on_dropped(self.name, DISCONNECTED, 1)
+            self._events.sink_dropped(self.name, DISCONNECTED, 1)
             sub.scope.cancel()
+
+    def _slow(self, chunk: Chunk, n: int) -> None:
+        self._events.sink_dropped(self.name, SLOW_SUBSCRIBER, n)
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve subscribers until cancelled; `started(port)` with the bound port."""
         host, port = self.address
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        listener = await listen_tcp("output.tcp", host, port)
         async with listener, anyio.create_task_group() as tg:
             for each in listener.listeners:
                 tg.start_soon(
@@ -177,14 +177,17 @@ class SubscriberServer:
     async def _serve(self, stream: SocketStream) -> None:
         async with stream:
             receive = BufferedByteReceiveStream(stream)
-            sub, error = await self._handshake(receive)
-            if sub is None:
+            wanted, error = await self._handshake(receive)
+            if wanted is None:
                 with anyio.move_on_after(1.0):
                     try:
                         await stream.send(f"ERR {error}\n".encode())
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         pass
                 return
+            fmt, glob = wanted
+            buffer = WeightedBuffer[Chunk](self.buffer, overflow="drop_newest", on_drop=self._slow)
+            sub = _Subscriber(fmt, glob, buffer)
             self._subscribers.append(sub)
             self._on_subscribers(len(self._subscribers))
             try:
@@ -198,7 +201,7 @@ class SubscriberServer:
 
     async def _handshake(
         self, receive: BufferedByteReceiveStream
-    ) -> tuple[_Subscriber | None, str]:
+    ) -> tuple[tuple[Format, str] | None, str]:
         try:
             with anyio.fail_after(self._handshake_timeout):
                 line = await receive.receive_until(b"\n", MAX_SUB_LINE)
@@ -224,10 +227,7 @@ class SubscriberServer:
     async def _write(self, stream: SocketStream, sub: _Subscriber) -> None:
         try:
             while True:
-                if not sub.queue:
-                    sub.ready = anyio.Event()
-                    await sub.ready.wait()
-                    continue
+                await sub.buffer.wait_readable()
                 await self._send_some(stream, sub)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._cut_off(sub)
@@ -235,7 +235,7 @@ class SubscriberServer:
             if not sub.cut_off:  # shutting down or hung up: deliver what is held
                 with anyio.move_on_after(FLUSH_S, shield=True):
                     try:
-                        while sub.queue:
+                        while len(sub.buffer):
                             await self._send_some(stream, sub)
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         pass
@@ -245,20 +245,20 @@ class SubscriberServer:
         # Past this check `send()` writes before it can be cancelled, so nothing taken off
         # the queue is lost to a cancellation, nor sent twice by the shutdown flush.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        taken = [sub.queue.popleft()]
-        size = len(taken[0][0])
-        while sub.queue and size + len(sub.queue[0][0]) <= WRITE_BYTES:
-            taken.append(sub.queue.popleft())
-            size += len(taken[-1][0])
-        n = sum(count for _, count in taken)
-        sub.queued -= n
+        held = sub.buffer.peek_all()
+        count, size = 1, len(held[0][0].data)
+        while count < len(held) and size + len(held[count][0].data) <= WRITE_BYTES:
+            size += len(held[count][0].data)
+            count += 1
+        sub.buffer.take(count)
         sub.full_since = None
-        await stream.send(b"".join(data for data, _ in taken))
-        self._on_emitted(self.name, n)
+        taken = held[:count]
+        await stream.send(b"".join(chunk.data for chunk, _ in taken))
+        self._events.emitted(self.name, sum(n for _, n in taken))
 
 
-def _parse_sub(line: bytes) -> tuple[_Subscriber | None, str]:
-    """A subscriber for a `SUB <binary|json> <glob>` line, or `(None, why)`."""
+def _parse_sub(line: bytes) -> tuple[tuple[Format, str] | None, str]:
+    """`((format, glob), "")` for a `SUB <binary|json> <glob>` line, or `(None, why)`."""
     try:
         text = line.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -269,4 +269,4 @@ def _parse_sub(line: bytes) -> tuple[_Subscriber | None, str]:
     _, fmt, glob = parts
     if fmt not in ("binary", "json"):
         return None, f"format {fmt[:20]!r}, expected 'binary' or 'json'"
-    return _Subscriber(cast(Format, fmt), glob), ""
+    return (cast(Format, fmt), glob), ""

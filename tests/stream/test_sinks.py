@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from anyio.abc import SocketStream
 
+from stream.events import Listener
 from stream.protocol import (
     Moment,
     MomentBatch,
@@ -37,12 +38,13 @@ def one(stream_id: str, seq: int, sizes: MomentSizes = SIZES) -> MomentBatch:
     return MomentBatch.of([moment(stream_id, seq, sizes)])
 
 
-class Counts:
-    """Records sink counters and wakes waiters on every change."""
+class Counts(Listener):
+    """Records the sink events (`delivered[sink]`, `lost[sink, reason]`) and the subscriber
+    gauge, and wakes waiters on every change."""
 
     def __init__(self) -> None:
-        self.emitted: collections.Counter[str] = collections.Counter()
-        self.dropped: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.delivered: collections.Counter[str] = collections.Counter()
+        self.lost: collections.Counter[tuple[str, str]] = collections.Counter()
         self.subscribers = 0
         self._changed = anyio.Event()
 
@@ -50,12 +52,12 @@ class Counts:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def on_emitted(self, sink: str, n: int) -> None:
-        self.emitted[sink] += n
+    def emitted(self, sink: str, n: int) -> None:
+        self.delivered[sink] += n
         self._touch()
 
-    def on_dropped(self, sink: str, reason: str, n: int) -> None:
-        self.dropped[sink, reason] += n
+    def sink_dropped(self, sink: str, reason: str, n: int) -> None:
+        self.lost[sink, reason] += n
         self._touch()
 
     def on_subscribers(self, n: int) -> None:
@@ -77,8 +79,7 @@ def server(counts: Counts, **kwargs: object) -> SubscriberServer:
     options: dict = {"buffer": 16} | kwargs
     return SubscriberServer(
         (HOST, 0),
-        on_emitted=counts.on_emitted,
-        on_dropped=counts.on_dropped,
+        events=counts,
         on_subscribers=counts.on_subscribers,
         **options,
     )
@@ -132,7 +133,7 @@ async def test_binary_subscriber_gets_matching_moments_only(
     assert [(m.stream_id, m.seq) for m in got] == [("arm-1", 1), ("arm-2", 1), ("arm-1", 2)]
     np.testing.assert_array_equal(got[2].values, moment("arm-1", 2).values)
     assert got[2].latency_ns == 1002 and got[2].sizes == SIZES
-    await counts.until(lambda: counts.emitted["tcp"] == 3)
+    await counts.until(lambda: counts.delivered["tcp"] == 3)
 
 
 async def test_json_subscriber_and_binary_subscriber_side_by_side(
@@ -208,10 +209,12 @@ async def test_full_buffer_drops_without_blocking_and_counts(counts: Counts):
         async with await subscribe(port, b"SUB binary *\n", counts) as link:
             for seq in range(1, 6):  # no await in between: the writer cannot drain
                 sink.offer(one("s", seq))
-            assert counts.dropped == {("tcp", "slow_subscriber"): 3}
+            assert counts.lost == {("tcp", "slow_subscriber"): 3}
+            assert sink.queued == 2
+            assert [b.statistics().dropped for b in sink.buffers] == [3]
             got = await read_moments(link, 2)
             assert [m.seq for m in got] == [1, 2]
-            await counts.until(lambda: counts.emitted["tcp"] == 2)
+            await counts.until(lambda: counts.delivered["tcp"] == 2)
         tg.cancel_scope.cancel()
 
 
@@ -229,13 +232,13 @@ async def test_stalled_subscriber_is_cut_off_once(counts: Counts):
             sink.offer(one("s", 4))  # dropped, and full for more than 5 s: cut off
             sink.offer(one("s", 5))
             await counts.until(lambda: counts.subscribers == 0)
-            assert counts.dropped[("tcp", "disconnected")] == 1
+            assert counts.lost[("tcp", "disconnected")] == 1
             with anyio.fail_after(5):
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     while True:
                         await link.receive()
         sink.offer(one("s", 6))  # nobody left to offer to
-        assert counts.dropped[("tcp", "slow_subscriber")] == 4
+        assert counts.lost[("tcp", "slow_subscriber")] == 4
         tg.cancel_scope.cancel()
 
 
@@ -253,56 +256,123 @@ async def test_slow_subscriber_never_holds_back_a_fast_one(counts: Counts):
                 while len(got) < seq:
                     got += reader.feed(await fast.receive())
         assert [m.seq for m in got] == list(range(1, 401))
-        assert counts.dropped[("tcp", "slow_subscriber")] > 0
+        assert counts.lost[("tcp", "slow_subscriber")] > 0
         assert counts.subscribers == 2
         await slow.aclose()
         await fast.aclose()
         tg.cancel_scope.cancel()
 
 
+async def test_subscriber_that_stops_reading_loses_exactly_what_is_counted(counts: Counts):
+    big = MomentSizes(16384, 0, 0, 0)  # 64 KiB records: the slow one's socket fills up
+    n = 400  # 26 MB for each subscriber
+    sink = server(counts, buffer=4, clock=lambda: 0.0)  # a stalled clock: never cut off
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        slow = await subscribe(port, b"SUB binary *\n", counts, 1)
+        fast = await subscribe(port, b"SUB binary *\n", counts, 2)
+        slow_buffer, fast_buffer = sink.buffers
+        fast_got: list[Moment] = []
+        reader = MomentReader()
+        for seq in range(1, n + 1):
+            sink.offer(one("s", seq, big))
+            with anyio.fail_after(5):
+                while len(fast_got) < seq:
+                    fast_got += reader.feed(await fast.receive())
+        assert [m.seq for m in fast_got] == list(range(1, n + 1))
+        np.testing.assert_array_equal(fast_got[-1].values, moment("s", n, big).values)
+        dropped = counts.lost["tcp", "slow_subscriber"]
+        assert 0 < dropped < n
+        assert slow_buffer.statistics().dropped == dropped
+        assert fast_buffer.statistics().dropped == 0
+        # What the slow one did not lose reaches it, in order, once it reads again.
+        slow_got = await read_moments(slow, n - dropped)
+        seqs = [m.seq for m in slow_got]
+        assert len(seqs) == n - dropped and seqs == sorted(set(seqs)) and seqs[0] == 1
+        for m in slow_got:
+            np.testing.assert_array_equal(m.values, moment("s", m.seq, big).values)
+        await counts.until(lambda: counts.delivered["tcp"] == 2 * n - dropped)
+        assert sink.queued == 0 and counts.subscribers == 2
+        assert counts.lost == {("tcp", "slow_subscriber"): dropped}
+        await slow.aclose()
+        await fast.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_batch_larger_than_the_buffer_goes_to_an_idle_subscriber(
+    counts: Counts,
+):
+    sink = server(counts, buffer=2)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        async with await subscribe(port, b"SUB binary *\n", counts) as link:
+            sink.offer(MomentBatch.of([moment("s", seq) for seq in (1, 2, 3)]))
+            sink.offer(one("s", 4))  # the buffer holds 3 > 2 moments: dropped
+            assert sink.queued == 3
+            assert counts.lost == {("tcp", "slow_subscriber"): 1}
+            got = await read_moments(link, 3)
+            assert [m.seq for m in got] == [1, 2, 3]
+        tg.cancel_scope.cancel()
+
+
 async def test_jsonl_sink_appends_lines_and_flushes_on_cancel(tmp_path: Path, counts: Counts):
     path = tmp_path / "deep" / "dir" / "moments.jsonl"
-    sink = JsonlSink(path, buffer=100, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped)
+    sink = JsonlSink(path, buffer=100, events=counts)
     async with anyio.create_task_group() as tg:
         await tg.start(sink.run)
         sink.offer(one("a", 1))
         sink.offer(one("b", 2))
-        await counts.until(lambda: counts.emitted["jsonl"] == 2)
+        await counts.until(lambda: counts.delivered["jsonl"] == 2)
         assert len(path.read_bytes().splitlines()) == 2  # flushed, not just buffered
         sink.offer(one("a", 3))
         tg.cancel_scope.cancel()  # before the writer ran: the cleanup writes it
     lines = [json.loads(line) for line in path.read_bytes().splitlines()]
     assert [(d["stream"], d["seq"]) for d in lines] == [("a", 1), ("b", 2), ("a", 3)]
     assert lines[0] == json.loads(moment_to_json(moment("a", 1)))
-    assert counts.emitted["jsonl"] == 3
+    assert counts.delivered["jsonl"] == 3
 
 
 async def test_jsonl_sink_full_buffer_drops_and_counts(tmp_path: Path, counts: Counts):
-    sink = JsonlSink(
-        tmp_path / "m.jsonl", buffer=2, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped
-    )
+    sink = JsonlSink(tmp_path / "m.jsonl", buffer=2, events=counts)
     async with anyio.create_task_group() as tg:
         await tg.start(sink.run)
         for seq in range(1, 5):
             sink.offer(one("a", seq))
-        assert counts.dropped == {("jsonl", "slow_sink"): 2}
-        await counts.until(lambda: counts.emitted["jsonl"] == 2)
+        assert counts.lost == {("jsonl", "slow_sink"): 2}
+        assert sink.queued == 2 and sink.buffers[0].statistics().dropped == 2
+        await counts.until(lambda: counts.delivered["jsonl"] == 2)
         tg.cancel_scope.cancel()
     assert len((tmp_path / "m.jsonl").read_bytes().splitlines()) == 2
 
 
 async def test_stdout_sink_writes_json_lines(counts: Counts):
     out = io.BytesIO()
-    sink = StdoutSink(
-        buffer=10, on_emitted=counts.on_emitted, on_dropped=counts.on_dropped, output=out
-    )
+    sink = StdoutSink(buffer=10, events=counts, output=out)
     async with anyio.create_task_group() as tg:
         await tg.start(sink.run)
         sink.offer(one("a", 1))
-        await counts.until(lambda: counts.emitted["stdout"] == 1)
+        await counts.until(lambda: counts.delivered["stdout"] == 1)
         tg.cancel_scope.cancel()
     assert out.getvalue() == moment_to_json(moment("a", 1))
     assert not out.closed
+
+
+class BrokenOutput(io.BytesIO):
+    def write(self, data: object) -> int:
+        raise OSError("disk full")
+
+
+async def test_line_sink_counts_a_failed_write_as_error_and_goes_on(counts: Counts):
+    sink = StdoutSink(buffer=10, events=counts, output=BrokenOutput())
+    async with anyio.create_task_group() as tg:
+        await tg.start(sink.run)
+        sink.offer(MomentBatch.of([moment("a", 1), moment("a", 2)]))
+        await counts.until(lambda: counts.lost["stdout", "error"] == 2)
+        assert sink.queued == 0
+        sink.offer(one("a", 3))
+        await counts.until(lambda: counts.lost["stdout", "error"] == 3)
+        tg.cancel_scope.cancel()
+    assert counts.delivered["stdout"] == 0
 
 
 def test_encoding_cache_encodes_once_per_format():
