@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from processors import ParamsMismatchError
-
-from .checkpoint import CheckpointError
 from .config import EMBEDDED_DEFAULT_OVERRIDES, ConfigError, load_config
+from .failures import check_state_dir, print_error, startup_cause
 
 __all__ = ["main"]
 
@@ -45,8 +45,6 @@ def _load(args: argparse.Namespace, *, embedded: bool = False) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import os
-
     import anyio
     import prometheus_client
 
@@ -71,8 +69,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # The daemon is the whole process: leave out the `_created` series, which would double
     # the size of every scrape.
     prometheus_client.disable_created_metrics()
-    daemon = Daemon(config, ready_file=args.ready_file)
-    anyio.run(daemon.run)
+    try:
+        check_state_dir(config.state.dir)
+        daemon = Daemon(config, ready_file=args.ready_file)
+        anyio.run(daemon.run)
+    except BaseException as exc:
+        cause = startup_cause(exc, config)
+        if cause is None:
+            raise
+        print_error(cause)
+        return 2
     return 0
 
 
@@ -98,7 +104,6 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
-    import socket
 
     from .protocol import MomentReader, moment_to_json
 
@@ -243,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="end-to-end benchmark: kernel, throughput, latency, baseline, restart, memory",
         description="Measure the daemon end to end (docs/benchmarks.md). The kernel alone: "
-        "python -m processors.bench.",
+        "python -m stream.bench.kernel.",
     )
     bench.add_argument("--quick", action="store_true", help="the short run (< 2 minutes)")
     bench.add_argument("--json", metavar="FILE", help="write every figure as JSON")
@@ -265,33 +270,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _startup_error(exc: BaseException) -> Exception | None:
-    """The configuration or checkpoint error inside `exc` (an exception group from the
-    daemon's task group, or the error itself), if that is what it is."""
-    if isinstance(exc, (ConfigError, CheckpointError, ParamsMismatchError)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _startup_error(inner)
-            if found is not None:
-                return found
-    return None
-
+# --- start-up failures: one line, exit status 2 ------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; exit status 2 for a configuration (or unusable checkpoint or
-    weights file) error, with a one-line message instead of a traceback."""
+    """Run one command. A start-up failure the operator can fix (a bad configuration
+    file, key or value; an unreadable or mismatched weights file; a missing device; a
+    port in use; an unusable checkpoint or state directory) exits with status 2 and one
+    line on stderr, `enactive-stream: error: <cause>`, instead of a traceback."""
     args = _parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
-        error = _startup_error(exc)
-        if error is None:
+        cause = startup_cause(exc)
+        if cause is None:
             raise
-        kind = "configuration" if isinstance(error, ConfigError) else "start-up"
-        print(f"enactive-stream: {kind} error: {error}", file=sys.stderr)
+        print_error(cause)
         return 2
 
 

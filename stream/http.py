@@ -24,6 +24,8 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from .net import listen_tcp
+
 __all__ = ["MAX_HEAD_BYTES", "METRICS_CONTENT_TYPE", "serve_http"]
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ async def serve_http(
             finally:
                 limiter.release()
 
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    listener = await listen_tcp("metrics.listen", host, port)
     async with listener:
         task_status.started(listener.extra(SocketAttribute.local_port))
         await listener.serve(handle)

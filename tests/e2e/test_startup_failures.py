@@ -1,0 +1,148 @@
+"""`enactive-stream run` that cannot start: exit status 2 and one line naming the cause.
+
+One test per class of failure, each running the real command line in a subprocess with a
+tiny model (two buckets) so that the ones that fail after compiling are quick too.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+import processors
+
+pytestmark = pytest.mark.timeout(120)
+
+CLI = [sys.executable, "-m", "stream.cli"]
+
+CONFIG = """\
+[ingest]
+tcp = "127.0.0.1:0"
+udp = ""
+[output]
+tcp = ""
+[metrics]
+listen = ""
+[batching]
+buckets = [1, 2]
+[model]
+state_dim = 8
+proprio_dim = 6
+tactile_dim = 4
+motor_dim = 3
+retention_depth = 3
+protention_horizon = 2
+hidden_dim = 8
+som_grid = [3, 3]
+attention_heads = 2
+[state]
+dir = "{state}"
+max_streams = 2
+max_known_streams = 4
+[device]
+compilation_cache_dir = "{cache}"
+[log]
+level = "warning"
+status_interval_s = 0
+"""
+
+
+def _config(tmp_path: Path, cache: str, **changes: str) -> Path:
+    """The tiny configuration with `key = value` lines replaced (`retention_depth="2000"`)."""
+    text = CONFIG.format(state=tmp_path / "state", cache=cache)
+    for key, value in changes.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert n == 1, key
+    path = tmp_path / "daemon.toml"
+    path.write_text(text)
+    return path
+
+
+def _fails(config: Path, *args: str, command: str = "run") -> str:
+    """Runs the command, checks that it failed as a start-up failure should, and returns
+    its one line of stderr."""
+    r = subprocess.run(
+        [*CLI, command, *(["--config"] if command == "run" else []), str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), r.stderr
+    assert lines[0].startswith("enactive-stream: error: "), lines[0]
+    return lines[0]
+
+
+def test_bad_value_fails_run_and_check_config_alike(tmp_path: Path, compilation_cache: str) -> None:
+    config = _config(tmp_path, compilation_cache, retention_depth="2000")
+    line = _fails(config)
+    assert "model.retention_depth = 2000: must be an integer in [1, 1024]" in line
+    assert _fails(config, command="check-config") == line
+
+
+def test_cross_field_error_names_the_key(tmp_path: Path, compilation_cache: str) -> None:
+    line = _fails(_config(tmp_path, compilation_cache), "--set", "model.attention_heads=3")
+    assert "model.attention_heads = 3: must divide model.state_dim = 8" in line
+    assert "choose one of 1, 2, 4, 8" in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "other_shape"])
+def test_unusable_params_file(tmp_path: Path, compilation_cache: str, kind: str) -> None:
+    params = tmp_path / "params.eqx"
+    if kind == "garbage":
+        params.write_bytes(b"not an equinox file\n" * 10)
+    elif kind == "other_shape":
+        other = processors.ModelConfig(  # the daemon's sizes but state_dim 4, not 8
+            state_dim=4,
+            proprio_dim=6,
+            tactile_dim=4,
+            motor_dim=3,
+            retention_depth=3,
+            protention_horizon=2,
+            som_grid=(3, 3),
+            hidden_dim=8,
+            attention_heads=2,
+        )
+        processors.save_params(processors.EnactiveModel(other, key=jax.random.PRNGKey(0)), params)
+    line = _fails(_config(tmp_path, compilation_cache), "--set", f"model.params={params}")
+    assert "model.params" in line and str(params) in line
+    if kind == "missing":
+        assert "No such file or directory" in line
+
+
+def test_missing_device(tmp_path: Path, compilation_cache: str) -> None:
+    line = _fails(_config(tmp_path, compilation_cache), "--set", "device.count=64")
+    assert "device.count = 64: only" in line
+
+
+def test_port_in_use(tmp_path: Path, compilation_cache: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _config(tmp_path, compilation_cache)
+        line = _fails(config, "--set", f"ingest.tcp=127.0.0.1:{port}")
+    assert f"ingest.tcp = 127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_corrupt_checkpoint(tmp_path: Path, compilation_cache: str) -> None:
+    checkpoint = tmp_path / "state" / "checkpoint.npz"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"\x00garbage\xff" * 100)
+    line = _fails(_config(tmp_path, compilation_cache))
+    assert f"{checkpoint}: cannot be read" in line
+
+
+def test_state_dir_that_cannot_be_created(tmp_path: Path, compilation_cache: str) -> None:
+    (tmp_path / "a-file").write_text("")  # a directory below a file: fails even for root
+    state = tmp_path / "a-file" / "state"
+    line = _fails(_config(tmp_path, compilation_cache), "--set", f"state.dir={state}")
+    assert f"state.dir = {state}: cannot be created or written" in line
