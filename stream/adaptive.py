@@ -20,16 +20,17 @@ The cap only takes values from the compiled buckets, so adapting never compiles.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .batcher import Batcher
+from .events import Listener
 
 __all__ = ["AdaptiveBatching"]
 
 
-class AdaptiveBatching:
+class AdaptiveBatching(Listener):
     """**Arguments:**
 
     - `batcher`: the batcher to steer (`set_max_wait`, `set_max_batch`).
@@ -40,6 +41,8 @@ class AdaptiveBatching:
     - `headroom`: grow the deadline only while p99 < `headroom` × SLO.
     - `full`: the mean batch fill above which the service counts as backlogged.
     - `wait_step_s`: the additive step of the deadline.
+    - `on_apply(max_wait_s, max_batch)`: told of every setting applied (the metrics'
+        gauges).
     """
 
     def __init__(
@@ -53,7 +56,9 @@ class AdaptiveBatching:
         headroom: float = 0.8,
         full: float = 0.9,
         wait_step_s: float = 250e-6,
+        on_apply: Callable[[float, int], None] = lambda max_wait_s, max_batch: None,
     ) -> None:
+        self._on_apply = on_apply
         self.batcher = batcher
         self.buckets = tuple(buckets)
         self.slo_s = slo_s
@@ -78,16 +83,21 @@ class AdaptiveBatching:
     def _apply(self) -> None:
         self.batcher.set_max_wait(self.max_wait_s)
         self.batcher.set_max_batch(self.max_batch)
+        self._on_apply(self.max_wait_s, self.max_batch)
 
-    def observe_batch(self, device_s: float, rows: int, bucket: int) -> None:
-        """Feed one batch's device time (from leaving the batcher to its records on the
-        host) and its fill."""
+    def moments(
+        self,
+        bucket: int,
+        device_s: float,
+        integrate_s: float,
+        emit_s: float,
+        end_to_end_s: np.ndarray,
+    ) -> None:
+        """Feed one batch: its device time (from leaving the batcher to its records on the
+        host), its fill and its end-to-end latencies; decides every `window` batches."""
         self._device.append(device_s)
-        self._fill.append(rows / self.max_batch)
-
-    def observe(self, latencies_s: np.ndarray) -> None:
-        """Feed one batch's end-to-end latencies (seconds); decides every `window` batches."""
-        self._latencies.append(latencies_s)
+        self._fill.append(len(end_to_end_s) / self.max_batch)
+        self._latencies.append(end_to_end_s)
         if len(self._latencies) < self.window:
             return
         p99 = float(np.percentile(np.concatenate(self._latencies), 99))

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import anyio
 import numpy as np
-from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .buffers import WeightedBuffer
 from .protocol import Frame, FrameRun
 
 __all__ = ["Batch", "Batcher"]
@@ -42,6 +42,9 @@ class Batch:
     - `timestamp` float64, `present` uint16, `received_ns` int64: `(n,)`.
     - `payloads`: flat float32 arrays whose concatenation is the rows' payloads, row by
         row (a run's block, or a frame's row).
+    - `queue_ns` int64 `(n,)`: per row, from receipt to admission.
+    - `sources`, `positions`: the source labels and positions of the rows that carry a
+        source position, in row order (empty when none does: TCP, UDP, synthetic).
     """
 
     stream_ids: list[str]
@@ -50,20 +53,27 @@ class Batch:
     present: np.ndarray
     received_ns: np.ndarray
     payloads: list[np.ndarray]
+    queue_ns: np.ndarray
+    sources: list[str] = dataclasses.field(default_factory=list)
+    positions: list[object] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.stream_ids)
 
     @classmethod
-    def of(cls, pieces: Sequence[Frame | FrameRun]) -> Batch:
-        """The batch of these frames and runs, in order."""
+    def of(cls, pieces: Sequence[Frame | FrameRun], admitted_ns: Sequence[int]) -> Batch:
+        """The batch of these frames and runs, in order; `admitted_ns[i]` is when piece
+        `i` was admitted."""
         ids: list[str] = []
         seq: list[int] = []
         timestamp: list[float] = []
         present: list[int] = []
         received: list[int] = []
+        queue: list[int] = []
         payloads: list[np.ndarray] = []
-        for piece in pieces:
+        sources: list[str] = []
+        positions: list[object] = []
+        for piece, admitted in zip(pieces, admitted_ns, strict=True):
             if isinstance(piece, FrameRun):
                 n = len(piece)
                 ids += piece.stream_ids
@@ -71,14 +81,22 @@ class Batch:
                 timestamp += piece.timestamp.tolist()
                 present += [piece.present] * n
                 received += [piece.received_ns] * n
+                queue += [admitted - piece.received_ns] * n
                 payloads.append(piece.payload.reshape(-1))
+                if piece.positions is not None:
+                    sources += [piece.source] * n
+                    positions += piece.positions
             else:
                 ids.append(piece.stream_id)
                 seq.append(piece.seq)
                 timestamp.append(piece.timestamp)
                 present.append(piece.present)
                 received.append(piece.received_ns)
+                queue.append(admitted - piece.received_ns)
                 payloads.append(piece.payload)
+                if piece.position is not None:
+                    sources.append(piece.source)
+                    positions.append(piece.position)
         return cls(
             ids,
             seq,
@@ -86,6 +104,9 @@ class Batch:
             np.array(present, np.uint16),
             np.array(received, np.int64),
             payloads,
+            np.array(queue, np.int64),
+            sources,
+            positions,
         )
 
 
@@ -96,9 +117,11 @@ class Batcher:
     - `max_wait_s`: how long the oldest frame of a batch may wait for company.
     - `limit`: frames held at most (default 4 × `max_batch`).
     - `clock`: nanosecond clock matching `Frame.received_ns` (default `time.monotonic_ns`).
-    - `idle`: True while the device has nothing to do; then a waiting batch is handed out
-        at once instead of at its deadline (Triton's dynamic batcher: wait for company
-        only while the model instance is busy). Call `wake()` when it turns True.
+
+    Call `idle(True)` when the device has nothing left to do and `idle(False)` when it
+    gets work: while it is idle a waiting batch is handed out at once instead of at its
+    deadline (Triton's dynamic batcher: wait for company only while the model instance
+    is busy).
     """
 
     def __init__(
@@ -108,18 +131,18 @@ class Batcher:
         *,
         limit: int | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
-        idle: Callable[[], bool] = lambda: False,
     ) -> None:
         self.max_batch = max_batch
         self._largest = max_batch
         self.max_wait_ns = int(max_wait_s * 1e9)
         self.limit = limit if limit is not None else 4 * max_batch
         self._clock = clock
-        self._idle = idle
+        self._device_idle = False
         self._pieces: list[Frame | FrameRun] = []  # the current batch, oldest first
+        self._admitted: list[int] = []  # when each piece was admitted
         self._ids: set[str] = set()  # its streams
         self._count = 0  # its frames
-        self._held: dict[str, collections.deque[Frame]] = {}
+        self._held: dict[str, collections.deque[tuple[Frame, int]]] = {}
         self._held_count = 0
         self._changed = anyio.Event()
         self._space = anyio.Event()
@@ -145,33 +168,41 @@ class Batcher:
         self.max_batch = max(1, min(n, self._largest))
         self.wake()
 
+    def idle(self, idle: bool) -> None:
+        """The device has nothing left to do (True) or has work again (False)."""
+        self._device_idle = idle
+        if idle:
+            self.wake()
+
     def wake(self) -> None:
-        """Look again whether the current batch is due (the device just went idle)."""
+        """Look again whether the current batch is due."""
         self._changed.set()
 
-    def add(self, item: Frame | FrameRun) -> None:
+    def add(self, item: Frame | FrameRun, admitted_ns: int | None = None) -> None:
         """Take one admitted frame or run (never waits; callers respect `has_space`)."""
+        now = self._clock() if admitted_ns is None else admitted_ns
         if type(item) is FrameRun:
-            self._add_run(item)
+            self._add_run(item, now)
         else:
-            self._add(item)  # type: ignore[arg-type]
+            self._add(item, now)  # type: ignore[arg-type]
         self.wake()
 
-    def _add(self, frame: Frame) -> None:
+    def _add(self, frame: Frame, now: int) -> None:
         stream_id = frame.stream_id
         held = self._held.get(stream_id)
         if held is not None:
-            held.append(frame)
+            held.append((frame, now))
             self._held_count += 1
         elif stream_id in self._ids or self._count >= self.max_batch:
-            self._held[stream_id] = collections.deque((frame,))
+            self._held[stream_id] = collections.deque(((frame, now),))
             self._held_count += 1
         else:
             self._pieces.append(frame)
+            self._admitted.append(now)
             self._ids.add(stream_id)
             self._count += 1
 
-    def _add_run(self, run: FrameRun) -> None:
+    def _add_run(self, run: FrameRun, now: int) -> None:
         ids = run.stream_ids
         room = self.max_batch - self._count
         streams = set(ids)
@@ -185,6 +216,7 @@ class Batcher:
             # batch, in order (here as one piece); the rest are held back.
             head = run if len(ids) <= room else run.head(room)
             self._pieces.append(head)
+            self._admitted.append(now)
             self._ids.update(head.stream_ids)
             self._count += len(head)
             if head is run:
@@ -193,7 +225,7 @@ class Batcher:
         else:
             rest = range(len(ids))
         for i in rest:
-            self._add(run.frame(i))
+            self._add(run.frame(i), now)
 
     @property
     def has_space(self) -> bool:
@@ -208,55 +240,46 @@ class Batcher:
 
     async def collect(
         self,
-        receive: MemoryObjectReceiveStream[Frame | FrameRun],
+        receive: WeightedBuffer[Frame | FrameRun],
         admit: Callable[[Frame, int], bool] = lambda frame, now_ns: True,
         admit_run: Callable[[FrameRun, int], bool] = lambda run, now_ns: False,
-        taken: Callable[[int], None] = lambda n: None,
     ) -> None:
-        """Receive frames and runs until the stream ends, adding those admitted; then
-        `end()`.
+        """Take frames and runs from `receive` until it is closed and empty, adding those
+        admitted; then `end()`.
 
         `admit(frame, now_ns)` decides for one frame; `admit_run(run, now_ns)` may admit
         a whole run at once (True), or decline (False: nothing admitted, its frames go
         through `admit` one by one). `now_ns` is `time.monotonic_ns()` when the item was
-        taken off the stream, read once per drain. `taken(n)` is told the frames of every
-        item received.
+        taken off the buffer, read once per drain.
         """
-        async with receive:
+        while True:
+            while not self.has_space:
+                self._space = anyio.Event()
+                await self._space.wait()
+            try:
+                item = await receive.get()
+            except anyio.EndOfStream:
+                break
+            now = time.monotonic_ns()
+            # Take in what is already queued too, without yielding, waking the
+            # batch-taker or re-reading the clock per item: once per drain is enough.
             while True:
-                while not self.has_space:
-                    self._space = anyio.Event()
-                    await self._space.wait()
-                try:
-                    item = await receive.receive()
-                except anyio.EndOfStream:
-                    break
-                now = time.monotonic_ns()
-                # Take in what is already queued too, without yielding, waking the
-                # batch-taker or re-reading the clock per item: once per drain is enough.
-                while True:
-                    if type(item) is FrameRun:
-                        taken(len(item))
-                        if admit_run(item, now):
-                            self._add_run(item)
-                        else:
-                            for frame in item.frames():
-                                if admit(frame, now):
-                                    self._add(frame)
+                if type(item) is FrameRun:
+                    if admit_run(item, now):
+                        self._add_run(item, now)
                     else:
-                        taken(1)
-                        if admit(item, now):  # type: ignore[arg-type]
-                            self._add(item)  # type: ignore[arg-type]
-                    if len(self) >= self.limit:
-                        break
-                    try:
-                        item = receive.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    except anyio.EndOfStream:
-                        self.end()
-                        return
-                self.wake()
+                        for frame in item.frames():
+                            if admit(frame, now):
+                                self._add(frame, now)
+                elif admit(item, now):  # type: ignore[arg-type]
+                    self._add(item, now)  # type: ignore[arg-type]
+                if len(self) >= self.limit:
+                    break
+                try:
+                    item = receive.get_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            self.wake()
         self.end()
 
     # -- handing out --------------------------------------------------------------------
@@ -265,7 +288,7 @@ class Batcher:
         """Seconds until the current batch must close (≤ 0: now; inf: empty)."""
         if not self._pieces:
             return math.inf
-        if self._count >= self.max_batch or self._ended or self._idle():
+        if self._count >= self.max_batch or self._ended or self._device_idle:
             return 0.0
         # Pieces are in age order: held-back (older) frames enter a batch first.
         oldest = self._pieces[0].received_ns
@@ -273,13 +296,15 @@ class Batcher:
 
     def take(self) -> Batch:
         """Hand out the current batch now and start the next one from held-back frames."""
-        batch = Batch.of(self._pieces)
-        self._pieces, self._ids, self._count = [], set(), 0
+        batch = Batch.of(self._pieces, self._admitted)
+        self._pieces, self._admitted, self._ids, self._count = [], [], set(), 0
         for stream_id in list(self._held):
             if self._count >= self.max_batch:
                 break
             held = self._held[stream_id]
-            self._pieces.append(held.popleft())
+            frame, admitted = held.popleft()
+            self._pieces.append(frame)
+            self._admitted.append(admitted)
             self._ids.add(stream_id)
             self._count += 1
             self._held_count -= 1

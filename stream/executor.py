@@ -8,9 +8,10 @@ the step and the copy of its records (~50 µs, on the event loop: cheaper than a
 to a worker thread and back), then the device computes while the loop keeps receiving,
 the batcher forms the next batch and the integrator waits for the records. A bucket
 that fell back to eager execution runs in a worker thread instead (it takes tens of ms).
-It tells the batcher when the device has nothing left to do (`on_idle`). A checkpoint
-enqueues a copy of the occupied slab rows between two batches, like a step, and reads
-it back and writes it in the background.
+It tells the batcher when the device has work and when it has none left
+(`Batcher.idle`). A checkpoint enqueues a copy of the occupied slab rows between two
+batches, like a step, and reads it back and writes it in the background; once it is
+durable, the source positions it covers are committed (`CommitLog`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from processors import FLAG_RESET, FLAG_VALID, SlabSnapshot, SlabStep
 
 from .batcher import Batch, Batcher
+from .commits import CommitLog, Cut
+from .events import PipelineEvents
 from .streams import SlotPlan, StreamTable
 
 __all__ = ["Executor", "Stepped"]
@@ -58,12 +61,12 @@ class Executor:
     - `step`: the compiled `SlabStep`.
     - `table`: the `StreamTable` (its capacity equals the slab's).
     - `slab`: the initial (fresh or restored) device slab.
+    - `events`: where batches, evictions, restores and checkpoints are reported.
+    - `commits`: the source positions waiting for a durable checkpoint.
     - `checkpoint`: `checkpoint(rows, table)` writes a checkpoint (called in a worker
-        thread); None disables checkpoints.
+        thread); None disables checkpoints, and then positions are committed as soon as
+        their batch is dispatched.
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
-    - `observe`: `observe(event, value)` for metrics: `("batch", (bucket, rows))`,
-        `("batch_wait", seconds array)`, `("evicted", n)`,
-        `("restored", n)`, `("checkpoint", seconds)`, `("checkpoint_error", message)`.
     """
 
     def __init__(
@@ -72,21 +75,23 @@ class Executor:
         table: StreamTable,
         slab: Any,
         *,
+        events: PipelineEvents,
+        commits: CommitLog,
         checkpoint: Callable[[Any, StreamTable], Any] | None = None,
         checkpoint_interval_s: float = 5.0,
-        observe: Callable[[str, Any], None] = lambda event, value: None,
     ) -> None:
         self.step = step
         self.table = table
         self.slab = slab
         self._checkpoint = checkpoint
         self._interval_ns = int(checkpoint_interval_s * 1e9)
-        self._observe = observe
+        self._events = events
+        self._commits = commits
         self._limiter = anyio.CapacityLimiter(1)
         self._dirty = False
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         self.pending = 0  # batches dispatched whose records the integrator has not taken
-        self.on_idle: Callable[[], None] = lambda: None
+        self._batcher: Batcher | None = None
         self._writing: anyio.Event | None = None  # set while no checkpoint write runs
         self._background: anyio.abc.TaskGroup | None = None
 
@@ -125,15 +130,16 @@ class Executor:
         batch is planned and queued behind it, so the device never idles on the host. The
         bounded `send` stream limits how many batches are in flight.
         """
-        table = self.table
+        table, events = self.table, self._events
         self._writing = anyio.Event()
         self._writing.set()
+        self._batcher = batcher
+        batcher.idle(self.pending == 0)
         async with send, anyio.create_task_group() as self._background:
             while (batch := await batcher.next_batch()) is not None:
                 taken = time.monotonic_ns()
                 n = len(batch)
                 stream_ids = batch.stream_ids
-                self._observe("batch_wait", (taken - batch.received_ns) / 1e9)
                 plan = table.plan(stream_ids)
                 x, meta = self._assemble(batch, plan)
                 if plan.evict or plan.restore:
@@ -143,9 +149,9 @@ class Executor:
                     for (_, stream_id), state in zip(plan.evict, evicted, strict=True):
                         table.evicted_state(stream_id, state)
                     if plan.evict:
-                        self._observe("evicted", len(plan.evict))
+                        events.evicted(len(plan.evict))
                     if plan.restore:
-                        self._observe("restored", len(plan.restore))
+                        events.restored(len(plan.restore))
                 if len(x) in self.step.eager_buckets:  # runs, not enqueues: off the loop
                     records, eager = await anyio.to_thread.run_sync(
                         self._dispatch, x, meta, limiter=self._limiter
@@ -153,7 +159,11 @@ class Executor:
                 else:
                     records, eager = self._dispatch(x, meta)
                 self.pending += 1
+                if self.pending == 1:
+                    batcher.idle(False)
                 table.processed_seq.update(zip(stream_ids, batch.seq, strict=True))
+                if batch.positions:
+                    self._commits.applied(batch.sources, batch.positions)
                 restored = [False] * n
                 if table.restored:
                     for i, stream_id in enumerate(stream_ids):
@@ -161,18 +171,18 @@ class Executor:
                             table.restored.discard(stream_id)
                             restored[i] = True
                 self._dirty = True
-                self._observe("batch", (len(x), n))
+                events.batch(len(x), n, batch.queue_ns / 1e9, (taken - batch.received_ns) / 1e9)
                 await send.send(Stepped(batch, records, eager, restored, taken))
                 if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
             await self.checkpoint(final=True)
 
     def finished(self) -> None:
-        """The integrator took one batch's records: when none is left on the device, say so
-        (`on_idle`), so a waiting batch need not wait for its deadline."""
+        """The integrator took one batch's records: when none is left on the device, tell
+        the batcher, so a waiting batch need not wait for its deadline."""
         self.pending -= 1
-        if self.pending == 0:
-            self.on_idle()
+        if self.pending == 0 and self._batcher is not None:
+            self._batcher.idle(True)
 
     async def checkpoint(self, *, final: bool = False) -> None:
         """Write a checkpoint if anything changed since the last one.
@@ -184,32 +194,40 @@ class Executor:
         next waits for a later batch). The final checkpoint at shutdown is written before
         this returns.
 
-        A failed write (disk full, directory gone) is reported as `("checkpoint_error",
-        message)` and retried at the next interval: the service goes on. Only the final
-        checkpoint raises, so the exit status tells the operator.
+        A failed write (disk full, directory gone) is reported (`checkpoint_failed`) and
+        retried at the next interval: the service goes on. Only the final checkpoint
+        raises, so the exit status tells the operator.
         """
         if self._checkpoint is None:
+            self._commits.commit(self._commits.cut(self.table.processed_seq))
             return
         if self._writing is not None and not self._writing.is_set():
             if not final:
                 return  # one write at a time: try again after the next batch
             await self._writing.wait()  # its outcome decides `_dirty`
-        if not self._dirty:
+        if not self._dirty and not len(self._commits):
             return
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         t0 = time.perf_counter()
         table = self.table.snapshot()
+        cut = self._commits.cut(table.processed_seq)
         snapshot = self.step.snapshot(self.slab, list(table.slot_of.values()))
         self._dirty = False
         if final:
-            await self._write(snapshot, table, t0, final=True)
+            await self._write(snapshot, table, cut, t0, final=True)
         else:
             self._writing = anyio.Event()
             assert self._background is not None
-            self._background.start_soon(self._write, snapshot, table, t0)
+            self._background.start_soon(self._write, snapshot, table, cut, t0)
 
     async def _write(
-        self, snapshot: SlabSnapshot, table: StreamTable, t0: float, *, final: bool = False
+        self,
+        snapshot: SlabSnapshot,
+        table: StreamTable,
+        cut: Cut,
+        t0: float,
+        *,
+        final: bool = False,
     ) -> None:
         checkpoint = self._checkpoint
         assert checkpoint is not None
@@ -217,11 +235,13 @@ class Executor:
             await anyio.to_thread.run_sync(lambda: checkpoint(snapshot.to_host(), table))
         except OSError as e:
             self._dirty = True  # nothing was saved: the next interval tries again
-            self._observe("checkpoint_error", f"{type(e).__name__}: {e}")
+            self._commits.retry(cut)
+            self._events.checkpoint_failed(f"{type(e).__name__}: {e}")
             if final:
                 raise
         else:
-            self._observe("checkpoint", time.perf_counter() - t0)
+            self._commits.commit(cut)
+            self._events.checkpointed(time.perf_counter() - t0, len(cut))
         finally:
             if self._writing is not None:
                 self._writing.set()

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import anyio
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .events import PipelineEvents
 from .executor import Stepped
 from .protocol import ALL_PRESENT, FLAG_ABSENT, FLAG_EAGER, FLAG_RESTORED, MomentBatch, MomentSizes
 from .sinks import Sink
@@ -24,17 +24,11 @@ async def integrate(
     sinks: Sequence[Sink],
     sizes: MomentSizes,
     *,
-    observe: Callable[[str, Any], None] = lambda event, value: None,
+    events: PipelineEvents,
     on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Turn every stepped batch into a `MomentBatch` and offer it to every sink, until the
-    executor closes its stream.
-
-    `observe` receives, per batch, `("device", seconds)` (from the batch leaving the
-    batcher to its records being on the host), `("integrate", seconds)` (from there to the
-    moments' emission), `("emit", seconds)` (offering them to the sinks),
-    `("end_to_end", seconds array)` (receipt to emission, one per moment),
-    `("batch_done", (device seconds, rows, bucket))` and `("processed", n)`;
+    executor closes its stream; report each batch's timings as `events.moments(...)`.
     `on_ready()` is called as soon as a batch's records are on the host.
     """
     async with receive:
@@ -72,9 +66,10 @@ async def integrate(
             for sink in sinks:
                 sink.offer(moments)
             t1 = time.monotonic_ns()
-            observe("device", (ready - item.taken_ns) / 1e9)
-            observe("batch_done", ((ready - item.taken_ns) / 1e9, n, len(records)))
-            observe("integrate", (t0 - ready) / 1e9)
-            observe("emit", (t1 - t0) / 1e9)
-            observe("end_to_end", latency / 1e9)
-            observe("processed", n)
+            events.moments(
+                len(records),
+                (ready - item.taken_ns) / 1e9,
+                (t0 - ready) / 1e9,
+                (t1 - t0) / 1e9,
+                latency / 1e9,
+            )

@@ -10,6 +10,7 @@ import numpy as np
 
 from processors import CompilationCounter
 
+from .events import Listener
 from .metrics import Metrics
 from .streams import StreamTable
 
@@ -18,7 +19,7 @@ __all__ = ["StatusLine"]
 _KEEP = 100_000  # latencies kept per interval for the percentiles
 
 
-class StatusLine:
+class StatusLine(Listener):
     """Frames/s, p50/p99 end-to-end latency over the last interval, active streams,
     rejects, fallbacks and compilations since ready."""
 
@@ -33,11 +34,18 @@ class StatusLine:
         self._last_processed = 0.0
         self._last_t = time.monotonic()
 
-    def latencies(self, seconds: np.ndarray) -> None:
+    def moments(
+        self,
+        bucket: int,
+        device_s: float,
+        integrate_s: float,
+        emit_s: float,
+        end_to_end_s: np.ndarray,
+    ) -> None:
         """Keep one batch's end-to-end latencies (float seconds) for this interval."""
         if self._kept < _KEEP:
-            self._latencies.append(seconds)
-            self._kept += len(seconds)
+            self._latencies.append(end_to_end_s)
+            self._kept += len(end_to_end_s)
 
     def _total(self, name: str) -> float:
         total = 0.0

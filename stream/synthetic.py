@@ -9,8 +9,8 @@ way real body sensors are:
 - motor: the velocity command, the difference of successive joint targets over one tick;
 - sensory: `tanh` of a fixed random projection of the other three.
 
-`run_synthetic` paces ticks into an `Ingest` (overload policy `block`); the `send` client
-uses `SyntheticBodies` too.
+`stream.sources.synthetic` paces ticks into the pipeline; the `send` client uses
+`SyntheticBodies` too.
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ from __future__ import annotations
 import math
 import time
 
-import anyio
 import numpy as np
-from anyio.abc import TaskStatus
 
-from .ingest import Ingest
 from .protocol import ALL_PRESENT, Dims, Frame
 
-__all__ = ["SyntheticBodies", "run_synthetic"]
+__all__ = ["SyntheticBodies"]
 
 _JOINTS = 6  # joint angles per body
 _HARMONICS = 3  # sinusoids per joint
@@ -120,53 +117,3 @@ def _mix(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:
     # Scaled so a unit-variance input gives outputs of about unit variance.
     scale = 1.0 / math.sqrt(max(n_in, 1))
     return rng.normal(0.0, scale, (n_in, n_out)).astype(np.float32)
-
-
-async def run_synthetic(
-    ingest: Ingest,
-    *,
-    streams: int,
-    rate_hz: float,
-    seed: int = 0,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Feed `streams` synthetic bodies into `ingest` at `rate_hz` ticks per second.
-
-    Ticks are numbered on the wall clock — tick `k` is due at Unix time `k / rate_hz` and
-    its frames carry seq `k` and timestamp `k / rate_hz` — so seq keeps increasing across
-    restarts of the daemon, as a real sensor's would (a restarted daemon resumes each
-    body's checkpointed state instead of rejecting its frames as stale). Deadlines are
-    absolute, so the rate does not drift. When the pipeline holds the feed back (policy
-    `block`) past a deadline, the ticks already missed are skipped rather than sent in a
-    burst, leaving gaps in seq. Returns once `ingest.stop()` was called, or at once
-    (after `started()`) when `streams` is 0.
-
-    **Arguments:**
-
-    - `ingest`: the pipeline's doorway; frames come from source `"synthetic"`.
-    - `streams`: the number of bodies, with ids `body-0000`, `body-0001`, ...
-    - `rate_hz`: ticks per second, > 0.
-    - `seed`: fixes the signals.
-    - `task_status`: `started()` is called once the feed is set up.
-    """
-    if rate_hz <= 0:
-        raise ValueError(f"rate_hz={rate_hz}, expected > 0")
-    bodies = SyntheticBodies(streams, ingest.dims, seed=seed, dt=1.0 / rate_hz)
-    task_status.started()
-    if streams == 0:
-        return
-    period = 1.0 / rate_hz
-    # anyio's clock is monotonic; anchor it to the wall clock once.
-    offset = time.time() - anyio.current_time()
-    tick = math.floor((anyio.current_time() + offset) * rate_hz) + 1
-    while ingest.accepting:
-        deadline = tick * period - offset
-        await anyio.sleep_until(deadline)
-        late = anyio.current_time() - deadline
-        if late > period:  # fell behind: jump to the latest tick already due
-            tick += int(late * rate_hz)
-        for frame in bodies.frames(tick * period, tick):
-            ingest.received("synthetic")
-            if not ingest.put_nowait(frame):
-                await ingest.put(frame)
-        tick += 1

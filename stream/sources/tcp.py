@@ -26,11 +26,12 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..buffers import Overflow
 from ..ingest import Ingest, frames_in
-from ..net import accept_forever
+from ..net import accept_forever, listen_tcp
 from ..protocol import Frame, FrameReader, FrameRejected, FrameRun, FramingLost, LineReader
 
-__all__ = ["serve_tcp"]
+__all__ = ["TcpSource", "serve_tcp"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,29 @@ REPLY_WAIT_S = 1.0
 """How long the reader waits for room in a full reply queue before skipping replies."""
 REPLY_DRAIN_S = 0.5
 """How long a closing JSON connection may spend writing its last replies."""
+
+
+class TcpSource:
+    """The TCP sensor listener as a `Source` (labels `tcp` and `json`, policy `block`;
+    nothing to acknowledge)."""
+
+    name = "tcp"
+    labels: tuple[str, ...] = ("tcp", "json")
+    overflow: Overflow = "block"
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.port: int | None = None  # once bound
+
+    async def run(
+        self, ingest: Ingest, *, task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            self.port = await tg.start(serve_tcp, ingest, self.address)
+            task_status.started(self.port)
+
+    def commit(self, positions: Sequence[object]) -> None:
+        pass
 
 
 async def serve_tcp(
@@ -63,7 +87,7 @@ async def serve_tcp(
     - `task_status`: `started(port)` with the bound port once listening.
     """
     host, port = address
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    listener = await listen_tcp("ingest.tcp", host, port)
     connections: set[_Connection] = set()
 
     async def handle(stream: SocketStream) -> None:
@@ -200,7 +224,7 @@ def _error_line(exc: FrameRejected) -> bytes:
     reply = {
         "error": exc.reason,
         "detail": exc.detail,
-        "stream": getattr(exc, "stream_id", None),
-        "seq": getattr(exc, "seq", None),
+        "stream": exc.stream_id,
+        "seq": exc.seq,
     }
     return json.dumps(reply, separators=(",", ":")).encode("utf-8") + b"\n"

@@ -1,11 +1,11 @@
 """UDP ingest: one frame per datagram (overload policy `drop_oldest`).
 
 A datagram holds one binary frame or one JSON object (first byte `{`); either way its
-source label is `udp`. A UDP sender cannot be slowed down, so decoded frames go into a
-bounded `DropOldest` ring whose pump task feeds the ingest; when the ring is full the
-oldest frame is dropped and counted as `overload`; so are the datagrams the kernel drops
-when its receive buffer overflows (Linux reports them). Rejections are counted, never
-answered.
+source label is `udp`. A UDP sender cannot be slowed down, so datagrams go into a
+bounded drop-oldest ring (`Ingest.ring`) whose pump decodes them into the ingest; when the
+ring is full the oldest datagram is dropped and counted as `overload`; so are the
+datagrams the kernel drops when its receive buffer overflows (Linux reports them).
+Rejections are counted, never answered.
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Sequence
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ..ingest import DropOldest, Ingest
+from ..buffers import Overflow, WeightedBuffer
+from ..ingest import Ingest
+from ..net import naming_listener
 from ..protocol import Frame, FrameRejected, decode_message
+from .tcp import TcpSource
 
-__all__ = ["serve_udp"]
+__all__ = ["UdpSource", "serve_udp"]
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +41,56 @@ was full) to every datagram received, so that those are counted too."""
 _DROPS = struct.Struct("=I")
 
 
+class UdpSource:
+    """The UDP sensor listener as a `Source` (label `udp`, policy `drop_oldest`; nothing
+    to acknowledge).
+
+    **Arguments:** `address`, `(host, port)` to bind; `buffer`, frames the drop-oldest
+    ring holds, >= 1; `same_port_as`, a TCP source on the same host whose bound port to
+    take when `address`'s port is 0 ("the same port number", also for ephemeral ports).
+    """
+
+    name = "udp"
+    labels: tuple[str, ...] = ("udp",)
+    overflow: Overflow = "drop_oldest"
+
+    def __init__(
+        self, address: tuple[str, int], *, buffer: int, same_port_as: TcpSource | None = None
+    ) -> None:
+        self.address = address
+        self.buffer = buffer
+        self.same_port_as = same_port_as
+
+    async def run(
+        self, ingest: Ingest, *, task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        host, port = self.address
+        tcp = self.same_port_as
+        if port == 0 and tcp is not None and tcp.port is not None and tcp.address[0] == host:
+            port = tcp.port
+        await serve_udp(ingest, (host, port), buffer=self.buffer, task_status=task_status)
+
+    def commit(self, positions: Sequence[object]) -> None:
+        pass
+
+
 async def serve_udp(
     ingest: Ingest,
     address: tuple[str, int],
     *,
     buffer: int,
-    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Receive frames as datagrams on `address` and feed them into `ingest`.
 
-    Runs until cancelled. Once `ingest.accepting` turns false it stops receiving; frames
-    already in the ring are still handed over.
+    Once `ingest.stopped` is set it stops receiving, hands over the frames already in
+    the ring, and returns.
 
     **Arguments:**
 
     - `ingest`: the pipeline's doorway.
     - `address`: `(host, port)` to bind; port 0 picks a free port.
-    - `buffer`: frames the drop-oldest ring holds, >= 1.
+    - `buffer`: datagrams the drop-oldest ring holds, >= 1.
     - `task_status`: `started(port)` with the bound port once bound.
     """
     if buffer < 1:
@@ -70,15 +107,15 @@ async def serve_udp(
             ingest.rejected("udp", exc.reason)
             return None
 
-    ring: DropOldest[tuple[bytes, int]] = DropOldest(ingest, buffer, decode)
+    ring: WeightedBuffer[tuple[bytes, int]] = ingest.ring(buffer)
     with await _bind(address) as sock:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ring.run)
+            tg.start_soon(ingest.pump, ring, decode)
             with anyio.CancelScope() as receiving:
                 tg.start_soon(_cancel_when_not_accepting, ingest, receiving)
                 task_status.started(sock.getsockname()[1])
                 await _receive(sock, ingest, ring)
-            await anyio.sleep_forever()
+            ring.close()  # the pump hands over what the ring holds, then ends
 
 
 async def _bind(address: tuple[str, int]) -> socket.socket:
@@ -98,7 +135,8 @@ async def _bind(address: tuple[str, int]) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         except OSError:
             log.debug("the kernel's UDP drop counter is not available", exc_info=True)
-        sock.bind(sockaddr)
+        with naming_listener("ingest.udp", host, port):
+            sock.bind(sockaddr)
     except BaseException:
         sock.close()
         raise
@@ -111,7 +149,7 @@ async def _cancel_when_not_accepting(ingest: Ingest, scope: anyio.CancelScope) -
 
 
 async def _receive(
-    sock: socket.socket, ingest: Ingest, ring: DropOldest[tuple[bytes, int]]
+    sock: socket.socket, ingest: Ingest, ring: WeightedBuffer[tuple[bytes, int]]
 ) -> None:
     # Reading the socket directly (rather than through a transport with its own queue)
     # leaves the kernel's receive buffer as the only buffer before the counted ring, and
@@ -142,4 +180,4 @@ async def _receive(
                         ingest.received("udp", lost)
                         ingest.dropped("overload", lost)
             ingest.received("udp")
-            ring.push((bytes(buffer[:size]), received_ns))
+            ring.put_nowait((bytes(buffer[:size]), received_ns))

@@ -21,8 +21,7 @@ def feed(
 ) -> None:
     for _ in range(batches):
         rows = max(1, int(fill * c.max_batch))
-        c.observe_batch(device_s, rows, c.max_batch)
-        c.observe(np.full(rows, latency_s))
+        c.moments(c.max_batch, device_s, 0.0, 0.0, np.full(rows, latency_s))
 
 
 def test_a_step_too_slow_for_the_slo_drops_a_bucket_and_halves_the_deadline() -> None:

@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stream.batcher import Batch, Batcher
+from stream.buffers import WeightedBuffer
 from stream.protocol import ALL_PRESENT, Frame, FrameRun
 
 
@@ -91,16 +92,16 @@ async def test_never_exceeds_max_batch() -> None:
 
 
 async def test_collect_applies_admission_and_back_pressure() -> None:
-    send, receive = anyio.create_memory_object_stream[Frame](100)
+    receive: WeightedBuffer[Frame | FrameRun] = WeightedBuffer(100)
     b = Batcher(2, 0.0, limit=4)
     for i in range(10):
-        send.send_nowait(frame(f"s{i}", 1 if i != 3 else 0))
+        receive.put_nowait(frame(f"s{i}", 1 if i != 3 else 0))
     async with anyio.create_task_group() as tg:
         tg.start_soon(b.collect, receive, lambda f, now_ns: f.seq == 1)
         await anyio.wait_all_tasks_blocked()
         assert len(b) == 4  # stopped receiving at its limit
-        assert send.statistics().current_buffer_used == 5
-        await send.aclose()
+        assert len(receive) == 5
+        receive.close()
         got = []
         with anyio.fail_after(2):
             while (batch := await b.next_batch()) is not None:
@@ -125,8 +126,7 @@ async def test_frame_arriving_wakes_a_waiting_executor() -> None:
 
 async def test_an_idle_device_takes_a_waiting_batch_before_its_deadline() -> None:
     clock = Clock()
-    device_idle = False
-    b = Batcher(8, 10.0, clock=clock, idle=lambda: device_idle)
+    b = Batcher(8, 10.0, clock=clock)
     b.add(frame("a", 1))
     assert b._due_in_s() == pytest.approx(10.0)  # busy device: wait for company
     got: list[Batch | None] = []
@@ -138,8 +138,7 @@ async def test_an_idle_device_takes_a_waiting_batch_before_its_deadline() -> Non
         tg.start_soon(pull)
         await anyio.wait_all_tasks_blocked()
         assert got == []
-        device_idle = True
-        b.wake()  # what the executor does when its last batch's records are taken
+        b.idle(True)  # what the executor does when its last batch's records are taken
     assert got[0] is not None and got[0].seq == [1]
 
 
@@ -214,20 +213,18 @@ async def test_runs_batch_exactly_like_their_frames_one_by_one(
 
 
 async def test_collect_admits_a_run_whole_or_frame_by_frame() -> None:
-    send, receive = anyio.create_memory_object_stream[Frame | FrameRun](100)
+    receive: WeightedBuffer[Frame | FrameRun] = WeightedBuffer(100)
     b = Batcher(8, 0.0)
-    taken: list[int] = []
     whole = run_of([frame("a", 1), frame("b", 1)])
     split = run_of([frame("c", 1), frame("d", 0), frame("e", 1)])
     for item in (whole, split, frame("f", 1)):
-        send.send_nowait(item)
-    send.close()
+        receive.put_nowait(item, len(item) if isinstance(item, FrameRun) else 1)
+    receive.close()
     await b.collect(
         receive,
         admit=lambda f, now_ns: f.seq == 1,
         admit_run=lambda run, now_ns: run is whole,
-        taken=taken.append,
     )
-    assert taken == [2, 3, 1]
+    assert receive.statistics().weight == 0  # all taken
     batch = await b.next_batch()
     assert batch is not None and batch.stream_ids == ["a", "b", "c", "e", "f"]

@@ -15,6 +15,8 @@ import pytest
 
 import processors
 from stream.batcher import Batch
+from stream.commits import CommitLog
+from stream.events import Listener
 from stream.executor import Executor, Stepped
 from stream.protocol import ALL_PRESENT, Frame
 from stream.streams import StreamTable
@@ -27,7 +29,34 @@ class Batches:
         self._batches = list(batches)
 
     async def next_batch(self) -> Batch | None:
-        return Batch.of(self._batches.pop(0)) if self._batches else None
+        if not self._batches:
+            return None
+        frames = self._batches.pop(0)
+        return Batch.of(frames, [0] * len(frames))
+
+    def idle(self, idle: bool) -> None:
+        pass
+
+
+class Failures(Listener):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def checkpoint_failed(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def executor(
+    step: processors.SlabStep, table: StreamTable | None = None, events: Listener | None = None
+) -> Executor:
+    """An executor over a fresh slab that writes no checkpoints."""
+    return Executor(
+        step,
+        table or StreamTable(step.capacity, 64),
+        step.init_slab(),
+        events=events or Listener(),
+        commits=CommitLog(lambda source, positions: None),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +89,17 @@ def batches(step: processors.SlabStep, n_batches: int, n_streams: int) -> list[l
 def checkpointing(
     step: processors.SlabStep,
     checkpoint: Callable[[Any, StreamTable], None],
-    observe: Callable[[str, Any], None] = lambda event, value: None,
+    events: Listener | None = None,
 ) -> Executor:
     """An executor over a fresh slab that checkpoints after every batch."""
     return Executor(
         step,
         StreamTable(step.capacity, 64),
         step.init_slab(),
+        events=events or Listener(),
+        commits=CommitLog(lambda source, positions: None),
         checkpoint=checkpoint,
         checkpoint_interval_s=1e-9,
-        observe=observe,
     )
 
 
@@ -90,7 +120,7 @@ async def run(executor: Executor, prepared: list[list[Frame]]) -> list[np.ndarra
 
 async def test_pipelined_records_equal_step_by_step(step: processors.SlabStep) -> None:
     prepared = batches(step, 6, 5)
-    got = await run(Executor(step, StreamTable(step.capacity, 64), step.init_slab()), prepared)
+    got = await run(executor(step), prepared)
     slab = step.init_slab()
     for k, frames in enumerate(prepared):
         x = np.stack([f.payload for f in frames])
@@ -101,12 +131,12 @@ async def test_pipelined_records_equal_step_by_step(step: processors.SlabStep) -
 async def test_eviction_keeps_results_exact(step: processors.SlabStep) -> None:
     prepared = batches(step, 4, 8)
     # 8 streams through 8 slots vs. two halves alternating through 8 slots with evictions:
-    full = await run(Executor(step, StreamTable(step.capacity, 64), step.init_slab()), prepared)
+    full = await run(executor(step), prepared)
     table = StreamTable(step.capacity, 64)
     halves = [b[:4] for b in prepared] + [b[4:] for b in prepared]
     table.free = table.free[-4:]  # pretend half the slab is taken: forces evictions
     mixed = await run(
-        Executor(step, table, step.init_slab()),
+        executor(step, table),
         [halves[0], halves[4], halves[1], halves[5], halves[2], halves[6], halves[3], halves[7]],
     )
     for k in range(4):
@@ -147,7 +177,7 @@ async def test_checkpoints_hold_the_state_of_the_batches_they_claim(
 
 
 async def test_checkpoint_failure_is_survived_but_not_at_the_end(step: processors.SlabStep) -> None:
-    events: list[tuple[str, object]] = []
+    failures = Failures()
     calls = 0
 
     def failing(rows: object, table: StreamTable) -> None:
@@ -155,11 +185,10 @@ async def test_checkpoint_failure_is_survived_but_not_at_the_end(step: processor
         calls += 1
         raise OSError(28, "No space left on device")
 
-    executor = checkpointing(step, failing, observe=lambda e, v: events.append((e, v)))
     with pytest.raises(BaseExceptionGroup) as info:
-        await run(executor, batches(step, 3, 2))
+        await run(checkpointing(step, failing, failures), batches(step, 3, 2))
     assert info.group_contains(OSError)
-    errors = [v for e, v in events if e == "checkpoint_error"]
+    errors = failures.messages
     assert calls >= 2 and len(errors) == calls  # periodic ones survived, the final raised
     assert "No space left on device" in str(errors[0])
 
@@ -174,16 +203,16 @@ async def test_compiled_steps_are_enqueued_on_the_loop_eager_ones_run_off_it(
     s.compile()
     assert set(s.eager_buckets) == {4}
 
-    executor = Executor(s, StreamTable(s.capacity, 64), s.init_slab())
-    dispatch, where = executor._dispatch, []
+    ex = executor(s)
+    dispatch, where = ex._dispatch, []
 
     def spy(x: np.ndarray, meta: np.ndarray):  # type: ignore[no-untyped-def]
         where.append((len(x), threading.current_thread() is threading.main_thread()))
         return dispatch(x, meta)
 
-    monkeypatch.setattr(executor, "_dispatch", spy)
+    monkeypatch.setattr(ex, "_dispatch", spy)
     prepared = batches(s, 2, 1) + batches(s, 1, 3)  # 1 frame, 1 frame, then 3 (bucket 4)
     prepared[2] = [dataclasses.replace(f, stream_id=f"t{i}") for i, f in enumerate(prepared[2])]
-    got = await run(executor, prepared)
+    got = await run(ex, prepared)
     assert where == [(1, True), (1, True), (4, False)]
     assert [len(r) for r in got] == [1, 1, 3]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import math
 import socket
 import threading
 
@@ -11,6 +10,8 @@ import anyio
 import numpy as np
 import pytest
 
+from stream.buffers import WeightedBuffer
+from stream.events import Listener
 from stream.ingest import Ingest, Item
 from stream.protocol import Dims, Frame, FrameReader, FrameRun
 from stream.send import run_sender, send
@@ -23,32 +24,32 @@ HOST = "127.0.0.1"
 
 async def collect(transport: str, **kwargs: object) -> tuple[list[Frame], collections.Counter]:
     """Run the sender against a real source; every frame and the received counts."""
-    send_end, receive_end = anyio.create_memory_object_stream[Item](math.inf)
+    buffer: WeightedBuffer[Item] = WeightedBuffer(100_000)
     received: collections.Counter[str] = collections.Counter()
-    ingest = Ingest(
-        send_end,
-        limit=100_000,
-        dims=DIMS,
-        max_frame_bytes=4096,
-        on_received=lambda source, n: received.update({source: n}),
-        on_rejected=lambda source, reason: pytest.fail(f"rejected: {source} {reason}"),
-    )
-    with send_end, receive_end:
-        async with anyio.create_task_group() as tg:
-            if transport == "udp":
-                port = await tg.start(lambda **kw: serve_udp(ingest, (HOST, 0), buffer=1000, **kw))
-            else:
-                port = await tg.start(serve_tcp, ingest, (HOST, 0))
-            options: dict = {"streams": 3, "rate_hz": 200.0, "duration_s": 0.05} | kwargs
-            report = await run_sender(HOST, port, transport=transport, dims=DIMS, **options)  # type: ignore[arg-type]
-            assert report.ticks == 10
-            assert report.frames == 10 * options["streams"]
-            frames: list[Frame] = []
-            with anyio.fail_after(5):
-                while len(frames) < report.frames:
-                    item = await receive_end.receive()
-                    frames += item.frames() if isinstance(item, FrameRun) else [item]
-            tg.cancel_scope.cancel()
+
+    class Counts(Listener):
+        def received(self, source: str, n: int) -> None:
+            received.update({source: n})
+
+        def rejected(self, source: str, reason: str) -> None:
+            pytest.fail(f"rejected: {source} {reason}")
+
+    ingest = Ingest(buffer, dims=DIMS, max_frame_bytes=4096, events=Counts())
+    async with anyio.create_task_group() as tg:
+        if transport == "udp":
+            port = await tg.start(lambda **kw: serve_udp(ingest, (HOST, 0), buffer=1000, **kw))
+        else:
+            port = await tg.start(serve_tcp, ingest, (HOST, 0))
+        options: dict = {"streams": 3, "rate_hz": 200.0, "duration_s": 0.05} | kwargs
+        report = await run_sender(HOST, port, transport=transport, dims=DIMS, **options)  # type: ignore[arg-type]
+        assert report.ticks == 10
+        assert report.frames == 10 * options["streams"]
+        frames: list[Frame] = []
+        with anyio.fail_after(5):
+            while len(frames) < report.frames:
+                item = await buffer.get()
+                frames += item.frames() if isinstance(item, FrameRun) else [item]
+        tg.cancel_scope.cancel()
     return frames, received
 
 

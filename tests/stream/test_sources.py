@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import socket
 import struct
 import sys
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 from anyio.abc import SocketStream
 
+from stream.buffers import WeightedBuffer
+from stream.events import Listener
 from stream.ingest import Ingest, Item
 from stream.protocol import Dims, Frame, FrameRun, encode_frame, encode_json_frame
 from stream.sources import serve_tcp, serve_udp
@@ -23,47 +24,38 @@ DIMS = Dims(4, 3, 2, 2)
 HOST = "127.0.0.1"
 
 
-class Recorder:
-    """An `Ingest` over a memory stream that records every counter call."""
+class Recorder(Listener):
+    """An `Ingest` over a buffer that records every event a source reports."""
 
     def __init__(self, capacity: int = 10_000, max_frame_bytes: int = 4096) -> None:
-        self.send, self.receive = anyio.create_memory_object_stream[Item](math.inf)
+        self.buffer: WeightedBuffer[Item] = WeightedBuffer(capacity)
         self._taken: list[Frame] = []  # received, not returned by `frames()` yet
-        self.received: collections.Counter[str] = collections.Counter()
-        self.rejected: list[tuple[str, str]] = []
-        self.dropped: collections.Counter[str] = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.reasons: list[tuple[str, str]] = []
+        self.drops: collections.Counter[str] = collections.Counter()
         self._changed = anyio.Event()
-        self.ingest = Ingest(
-            self.send,
-            limit=capacity,
-            dims=DIMS,
-            max_frame_bytes=max_frame_bytes,
-            on_received=self._on_received,
-            on_rejected=self._on_rejected,
-            on_dropped=self._on_dropped,
-        )
+        self.ingest = Ingest(self.buffer, dims=DIMS, max_frame_bytes=max_frame_bytes, events=self)
 
     def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.send.close()
-        self.receive.close()
+        self.buffer.close()
 
     def _touch(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def _on_received(self, source: str, n: int) -> None:
-        self.received[source] += n
+    def received(self, source: str, n: int) -> None:
+        self.counts[source] += n
         self._touch()
 
-    def _on_rejected(self, source: str, reason: str) -> None:
-        self.rejected.append((source, reason))
+    def rejected(self, source: str, reason: str) -> None:
+        self.reasons.append((source, reason))
         self._touch()
 
-    def _on_dropped(self, reason: str, n: int) -> None:
-        self.dropped[reason] += n
+    def dropped(self, reason: str, n: int) -> None:
+        self.drops[reason] += n
         self._touch()
 
     async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
@@ -75,10 +67,8 @@ class Recorder:
         """The next `n` frames off the stream (runs taken apart), as the batcher takes them."""
         with anyio.fail_after(within):
             while len(self._taken) < n:
-                item = await self.receive.receive()
-                frames = item.frames() if isinstance(item, FrameRun) else [item]
-                self.ingest.taken(len(frames))
-                self._taken += frames
+                item = await self.buffer.get()
+                self._taken += item.frames() if isinstance(item, FrameRun) else [item]
         out, self._taken = self._taken[:n], self._taken[n:]
         return out
 
@@ -132,8 +122,8 @@ async def test_tcp_binary_frames_arrive_in_order_per_connection(tcp: tuple[Recor
         assert f.received_ns > 0
         np.testing.assert_array_equal(f.payload, np.arange(DIMS.total, dtype=np.float32) + f.seq)
     assert by_stream == {f"s-{c}": list(range(1, 21)) for c in range(3)}
-    assert rec.received == {"tcp": 60}
-    assert rec.rejected == []
+    assert rec.counts == {"tcp": 60}
+    assert rec.reasons == []
     for link in links:
         await link.aclose()
 
@@ -156,10 +146,29 @@ async def test_tcp_json_connection_gets_error_replies_and_stays_usable(tcp: tupl
         assert first["error"] == "bad_json" and first["detail"]
         assert set(first) == {"error", "detail", "stream", "seq"}
         assert second["error"] == "dim_mismatch"
-        assert rec.rejected == [("json", "bad_json"), ("json", "dim_mismatch")]
-        assert rec.received == {"json": 4}
+        assert rec.reasons == [("json", "bad_json"), ("json", "dim_mismatch")]
+        assert rec.counts == {"json": 4}
         await link.send(json_line("j", 3))  # still open and decoding
         assert (await rec.frames(1))[0].seq == 3
+
+
+async def test_tcp_json_error_reply_names_the_frames_stream_and_seq(tcp: tuple[Recorder, int]):
+    _, port = tcp
+    wrong_dims = {"stream": "arm-1", "seq": 7, "t": 0.0, "motor": [1.0]}  # motor has 2
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(json.dumps(wrong_dims).encode() + b"\n" + b"not json\n")
+        replies = b""
+        with anyio.fail_after(5):
+            while replies.count(b"\n") < 2:
+                replies += await link.receive()
+    named, unknown = (json.loads(line) for line in replies.splitlines())
+    assert named == {
+        "error": "dim_mismatch",
+        "detail": "len(motor)=1, expected 2",
+        "stream": "arm-1",
+        "seq": 7,
+    }
+    assert (unknown["error"], unknown["stream"], unknown["seq"]) == ("bad_json", None, None)
 
 
 async def test_tcp_json_client_that_reads_gets_every_reply(tcp: tuple[Recorder, int]):
@@ -171,7 +180,7 @@ async def test_tcp_json_client_that_reads_gets_every_reply(tcp: tuple[Recorder, 
             while replies.count(b"\n") < 2000:
                 replies += await link.receive()
         assert {json.loads(line)["error"] for line in replies.splitlines()} == {"bad_json"}
-        assert len(rec.rejected) == 2000
+        assert len(rec.reasons) == 2000
 
 
 async def test_tcp_json_client_that_never_reads_replies_is_not_blocked(
@@ -182,7 +191,7 @@ async def test_tcp_json_client_that_never_reads_replies_is_not_blocked(
         bad = b'{"stream": "j", "seq": 1}\n' * 20_000  # 20,000 replies of ~90 bytes, unread
         await link.send(bad + json_line("j", 2))
         assert (await rec.frames(1, within=5))[0].seq == 2
-        assert len(rec.rejected) == 20_000
+        assert len(rec.reasons) == 20_000
 
 
 async def test_tcp_bad_magic_closes_only_that_connection(tcp: tuple[Recorder, int]):
@@ -194,12 +203,12 @@ async def test_tcp_bad_magic_closes_only_that_connection(tcp: tuple[Recorder, in
     frames = await rec.frames(2)
     await bad.send(b"XXXX" + bytes(60))
     assert await read_until_closed(bad) == b""  # closed, and binary clients get no replies
-    await rec.until(lambda: ("tcp", "bad_magic") in rec.rejected)
+    await rec.until(lambda: ("tcp", "bad_magic") in rec.reasons)
     await good.send(frame_bytes("good", 2))
     frames += await rec.frames(1)
     assert sorted((f.stream_id, f.seq) for f in frames) == [("bad", 1), ("good", 1), ("good", 2)]
-    assert rec.received == {"tcp": 4}
-    assert rec.rejected == [("tcp", "bad_magic")]
+    assert rec.counts == {"tcp": 4}
+    assert rec.reasons == [("tcp", "bad_magic")]
     await good.aclose()
     await bad.aclose()
 
@@ -224,7 +233,7 @@ async def test_tcp_block_policy_loses_nothing_when_the_pipeline_is_full():
                 await link.send(b"".join(frame_bytes("s", seq) for seq in range(1, 301)))
                 frames = await rec.frames(300)
             assert [f.seq for f in frames] == list(range(1, 301))
-            assert rec.dropped == {}
+            assert rec.drops == {}
             tg.cancel_scope.cancel()
 
 
@@ -263,8 +272,8 @@ async def test_udp_binary_and_json_datagrams_arrive(udp: tuple[Recorder, int]):
         ("b", 2, "udp"),
     ]
     np.testing.assert_array_equal(frames[1].payload, np.arange(DIMS.total, dtype=np.float32) + 1)
-    await rec.until(lambda: rec.received["udp"] == 4)
-    assert rec.rejected == [("udp", "bad_magic")]
+    await rec.until(lambda: rec.counts["udp"] == 4)
+    assert rec.reasons == [("udp", "bad_magic")]
 
 
 async def test_udp_overload_drops_the_oldest_and_counts_it():
@@ -274,9 +283,9 @@ async def test_udp_overload_drops_the_oldest_and_counts_it():
             async with await anyio.create_connected_udp_socket(HOST, port) as sock:
                 for seq in range(1, 11):
                     await sock.send(frame_bytes("u", seq))
-            await rec.until(lambda: rec.received["udp"] == 10)
+            await rec.until(lambda: rec.counts["udp"] == 10)
             await anyio.wait_all_tasks_blocked()
-            dropped = rec.dropped["overload"]
+            dropped = rec.drops["overload"]
             # 1 in the stream, 1 held by the blocked pump, 4 in the ring: at least 4 dropped.
             assert 4 <= dropped <= 9
             frames = await rec.frames(10 - dropped)
@@ -284,8 +293,8 @@ async def test_udp_overload_drops_the_oldest_and_counts_it():
             assert seqs == sorted(seqs) and seqs[-1] == 10  # the newest survive, in order
             await anyio.wait_all_tasks_blocked()
             with pytest.raises(anyio.WouldBlock):
-                rec.receive.receive_nowait()
-            assert rec.rejected == []
+                rec.buffer.get_nowait()
+            assert rec.reasons == []
             tg.cancel_scope.cancel()
 
 
@@ -304,30 +313,27 @@ async def test_udp_datagrams_the_kernel_drops_are_counted_too():
                     sock.sendto(frame_bytes("k", seq) + bytes(600), (HOST, port))
                     sent += 1
                 # One more after the reader caught up carries the final drop count.
-                await rec.until(lambda: rec.received["udp"] > 0)
+                await rec.until(lambda: rec.counts["udp"] > 0)
                 await anyio.wait_all_tasks_blocked()
                 sock.sendto(frame_bytes("k", 30_001), (HOST, port))
                 sent += 1
-            await rec.until(lambda: rec.received["udp"] == sent, within=10)
-            assert rec.dropped["overload"] > 0  # the kernel dropped some, and they count
+            await rec.until(lambda: rec.counts["udp"] == sent, within=10)
+            assert rec.drops["overload"] > 0  # the kernel dropped some, and they count
             tg.cancel_scope.cancel()
 
 
-async def test_ingest_bounds_its_stream_in_frames_not_items():
-    send, receive = anyio.create_memory_object_stream[Item](math.inf)
-    ingest = Ingest(send, limit=4, dims=DIMS, max_frame_bytes=4096)
+async def test_ingest_bounds_its_buffer_in_frames_not_items():
+    buffer: WeightedBuffer[Item] = WeightedBuffer(4)
+    ingest = Ingest(buffer, dims=DIMS, max_frame_bytes=4096, events=Listener())
     one = Frame("s", 1, 0.0, np.zeros(DIMS.total, np.float32), 15, 0, "tcp")
     run = FrameRun(["a", "b", "c"], [1, 1, 1], np.zeros(3), np.zeros((3, DIMS.total)), 15, 0, "tcp")
-    assert ingest.put_nowait(run) and ingest.queued == 3
-    assert ingest.put_nowait(one) and ingest.queued == 4
-    assert not ingest.put_nowait(one)  # full: nothing sent, nothing counted
-    assert receive.statistics().current_buffer_used == 2
+    assert ingest.put_nowait(run) and buffer.weight == 3
+    assert ingest.put_nowait(one) and buffer.weight == 4
+    assert not ingest.put_nowait(one)  # full: nothing taken, nothing counted
+    assert len(buffer) == 2
     async with anyio.create_task_group() as tg:
         tg.start_soon(ingest.put, one)
         await anyio.wait_all_tasks_blocked()
-        assert receive.statistics().current_buffer_used == 2  # waiting for room
-        assert receive.receive_nowait() is run
-        ingest.taken(3)  # what the batcher reports
-    assert ingest.queued == 2 and receive.statistics().current_buffer_used == 2
-    send.close()
-    receive.close()
+        assert len(buffer) == 2  # waiting for room
+        assert buffer.get_nowait() is run
+    assert buffer.weight == 2 and len(buffer) == 2

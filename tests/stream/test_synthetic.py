@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator
 
 import anyio
 import numpy as np
 
+from stream.buffers import WeightedBuffer
+from stream.events import Listener
 from stream.ingest import Ingest, Item
 from stream.protocol import ALL_PRESENT, Dims, Frame
-from stream.synthetic import SyntheticBodies, run_synthetic
+from stream.sources import run_synthetic
+from stream.synthetic import SyntheticBodies
 
 DIMS = Dims(8, 12, 6, 5)
 SLICES = {"sensory": slice(0, 8), "proprio": slice(8, 20), "tactile": slice(20, 26)}
@@ -74,21 +76,20 @@ class Sink:
     """The ingest's receiving end, holding at most `capacity` frames."""
 
     def __init__(self, capacity: int) -> None:
-        self.send, self._receive = anyio.create_memory_object_stream[Item](math.inf)
+        self.buffer: WeightedBuffer[Item] = WeightedBuffer(capacity)
         self.received = 0
+        sink = self
 
-        def count(source: str, n: int) -> None:
-            assert source == "synthetic"
-            self.received += n
+        class Count(Listener):
+            def received(self, source: str, n: int) -> None:
+                assert source == "synthetic"
+                sink.received += n
 
-        self.ingest = Ingest(
-            self.send, limit=capacity, dims=DIMS, max_frame_bytes=4096, on_received=count
-        )
+        self.ingest = Ingest(self.buffer, dims=DIMS, max_frame_bytes=4096, events=Count())
 
     async def receive(self) -> Frame:
-        frame = await self._receive.receive()
+        frame = await self.buffer.get()
         assert isinstance(frame, Frame)
-        self.ingest.taken(1)
         return frame
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
@@ -99,8 +100,7 @@ class Sink:
                 return
 
     def close(self) -> None:
-        self.send.close()
-        self._receive.close()
+        self.buffer.close()
 
 
 async def test_zero_streams_returns_after_started():
@@ -115,7 +115,7 @@ async def test_paced_at_the_rate_with_increasing_seq():
     sink = Sink(10_000)
     with anyio.move_on_after(0.3):
         await run_synthetic(sink.ingest, streams=3, rate_hz=100.0)
-    sink.send.close()
+    sink.close()
     frames = [f async for f in sink]
     assert len(frames) == sink.received and len(frames) % 3 == 0
     ticks = len(frames) // 3

@@ -1,0 +1,44 @@
+"""Admission: the per-stream sequence check between the ingest buffer and the batcher.
+
+A frame is admitted when its seq is above its stream's last admitted one and its stream
+is known or there is room for one more (`StreamTable.admit`); otherwise it is rejected,
+counted by reason, and — if it carries a source position — its position is noted for a
+commit once everything admitted before it on that stream is durable (`CommitLog`).
+A whole `FrameRun` is admitted at once when that is what frame-by-frame admission would
+do without a rejection.
+"""
+
+from __future__ import annotations
+
+from .commits import CommitLog
+from .events import PipelineEvents
+from .protocol import Frame, FrameRejected, FrameRun
+from .streams import StreamTable
+
+__all__ = ["Admission"]
+
+
+class Admission:
+    """**Arguments:** `table`, the stream table; `events`, where rejections are counted;
+    `commits`, where rejected frames' positions wait."""
+
+    def __init__(self, table: StreamTable, events: PipelineEvents, commits: CommitLog) -> None:
+        self.table = table
+        self.events = events
+        self.commits = commits
+
+    def frame(self, frame: Frame, now_ns: int) -> bool:
+        """Admit one frame (True) or reject and count it (False)."""
+        try:
+            self.table.admit(frame.stream_id, frame.seq)
+        except FrameRejected as r:
+            self.events.rejected(frame.source, r.reason)
+            if frame.position is not None:
+                barrier = self.table.admitted_seq.get(frame.stream_id)
+                self.commits.rejected(frame.source, frame.position, frame.stream_id, barrier)
+            return False
+        return True
+
+    def run(self, run: FrameRun, now_ns: int) -> bool:
+        """Admit a whole run at once (True), or nothing (False: admit it frame by frame)."""
+        return self.table.admit_run(run.stream_ids, run.seq)

@@ -1,0 +1,207 @@
+"""The pipeline: the stages and the bounded buffers between them.
+
+```
+ sources ──► ingest ──► admission ─► batcher ──► executor ──► stepped ──► integrator ──► sinks
+ tcp, udp,   buffer     (seq check,  (one frame   (AOT bucket   stream     (moments,     offer()
+ synthetic   [frames]    rejects)    per stream,  step on the   [2]        latency)      never
+ (a Source)                          deadline,    state slab,                            waits
+                                     [limit])     checkpoint)
+                                                       │ durable checkpoint
+ source.commit(positions) ◄───────── CommitLog ◄───────┘
+```
+
+Every arrow is bounded, so a full stage slows the one before it; a source that cannot
+be slowed drops and counts (`stream.sources.base`). Every stage reports through one
+`PipelineEvents`. Shutdown cascades: `stop()` tells the sources to stop taking data;
+once they have returned the ingest buffer is closed, the batcher hands out what it
+holds, the executor steps it and writes the final checkpoint (committing what it
+covers), the integrator emits the last moments and the sinks flush.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from processors import SlabStep
+
+from .adaptive import AdaptiveBatching
+from .admission import Admission
+from .batcher import Batcher
+from .buffers import WeightedBuffer
+from .commits import CommitLog
+from .events import Events, PipelineEvents
+from .executor import Executor, Stepped
+from .ingest import Ingest, Item
+from .integrator import integrate
+from .protocol import Dims, MomentSizes
+from .sinks import Sink
+from .sources import Source
+from .streams import StreamTable
+
+__all__ = ["Pipeline", "PipelineSettings", "Ports"]
+
+SOURCE_GRACE_S = 2.0
+"""Seconds the sources get to finish the data in hand at shutdown."""
+STEPPED_BUFFER = 2
+"""Batches dispatched to the device whose records the integrator has not taken yet."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    """What the stages are sized by (from the daemon's configuration).
+
+    - `dims`, `max_frame_bytes`: for decoding.
+    - `ingest_queue`: frames the ingest buffer holds.
+    - `max_wait_s`: the batch deadline.
+    - `slo_p99_s`: when set, adaptive batching steers the deadline and cap to hold it.
+    - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
+    """
+
+    dims: Dims
+    max_frame_bytes: int
+    ingest_queue: int
+    max_wait_s: float
+    checkpoint_interval_s: float
+    slo_p99_s: float | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class Ports:
+    """The bound ports: per source name and per sink name (those that listen)."""
+
+    sources: dict[str, int] = dataclasses.field(default_factory=dict)
+    sinks: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class Pipeline:
+    """**Arguments:**
+
+    - `step`, `table`, `slab`: the compiled step, the stream table and the initial
+        (fresh or restored) device slab.
+    - `sources`, `sinks`: what feeds it and where moments go; names must be distinct.
+    - `events`: where every stage reports.
+    - `settings`: sizes and deadlines.
+    - `checkpoint(rows, table)`: writes a checkpoint (in a worker thread); None: none.
+    - `on_adapt(max_wait_s, max_batch)`: told of the batch deadline and cap whenever
+        they are set (at start, and by adaptive batching).
+    """
+
+    def __init__(
+        self,
+        step: SlabStep,
+        table: StreamTable,
+        slab: Any,
+        *,
+        sources: Sequence[Source],
+        sinks: Sequence[Sink],
+        events: PipelineEvents,
+        settings: PipelineSettings,
+        checkpoint: Callable[[Any, StreamTable], Any] | None = None,
+        on_adapt: Callable[[float, int], None] = lambda max_wait_s, max_batch: None,
+    ) -> None:
+        self.sources = tuple(sources)
+        self.sinks = tuple(sinks)
+        by_label = {label: s for s in self.sources for label in s.labels}
+        self.buffer: WeightedBuffer[Item] = WeightedBuffer(settings.ingest_queue)
+        self.batcher = Batcher(max(step.buckets), settings.max_wait_s)
+        self.adaptive = (
+            AdaptiveBatching(
+                self.batcher,
+                step.buckets,
+                settings.slo_p99_s,
+                max_wait_s=settings.max_wait_s,
+                on_apply=on_adapt,
+            )
+            if settings.slo_p99_s is not None
+            else None
+        )
+        if self.adaptive is None:
+            on_adapt(settings.max_wait_s, self.batcher.max_batch)
+        else:
+            events = Events([events, self.adaptive])
+        self.events = events
+        self.commits = CommitLog(lambda label, positions: by_label[label].commit(positions))
+        self.ingest = Ingest(
+            self.buffer,
+            dims=settings.dims,
+            max_frame_bytes=settings.max_frame_bytes,
+            events=events,
+        )
+        self.admission = Admission(table, events, self.commits)
+        self.executor = Executor(
+            step,
+            table,
+            slab,
+            events=events,
+            commits=self.commits,
+            checkpoint=checkpoint,
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        )
+        model_config = step.model.config
+        self.sizes = MomentSizes(
+            model_config.moment_dim or settings.dims.sensory,
+            settings.dims.sensory,
+            settings.dims.proprio,
+            settings.dims.motor,
+        )
+        self.stepped_send, self.stepped_receive = anyio.create_memory_object_stream[Stepped](
+            STEPPED_BUFFER
+        )
+
+    def queue_depths(self) -> dict[str, Callable[[], int]]:
+        """What waits before each stage, read at scrape time: frames for `ingest` and
+        `batcher`, batches for `device`, moments for `sinks` (all sinks' buffers)."""
+        return {
+            "ingest": lambda: self.buffer.weight,
+            "batcher": lambda: len(self.batcher),
+            "device": lambda: self.stepped_send.statistics().current_buffer_used,
+            "sinks": lambda: sum(sink.queued for sink in self.sinks),
+        }
+
+    def stop(self) -> None:
+        """Stop taking new data; what was received is processed, then `run` returns."""
+        self.ingest.stop()
+
+    async def run(self, *, task_status: TaskStatus[Ports] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every stage until `stop()` and the drain that follows; `started(ports)` once
+        every sink and source is listening."""
+        ports = Ports()
+        async with anyio.create_task_group() as sink_group:
+            for sink in self.sinks:
+                port = await sink_group.start(sink.run)
+                if isinstance(port, int):
+                    ports.sinks[sink.name] = port
+            async with anyio.create_task_group() as stages:
+                stages.start_soon(
+                    self.batcher.collect, self.buffer, self.admission.frame, self.admission.run
+                )
+                stages.start_soon(self.executor.run, self.batcher, self.stepped_send)
+                stages.start_soon(self._integrate)
+                try:
+                    async with anyio.create_task_group() as feeding:
+                        for source in self.sources:
+                            port = await feeding.start(source.run, self.ingest)
+                            if port is not None:
+                                ports.sources[source.name] = port
+                        task_status.started(ports)
+                        await self.ingest.stopped.wait()
+                        # Sources finish the data in hand and return; one still blocked
+                        # after the grace period is cancelled.
+                        feeding.cancel_scope.deadline = anyio.current_time() + SOURCE_GRACE_S
+                finally:
+                    self.buffer.close()
+            sink_group.cancel_scope.cancel()
+
+    async def _integrate(self) -> None:
+        await integrate(
+            self.stepped_receive,
+            self.sinks,
+            self.sizes,
+            events=self.events,
+            on_ready=self.executor.finished,
+        )
