@@ -1,21 +1,27 @@
 """The files under `deploy/` stay true to the code: configurations load, every metric a
-dashboard or alert names exists, rules and units pass their own tools' checks.
+dashboard, alert or recording rule names exists, rules and units pass their own tools'
+checks, the container build installs pinned dependencies.
 
-Tool-backed checks (`promtool`, `systemd-analyze`, `kubectl`) and YAML parsing (PyYAML,
-not a dependency) skip with a reason when the tool or module is missing.
+`promtool` (Debian's `prometheus` package) and PyYAML (the `test` extra) are what CI
+installs: without them these tests skip, or fail when `CI=true` (`.ci/run` sets it).
+`systemd-analyze` and `kubectl` are optional: their checks skip without them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import tomllib
+import urllib.parse
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 
 from stream.config import load_config
 from stream.metrics import (
@@ -34,15 +40,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
+RULES = DEPLOY / "prometheus" / "rules.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "enactive-stream.json"
 UNIT = DEPLOY / "systemd" / "enactive-stream.service"
 KUBERNETES = DEPLOY / "kubernetes"
+CONTAINERFILE = DEPLOY / "container" / "Containerfile"
+CONSTRAINTS = DEPLOY / "container" / "constraints.txt"
 OPERATIONS = ROOT / "docs" / "operations.md"
+PYPROJECT = ROOT / "pyproject.toml"
+# Where the alerts' runbook links point: a placeholder for the repository's web address,
+# documented in docs/operations.md ("Runbook links").
+RUNBOOK_BASE = "https://git.example.com/enactive-stream/blob/main/docs/operations.md"
 
 TOMLS = sorted(DEPLOY.rglob("*.toml"))
 YAMLS = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
 METRIC = re.compile(r"\benactive_[a-z0-9_]+")
+RECORDED = re.compile(r"\benactive:[a-z0-9_]+:[a-z0-9_]+")  # recording rules' series
+RUNTIME_METRIC = re.compile(r"\b(?:process|python_gc)_[a-z0-9_]+")
 SELECTOR = re.compile(r"\b(enactive_[a-z0-9_]+)\{([^}]*)\}")
 MATCHER = re.compile(r'(\w+)\s*=\s*"([^"]*)"')  # `label="value"` (not `=~`, `!=`)
 # The values a label can take, per family (`None`: any); families not listed: any.
@@ -58,6 +73,18 @@ LABEL_VALUES: dict[str, dict[str, tuple[str, ...] | None]] = {
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 TOOL_TIMEOUT_S = 60
+IN_CI = os.environ.get("CI", "").lower() == "true"
+# Tools `.ci/run` installs, and from where: missing in CI fails the test instead of skipping.
+CI_TOOLS = {"promtool": "Debian's prometheus package"}
+# The container image's interpreter, for the markers of pinned requirements.
+IMAGE_MARKERS = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.0",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+    "extra": "",
+}
 
 
 def _families() -> dict[str, str]:
@@ -116,15 +143,54 @@ def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _missing(message: str) -> None:
+    """Skips the test, or fails it in CI, which installs what the tests need."""
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: CI must install it)")
+    pytest.skip(message)
+
+
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not on PATH (CI installs it; see the test's docstring)")
+        source = CI_TOOLS.get(name)
+        if source is None:
+            pytest.skip(f"{name} is not on PATH (optional; CI does not install it)")
+        _missing(f"{name} is not on PATH: install {source}, as .ci/run does")
+    assert path is not None
     return path
 
 
 def _yaml() -> Any:
-    return pytest.importorskip("yaml", reason="PyYAML is not installed (not a dependency)")
+    try:
+        import yaml
+    except ImportError:
+        _missing("PyYAML is not installed: pip install -e '.[test]' installs it")
+    return yaml
+
+
+def _recording_rules() -> dict[str, str]:
+    """`{record: expr}` of `deploy/prometheus/rules.yml`."""
+    groups = _yaml().safe_load(RULES.read_text())["groups"]
+    return {rule["record"]: rule["expr"] for group in groups for rule in group["rules"]}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins() -> dict[str, str]:
+    """`{canonical name: version}` of `deploy/container/constraints.txt`."""
+    pins = {}
+    for raw in CONSTRAINTS.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!]+)", line)
+        assert match, f"constraints.txt: {raw!r} is not an exact pin (name==version)"
+        assert _canonical(match[1]) not in pins, f"constraints.txt pins {match[1]} twice"
+        pins[_canonical(match[1])] = match[2]
+    return pins
 
 
 # --- configuration files ------------------------------------------------------------------
@@ -189,9 +255,29 @@ def test_dashboard_names_only_real_metrics() -> None:
     named = {m for e in exprs for m in METRIC.findall(e)}
     families = _families()
     assert _unknown_metrics(DASHBOARD.read_text(), families) == set()
+    # ... and the families its recording rules read.
+    rules = _recording_rules()
+    named |= {m for e in exprs for r in RECORDED.findall(e) for m in METRIC.findall(rules[r])}
     # The dashboard shows every family the daemon exposes (except _created samples).
     shown = {next((m[: -len(s)] for s in HISTOGRAM_SUFFIXES if m.endswith(s)), m) for m in named}
-    assert {f for f in families if not f.endswith("_created")} <= shown
+    own = {f for f in families if f.startswith("enactive_") and not f.endswith("_created")}
+    assert own <= shown
+
+
+def test_dashboard_process_panels_name_real_metrics() -> None:
+    exprs = _dashboard_exprs(json.loads(DASHBOARD.read_text()))
+    named = {m for e in exprs for m in RUNTIME_METRIC.findall(e)}
+    assert {
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "python_gc_collections_total",
+    } <= named
+    assert any("enactive_device_memory_bytes" in e for e in exprs)
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("process_* metrics exist on Linux only")
+    text = Metrics().exposition().decode()
+    exposed = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.MULTILINE))
+    assert named <= exposed
 
 
 def test_unknown_label_values_are_caught() -> None:
@@ -241,17 +327,75 @@ def test_alerts_name_only_real_metrics() -> None:
     assert _unknown_metrics(text, _families()) == set()
 
 
+def test_recording_rules_are_quantiles_of_real_histograms() -> None:
+    rules = _recording_rules()
+    families = _families()
+    assert len(rules) >= 6
+    for record, expr in rules.items():
+        match = re.fullmatch(r"enactive:([a-z0-9_]+):p(\d+)_(\d+[smh])", record)
+        assert match, f"{record}: not enactive:<metric>:p<quantile>_<window>"
+        metric, quantile, window = match.groups()
+        assert families.get(f"enactive_{metric}") == "histogram", record
+        shape = (
+            rf"histogram_quantile\(([0-9.]+), sum by \(job, instance(?:, \w+)*, le\) "
+            rf"\(rate\(enactive_{metric}_bucket\[{window}\]\)\)\)"
+        )
+        found = re.fullmatch(shape, expr.strip())
+        assert found, f"{record}: {expr}"
+        assert float(found[1]) == float(f"0.{quantile}"), record
+    assert _unknown_metrics(RULES.read_text(), families) == set()
+
+
+def test_alerts_and_dashboard_take_quantiles_from_recording_rules() -> None:
+    rules = _recording_rules()
+    alerts = ALERTS.read_text()
+    dashboard = "\n".join(_dashboard_exprs(json.loads(DASHBOARD.read_text())))
+    for text in (alerts, dashboard):
+        assert "histogram_quantile" not in text
+        assert set(RECORDED.findall(text)) <= set(rules)
+    assert "enactive:end_to_end_latency_seconds:p99_5m" in RECORDED.findall(alerts)
+    # Every rule is read by something.
+    assert set(RECORDED.findall(alerts)) | set(RECORDED.findall(dashboard)) == set(rules)
+
+
+def test_prometheus_loads_recording_rules_with_the_alerts() -> None:
+    yaml = _yaml()
+    for path in (PROMETHEUS, ALERTS_TEST):
+        assert yaml.safe_load(path.read_text())["rule_files"] == ["rules.yml", "alerts.yml"]
+
+
+def test_an_alert_fires_when_the_scrape_target_is_absent() -> None:
+    yaml = _yaml()
+    (job,) = [c["job_name"] for c in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]]
+    alerts = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert alerts["EnactiveStreamAbsent"]["expr"] == f'absent(up{{job="{job}"}})'
+    assert set(re.findall(r'\bjob="([^"]*)"', ALERTS.read_text())) == {job}
+    # Every alert has a promtool unit test.
+    tests = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+    assert set(alerts) <= {t["alertname"] for group in tests for t in group["alert_rule_test"]}
+
+
 def test_alert_runbooks_exist() -> None:
     headings = {
         re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
         for h in re.findall(r"^#{1,6} (.+)$", OPERATIONS.read_text(), re.MULTILINE)
     }
     alerts = re.findall(r"^\s+- alert: (\w+)$", ALERTS.read_text(), re.MULTILINE)
-    runbooks = re.findall(r"runbook_url: docs/operations\.md#(\S+)$", ALERTS.read_text(), re.M)
-    assert len(alerts) == len(runbooks) >= 9
-    for alert, anchor in zip(alerts, runbooks, strict=True):
+    runbooks = re.findall(r"^\s+runbook_url: (\S+)$", ALERTS.read_text(), re.MULTILINE)
+    assert len(alerts) == len(runbooks) >= 10
+    for alert, url in zip(alerts, runbooks, strict=True):
+        parts = urllib.parse.urlsplit(url)
+        assert parts.scheme == "https" and parts.netloc, f"{alert}: {url} is not absolute"
+        base, _, anchor = url.partition("#")
+        assert base == RUNBOOK_BASE, f"{alert}: {url} does not start with {RUNBOOK_BASE}"
         assert anchor == alert.lower()
         assert anchor in headings, f"docs/operations.md has no section for {alert}"
+    # The runbook links' base is documented, with how to change it.
+    assert RUNBOOK_BASE in OPERATIONS.read_text()
 
 
 # --- tools ----------------------------------------------------------------------------------
@@ -260,7 +404,7 @@ def test_alert_runbooks_exist() -> None:
 def test_promtool_checks_rules_and_config() -> None:
     promtool = _tool("promtool")
     for argv in (
-        [promtool, "check", "rules", str(ALERTS)],
+        [promtool, "check", "rules", str(RULES), str(ALERTS)],
         [promtool, "check", "config", str(PROMETHEUS)],
         [promtool, "test", "rules", str(ALERTS_TEST)],
     ):
@@ -372,7 +516,7 @@ def test_kustomize_builds() -> None:
 
 
 def test_containerfile_essentials() -> None:
-    text = (DEPLOY / "container" / "Containerfile").read_text()
+    text = CONTAINERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
     assert re.search(r"^EXPOSE 7400/tcp 7400/udp 7401/tcp 9400/tcp$", text, re.MULTILINE)
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.MULTILINE)
@@ -381,3 +525,45 @@ def test_containerfile_essentials() -> None:
     for copied in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.MULTILINE):
         for source in copied.split():
             assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+
+
+def test_container_build_installs_with_the_constraints() -> None:
+    text = CONTAINERFILE.read_text()
+    copied = re.search(
+        r"^COPY (?:--\S+ )*deploy/container/constraints\.txt (\S+)$", text, re.MULTILINE
+    )
+    assert copied, "the Containerfile does not copy deploy/container/constraints.txt"
+    installs = re.findall(r"^RUN .*\bpip install\b.*$", text, re.MULTILINE)
+    assert installs
+    for install in installs:
+        assert re.search(rf"(?:-c|--constraint)[ =]{re.escape(copied[1])}(?:\s|$)", install), (
+            f"not constrained by {copied[1]}: {install}"
+        )
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    pins = _pins()
+    assert "enactive-stream" not in pins
+    for dependency in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]:
+        requirement = Requirement(dependency)
+        version = pins.get(_canonical(requirement.name))
+        assert version is not None, f"constraints.txt has no pin for {requirement.name}"
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"constraints.txt pins {requirement.name}=={version}, pyproject wants {requirement}"
+        )
+    # The closure: a pinned distribution installed here at its pinned version has its own
+    # requirements (for the image's Python 3.11 on Linux) pinned too.
+    for name, version in pins.items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue
+        for raw in dist.requires or []:
+            requirement = Requirement(raw)
+            if requirement.marker and not requirement.marker.evaluate(IMAGE_MARKERS):
+                continue
+            assert _canonical(requirement.name) in pins, (
+                f"{name}=={version} requires {requirement}, which constraints.txt does not pin"
+            )
