@@ -9,7 +9,8 @@ server down: a malformed request gets a 400 and the next connection is served as
 |------------------|----------------------------------------------------------------|
 | `GET /metrics`   | 200, `text/plain; version=0.0.4`, the Prometheus exposition    |
 | `GET /healthz`   | 200 `ok` while the event loop serves (liveness)                |
-| `GET /readyz`    | 200 `ready` when `readiness()` is true, else 503 `not ready`   |
+| `GET /readyz`    | 200 `ready` when `readiness()` is true, else 503 and what it   |
+|                  | is doing (`progress()`, e.g. `compiling: 3/8 buckets`)         |
 | other path       | 404                                                            |
 | other method     | 405 (`HEAD` is answered like `GET`, without a body)            |
 """
@@ -63,6 +64,7 @@ async def serve_http(
     metrics: _Exposes,
     readiness: Callable[[], bool],
     *,
+    progress: Callable[[], str] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     read_timeout: float = 10.0,
     max_connections: int = 64,
@@ -75,6 +77,9 @@ async def serve_http(
     - `metrics`: anything with `exposition() -> bytes` (a `stream.metrics.Metrics`).
     - `readiness`: called per `/readyz` request; true means ready. An exception means
         not ready.
+    - `progress`: called per `/readyz` request that is not ready; one line for the 503
+        body saying why (`starting`, `compiling: 3/8 buckets`, `draining`). Default, or
+        when it raises: `not ready`.
     - `task_status`: receives the bound port (int) once listening, for `tg.start()`.
     - `read_timeout`: seconds a connection may take from accept to response sent.
     - `max_connections`: connections served at once; more are answered 503 at once.
@@ -96,7 +101,7 @@ async def serve_http(
                 return
             try:
                 with anyio.move_on_after(read_timeout):
-                    await _serve_one(stream, metrics, readiness)
+                    await _serve_one(stream, metrics, readiness, progress)
             except Exception:  # one bad connection must never take the server down
                 log.exception("HTTP connection failed")
             finally:
@@ -112,12 +117,13 @@ async def _serve_one(
     stream: anyio.abc.SocketStream,
     metrics: _Exposes,
     readiness: Callable[[], bool],
+    progress: Callable[[], str] | None,
 ) -> None:
     head_only = False
     try:
         method, path = _parse_head(await _read_head(stream))
         head_only = method == "HEAD"
-        status, ctype, body = _route(method, path, metrics, readiness)
+        status, ctype, body = _route(method, path, metrics, readiness, progress)
     except _BadRequest as bad:
         status, ctype, body = bad.status, _TEXT, f"{_REASONS[bad.status].lower()}\n".encode()
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -151,7 +157,11 @@ def _parse_head(head: bytes) -> tuple[str, str]:
 
 
 def _route(
-    method: str, path: str, metrics: _Exposes, readiness: Callable[[], bool]
+    method: str,
+    path: str,
+    metrics: _Exposes,
+    readiness: Callable[[], bool],
+    progress: Callable[[], str] | None,
 ) -> tuple[int, str, bytes]:
     if method not in ("GET", "HEAD"):
         raise _BadRequest(405)
@@ -169,8 +179,18 @@ def _route(
         except Exception:
             log.exception("readiness check failed")
             ready = False
-        return (200, _TEXT, b"ready\n") if ready else (503, _TEXT, b"not ready\n")
+        return (200, _TEXT, b"ready\n") if ready else (503, _TEXT, _not_ready(progress))
     return 404, _TEXT, b"not found\n"
+
+
+def _not_ready(progress: Callable[[], str] | None) -> bytes:
+    text = "not ready"
+    if progress is not None:
+        try:
+            text = " ".join(progress().split()) or text  # one line
+        except Exception:
+            log.exception("readiness progress failed")
+    return f"{text}\n".encode()
 
 
 async def _answer(

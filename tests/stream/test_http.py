@@ -89,6 +89,38 @@ async def test_readyz_follows_the_readiness_callable() -> None:
         assert (status, body) == (200, b"ready\n")
 
 
+async def test_readyz_body_says_what_it_is_doing_until_ready() -> None:
+    state = {"ready": False, "progress": "starting"}
+
+    def readiness() -> bool:
+        return bool(state["ready"])
+
+    def progress() -> str:
+        return str(state["progress"])
+
+    async with server(readiness=readiness, progress=progress) as port:
+        assert (await get(port, "/readyz"))[::2] == (503, b"starting\n")
+        state["progress"] = "compiling: 3/8 buckets"
+        assert (await get(port, "/readyz"))[::2] == (503, b"compiling: 3/8 buckets\n")
+        state["ready"] = True
+        assert (await get(port, "/readyz"))[::2] == (200, b"ready\n")
+        state.update(ready=False, progress="draining")
+        assert (await get(port, "/readyz"))[::2] == (503, b"draining\n")
+        status, headers, body = await get(port, "/readyz", method="HEAD")
+        assert (status, headers["content-length"], body) == (503, "9", b"")
+
+
+async def test_progress_is_one_line_and_falls_back_to_not_ready() -> None:
+    def broken() -> str:
+        raise RuntimeError("boom")
+
+    async with server(readiness=lambda: False, progress=lambda: "two\nlines ") as port:
+        assert (await get(port, "/readyz"))[::2] == (503, b"two lines\n")
+    async with server(readiness=lambda: False, progress=broken) as port:
+        assert (await get(port, "/readyz"))[::2] == (503, b"not ready\n")
+        assert (await get(port, "/healthz"))[0] == 200
+
+
 async def test_readiness_that_raises_means_not_ready() -> None:
     def broken() -> bool:
         raise RuntimeError("boom")
