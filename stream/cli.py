@@ -1,34 +1,128 @@
-"""`enactive-stream`: run the daemon, send simulated sensor data, inspect, benchmark."""
+"""`enactive-stream`: run the daemon, send simulated sensor data, inspect, benchmark.
+
+Conventions: `--help` shows every default; `--help` and `--version` import neither JAX nor
+the model (each command imports what it needs); an ordinary failure is one line on stderr,
+`enactive-stream: error: <cause> (<fix>)`, with exit status 2 for a usage or configuration
+error and 1 for a runtime one, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
-import logging
 import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from .config import EMBEDDED_DEFAULT_OVERRIDES, ConfigError, load_config
-from .failures import check_state_dir, print_error, startup_cause
+from .failures import print_error, startup_cause
 
 __all__ = ["main"]
 
+PROG = "enactive-stream"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("enactive-stream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends `(default: …)` to the help of every option that has a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        shown = action.default is not None and action.default != argparse.SUPPRESS
+        if not shown or action.nargs == 0 or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line, `enactive-stream: error: <what> (see
+    enactive-stream <command> --help)`, and exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{message} (see {self.prog} --help)")
+        self.exit(2)
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _number(text, int, lo=1)
+
+
+def _count_or_zero(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _number(text, int, lo=0)
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    return _number(text, float, lo=0, lo_open=True)
+
+
+def _non_negative(text: str) -> float:
+    """An argparse type: a number >= 0."""
+    return _number(text, float, lo=0)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP/UDP port, 1–65535."""
+    return _number(text, int, lo=1, hi=65535)
+
+
+def _number(
+    text: str, kind: type, *, lo: float, hi: float | None = None, lo_open: bool = False
+) -> Any:
+    what = "an integer" if kind is int else "a number"
+    if hi is not None:
+        what += f" in [{lo:g}, {hi:g}]"
+    else:
+        what += f" {'>' if lo_open else '>='} {lo:g}"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    above = value > lo if lo_open else value >= lo  # (False for NaN)
+    if not above or (hi is not None and not value <= hi):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated batch sizes, each >= 1."""
+    return tuple(_count(b) for b in text.split(","))
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from .config import ConfigError
+
     out: dict[str, Any] = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
+            raise ConfigError(
+                f"--set {item!r}: expected SECTION.KEY=VALUE (see {PROG} {args.command} --help)"
+            )
         out[key.strip()] = value.strip()
+    if getattr(args, "log_format", None) is not None:
+        out["log.format"] = args.log_format
     return out
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file (default: $ENACTIVE_CONFIG)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -38,6 +132,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, *, embedded: bool = False) -> Any:
+    from .config import EMBEDDED_DEFAULT_OVERRIDES, load_config
+
     overrides = _overrides(args)
     if embedded:
         overrides = {**EMBEDDED_DEFAULT_OVERRIDES, **overrides}
@@ -49,14 +145,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import prometheus_client
 
     from .daemon import Daemon
+    from .failures import check_state_dir
+    from .logs import setup_logging
 
     embedded = args.config is None and not os.environ.get("ENACTIVE_CONFIG")
     config = _load(args, embedded=embedded)
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(config.log)
     if embedded:
         print(
             f"enactive-stream: embedded default — {config.synthetic.streams} synthetic bodies "
@@ -87,36 +181,65 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from .send import send
 
     dims = Dims(args.state_dim, args.proprio_dim, args.tactile_dim, args.motor_dim)
-    report = send(
-        args.host,
-        args.port,
-        streams=args.streams,
-        rate_hz=args.rate,
-        duration_s=args.duration,
-        transport=args.transport,
-        dims=dims,
-        seed=args.seed,
-        connections=args.connections,
-        prefix=args.prefix,
-    )
-    print(report)
-    return 0
+    try:
+        report = send(
+            args.host,
+            args.port,
+            streams=args.streams,
+            rate_hz=args.rate,
+            duration_s=args.duration,
+            transport=args.transport,
+            dims=dims,
+            seed=args.seed,
+            connections=args.connections,
+            prefix=args.prefix,
+        )
+    except ValueError as e:
+        print_error(f"{e} (see {PROG} send --help)")
+        return 2
+    except OSError as e:
+        print_error(f"{_connect_failure(args.host, args.port, e)} (is `enactive-stream run` up?)")
+        return 1
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(f"enactive-stream: {report.summary()}")
+    return 1 if report.rejected or (args.transport != "udp" and not report.complete) else 0
+
+
+def _connect_failure(host: str, port: int, e: OSError) -> str:
+    return f"cannot reach {host}:{port}: {(e.strerror or str(e)).lower()}"
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
-
     from .protocol import MomentReader, moment_to_json
 
-    with socket.create_connection((args.host, args.port)) as sock:
+    timeout = args.timeout if args.timeout > 0 else None
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=timeout)
+    except OSError as e:
+        print_error(f"{_connect_failure(args.host, args.port, e)} (is `enactive-stream run` up?)")
+        return 1
+    with sock:
         sock.sendall(f"SUB {'json' if args.format == 'json' else 'binary'} {args.glob}\n".encode())
         reader, pending, shown = MomentReader(), b"", 0
         out = sys.stdout.buffer
         while args.count == 0 or shown < args.count:
-            data = sock.recv(1 << 16)
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                print_error(
+                    f"no moment of {args.glob!r} within {args.timeout:g} s "
+                    "(is anything sending to those streams?)"
+                )
+                return 1
+            except OSError as e:
+                print_error(f"{args.host}:{args.port}: {(e.strerror or str(e)).lower()}")
+                return 1
             if not data:
                 break
             if data.startswith(b"ERR "):
-                sys.stderr.write(data.decode(errors="replace"))
+                print_error(data.decode(errors="replace").strip())
                 return 1
             if args.format == "json":  # JSON lines as the daemon wrote them
                 *lines, pending = (pending + data).split(b"\n")
@@ -136,12 +259,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     config = _load(args)
     processors.enable_compilation_cache(config.device.compilation_cache_dir)
-    info = {"jit": processors.get_jit_info(), "config": config.as_dict()}
+    info = {"version": _version(), "jit": processors.get_jit_info(), "config": config.as_dict()}
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import load_config
+
     config = load_config(args.file)
     print(f"{args.file}: ok")
     if args.show:
@@ -150,8 +275,6 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import os
-
     from .bench import BenchError, BenchSettings, format_table, run_bench, write_plot
 
     changes: dict[str, Any] = {}
@@ -162,6 +285,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ("duration", "latency_s"),
         ("soak_frames", "soak_frames"),
         ("cache_dir", "cache_dir"),
+        ("buckets", "buckets"),
     ):
         if getattr(args, flag) is not None:
             changes[key] = getattr(args, flag)
@@ -169,95 +293,171 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         changes["baseline"] = False
     if args.adaptive:
         changes["adaptive"] = True
-    if args.buckets:
-        changes["buckets"] = tuple(int(b) for b in args.buckets.split(","))
     try:
         settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        return _usage_error(f"{e} (see {PROG} bench --help)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return _usage_error("--plot needs matplotlib (pip install 'enactive-stream[bench]')")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and (cause := _unwritable(path)):
+            return _usage_error(f"{flag} {path}: {cause}")
     try:
         result = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     except BenchError as e:
-        print(f"enactive-stream bench: {e}", file=sys.stderr)
+        cause, _, output = str(e).partition("\n")
+        if output.strip():  # the failed service's own output, then the one-line cause
+            sys.stderr.write(output.rstrip() + "\n")
+            cause = f"{cause.rstrip(': ')} (its output above)"
+        print_error(f"bench: {cause}")
         return 1
     print(format_table(result))
-    for path in (args.json, args.plot):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        write_plot(result, args.plot)
-    return 0
+    try:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.plot:
+            write_plot(result, args.plot)
+    except OSError as e:
+        print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
+        return 1
+    return _bench_status(result, report_only=args.report_only)
+
+
+def _usage_error(cause: str) -> int:
+    print_error(cause)
+    return 2
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a file cannot be written at `path` (its directory is created), or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {directory}: {e.strerror or e}"
+    if os.path.isdir(path):
+        return "is a directory"
+    if not os.access(directory, os.W_OK):
+        return f"{directory} is not writable"
+    return None
+
+
+def _bench_status(result: dict[str, Any], *, report_only: bool) -> int:
+    """1 when a measured target of `result["targets"]` was missed (and not `report_only`),
+    else 0; a miss is reported on stderr either way."""
+    missed = [
+        f"{name} = {t['value']:.3g} (want {t['op']} {t['target']:g})"
+        for name, t in result["targets"].items()
+        if t["met"] is False
+    ]
+    if not missed:
+        return 0
+    if report_only:
+        print(f"{PROG}: targets missed (--report-only): {'; '.join(missed)}", file=sys.stderr)
+        return 0
+    print_error(f"bench: targets missed: {'; '.join(missed)} (--report-only to exit 0)")
+    return 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="enactive-stream",
+    parser = _Parser(
+        prog=PROG,
         description="Real-time sensor streams through ahead-of-time compiled JAX models.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon (no arguments: the embedded default)")
     _add_config_args(run)
     run.add_argument(
         "--ready-file", metavar="FILE", help="write the bound ports here (JSON) once ready"
     )
-    run.set_defaults(fn=_cmd_run)
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or one JSON object each; overrides log.format "
+        "(default: the configured one, text)",
+    )
+    run.set_defaults(fn=_cmd_run, cmd_parser=run)
 
     send = sub.add_parser("send", help="a simulated sensor client")
-    send.add_argument("--host", default="127.0.0.1")
-    send.add_argument("--port", type=int, default=7400)
-    send.add_argument("--streams", type=int, default=8)
-    send.add_argument("--rate", type=float, default=100.0, help="frames/s per stream")
-    send.add_argument("--duration", type=float, default=5.0, help="seconds")
-    send.add_argument("--transport", choices=("tcp", "udp", "json"), default="tcp")
-    send.add_argument("--connections", type=int, default=1)
+    send.add_argument("--host", default="127.0.0.1", help="the daemon's address")
+    send.add_argument("--port", type=_port, default=7400, help="the daemon's ingest port")
+    send.add_argument("--streams", type=_count, default=8, help="simulated bodies")
+    send.add_argument("--rate", type=_positive, default=100.0, help="frames/s per stream")
+    send.add_argument("--duration", type=_non_negative, default=5.0, help="seconds")
+    send.add_argument(
+        "--transport", choices=("tcp", "udp", "json"), default="tcp", help="wire format"
+    )
+    send.add_argument("--connections", type=_count, default=1, help="TCP connections")
     send.add_argument("--prefix", default="sim", help="stream id prefix")
-    send.add_argument("--seed", type=int, default=0)
-    send.add_argument("--state-dim", type=int, default=32)
-    send.add_argument("--proprio-dim", type=int, default=64)
-    send.add_argument("--tactile-dim", type=int, default=32)
-    send.add_argument("--motor-dim", type=int, default=32)
-    send.set_defaults(fn=_cmd_send)
+    send.add_argument("--seed", type=int, default=0, help="seed of the simulated bodies")
+    for name, default in (("state", 32), ("proprio", 64), ("tactile", 32), ("motor", 32)):
+        send.add_argument(
+            f"--{name}-dim", type=_count, default=default, help=f"{name} values per frame"
+        )
+    send.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    send.set_defaults(fn=_cmd_send, cmd_parser=send)
 
     subscribe = sub.add_parser("subscribe", help="print the moments of matching streams")
     subscribe.add_argument("glob", nargs="?", default="*", help="stream ids to follow")
-    subscribe.add_argument("--host", default="127.0.0.1")
-    subscribe.add_argument("--port", type=int, default=7401)
+    subscribe.add_argument("--host", default="127.0.0.1", help="the daemon's address")
+    subscribe.add_argument("--port", type=_port, default=7401, help="the daemon's output port")
     subscribe.add_argument(
         "--format",
         choices=("json", "binary"),
         default="json",
         help="what to ask the daemon for (printed as JSON lines either way)",
     )
-    subscribe.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
-    subscribe.set_defaults(fn=_cmd_subscribe)
+    subscribe.add_argument(
+        "--count", type=_count_or_zero, default=0, help="stop after this many (0: never)"
+    )
+    subscribe.add_argument(
+        "--timeout",
+        type=_non_negative,
+        default=0.0,
+        help="give up (exit 1) after this many seconds without a moment (0: wait forever)",
+    )
+    subscribe.set_defaults(fn=_cmd_subscribe, cmd_parser=subscribe)
 
     info = sub.add_parser("info", help="JIT backend, devices and the effective configuration")
     _add_config_args(info)
-    info.set_defaults(fn=_cmd_info)
+    info.set_defaults(fn=_cmd_info, cmd_parser=info)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("file")
+    check.add_argument("file", help="the TOML file")
     check.add_argument("--show", action="store_true", help="print the effective configuration")
-    check.set_defaults(fn=_cmd_check_config)
+    check.set_defaults(fn=_cmd_check_config, cmd_parser=check)
 
     bench = sub.add_parser(
         "bench",
         help="end-to-end benchmark: kernel, throughput, latency, baseline, restart, memory",
         description="Measure the daemon end to end (docs/benchmarks.md). The kernel alone: "
-        "python -m stream.bench.kernel.",
+        "python -m stream.bench.kernel. Exit status 1 when a target is missed "
+        "(--report-only: 0).",
     )
     bench.add_argument("--quick", action="store_true", help="the short run (< 2 minutes)")
+    bench.add_argument(
+        "--report-only", action="store_true", help="exit 0 even when a target is missed"
+    )
     bench.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency CDFs")
-    bench.add_argument("--streams", type=int, help="client streams (default 1024)")
-    bench.add_argument("--connections", type=int, help="client TCP connections (default 2)")
-    bench.add_argument("--runs", type=int, help="throughput runs, median reported")
-    bench.add_argument("--duration", type=float, help="seconds of load per latency run")
-    bench.add_argument("--soak-frames", type=int, help="frames between the two RSS readings")
+    bench.add_argument("--streams", type=_count, help="client streams (default: 1024)")
+    bench.add_argument("--connections", type=_count, help="client TCP connections (default: 2)")
+    bench.add_argument(
+        "--runs", type=_count, help="throughput runs, median reported (default: 5; --quick 3)"
+    )
+    bench.add_argument(
+        "--duration",
+        type=_positive,
+        help="seconds of load per latency run (default: 5; --quick 2)",
+    )
+    bench.add_argument(
+        "--soak-frames",
+        type=_count_or_zero,
+        help="frames between the two RSS readings (default: 1000000; --quick 100000)",
+    )
     bench.add_argument("--cache-dir", help="JAX compilation cache (default: the configured one)")
     bench.add_argument("--no-baseline", action="store_true", help="skip the baseline service")
     bench.add_argument(
@@ -265,19 +465,26 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the daemon with adaptive batching (SLO: p99 5 ms)",
     )
-    bench.add_argument("--buckets", metavar="B1,B2,…", help="the daemon's batch buckets")
-    bench.set_defaults(fn=_cmd_bench)
+    bench.add_argument(
+        "--buckets",
+        type=_buckets,
+        metavar="B1,B2,…",
+        help="the daemon's batch buckets (default: 1,8,32,64,96,128,192,256)",
+    )
+    bench.set_defaults(fn=_cmd_bench, cmd_parser=bench)
     return parser
 
 
-# --- start-up failures: one line, exit status 2 ------------------------------------------
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. A start-up failure the operator can fix (a bad configuration
-    file, key or value; an unreadable or mismatched weights file; a missing device; a
-    port in use; an unusable checkpoint or state directory) exits with status 2 and one
-    line on stderr, `enactive-stream: error: <cause>`, instead of a traceback."""
-    args = _parser().parse_args(argv)
+    """Run one command. A usage error (a bad flag or value) and a start-up failure the
+    operator can fix (a bad configuration file, key or value; an unreadable or mismatched
+    weights file; a missing device; a port in use; an unusable checkpoint or state
+    directory) exit with status 2 and one line on stderr, `enactive-stream: error:
+    <cause>`, instead of a traceback; the commands' runtime failures (nothing listening,
+    a failed benchmark) are one such line too, with status 1."""
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:  # name the command's own --help, not the program's
+        args.cmd_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:

@@ -1,24 +1,33 @@
 """Start-up failures an operator can fix, as one line each (`enactive-stream: error: …`,
 exit status 2) instead of a traceback: a bad configuration file, key or value; an
 unreadable or mismatched weights file; a missing device; a port in use; an unusable
-checkpoint or state directory."""
+checkpoint or state directory.
+
+Light to import (the command line's `--help` needs it): the error classes are imported
+when a failure is classified, not before."""
 
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-from processors import ModelConfigError, ParamsMismatchError
-
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError
-from .net import ListenError
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = ["check_state_dir", "print_error", "startup_cause"]
 
-_MESSAGE_ERRORS = (ConfigError, CheckpointError, ModelConfigError, ListenError)
-"""Failures whose message is the whole cause (it names the key, file, address or value)."""
+
+def _message_errors() -> tuple[type[BaseException], ...]:
+    """Failures whose message is the whole cause (it names the key, file, address or value)."""
+    from processors import ModelConfigError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .net import ListenError
+
+    return (ConfigError, CheckpointError, ModelConfigError, ListenError)
 
 
 def print_error(cause: str) -> None:
@@ -30,6 +39,8 @@ def print_error(cause: str) -> None:
 def check_state_dir(directory: str) -> None:
     """Create `state.dir` if missing and check that a file can be written there, so the
     daemon refuses to start rather than fail its first checkpoint."""
+    from .config import ConfigError
+
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -57,9 +68,11 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _leaf_cause(exc: BaseException, config: Config | None) -> str | None:
+    from processors import ParamsMismatchError
+
     if isinstance(exc, ParamsMismatchError):
         return f"model.params: {exc}"
-    if isinstance(exc, _MESSAGE_ERRORS):
+    if isinstance(exc, _message_errors()):
         return str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and config is not None:
         return f"{_config_key_of(exc.filename, config)}{exc.filename}: {exc.strerror or exc}"

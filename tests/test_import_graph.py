@@ -1,5 +1,5 @@
-"""Benchmark code stays out of the serving import graph, and nothing reaches into
-`processors`' private names."""
+"""Benchmark code stays out of the serving import graph, nothing reaches into
+`processors`' private names, and the command line's `--help` and `--version` import no JAX."""
 
 from __future__ import annotations
 
@@ -180,3 +180,37 @@ def test_the_private_name_scan_catches(source: str) -> None:
 )
 def test_the_private_name_scan_passes(source: str) -> None:
     assert private_processors_uses(source) == []
+
+
+HELP_AND_VERSION = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from stream.cli import main
+    commands = ("run", "send", "subscribe", "info", "check-config", "bench")
+    for argv in (["--help"], ["--version"], *[[c, "--help"] for c in commands]):
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(argv)
+            except SystemExit as e:
+                assert e.code == 0, (argv, e.code)
+    print(json.dumps(sorted(sys.modules)))
+    """
+)
+
+
+def test_help_and_version_import_neither_jax_nor_the_model() -> None:
+    """`--help` of the program and of every command, and `--version`, answer at once: the
+    commands import JAX, the model and the daemon only when they run."""
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_AND_VERSION],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = set(json.loads(proc.stdout))
+    assert "stream.cli" in loaded
+    heavy = ("jax", "jaxlib", "equinox", "numpy", "anyio", "prometheus_client", "processors")
+    assert not {m for m in loaded if m.split(".")[0] in heavy}
+    assert loaded & {f"stream.{m}" for m in ("config", "daemon", "send", "bench")} == set()

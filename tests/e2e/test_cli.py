@@ -1,8 +1,10 @@
-"""The command line: the embedded default, send, check-config, info (start-up failures:
-`test_startup_failures.py`)."""
+"""The command line: the embedded default, send, check-config, info, --version and --help
+(start-up failures: `test_startup_failures.py`; other failures: `test_cli_failures.py`)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stream.cli import _parser
 from stream.protocol import encode_frame
 
 from .daemon import DaemonProcess
@@ -125,6 +128,7 @@ def test_info_reports_backend_and_config(tmp_path: Path) -> None:
         [*CLI, "info"], capture_output=True, text=True, timeout=120, env=env, check=True
     )
     info = json.loads(r.stdout)
+    assert info["version"] == importlib.metadata.version("enactive-stream")
     assert info["jit"]["backend"] in ("cpu", "gpu", "cuda", "rocm", "tpu")
     assert info["jit"]["compilation_cache_dir"] == str(tmp_path / "cache")
     assert info["config"]["batching"]["buckets"] == [1, 8, 32, 64, 96, 128, 192, 256]
@@ -183,3 +187,25 @@ def test_subscribe_prints_json_lines(tmp_path: Path, compilation_cache: str) -> 
                 time.sleep(0.05)
     finally:
         d.kill()
+
+
+def test_version() -> None:
+    r = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"enactive-stream {importlib.metadata.version('enactive-stream')}\n"
+
+
+def test_help_shows_every_default() -> None:
+    parser = _parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"run", "send", "subscribe", "info", "check-config", "bench"}
+    shown = {}
+    for name, command in commands.choices.items():
+        r = subprocess.run([*CLI, name, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        shown[name] = " ".join(r.stdout.split())
+        for action in command._actions:
+            if action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in shown[name], (name, action.dest)
+    assert "--port PORT the daemon's ingest port (default: 7400)" in shown["send"]
+    assert "--report-only exit 0 even when a target is missed" in shown["bench"]
