@@ -1,18 +1,19 @@
-"""Admission: the per-stream sequence check between the ingest buffer and the batcher.
+"""Admission: the per-stream sequence check a frame passes on its way into the pipeline.
 
-A frame is admitted when its seq is above its stream's last admitted one and its stream
-is known or there is room for one more (`StreamTable.admit`); otherwise it is rejected,
-counted by reason, and — if it carries a source position — its position is noted for a
-commit once everything admitted before it on that stream is durable (`CommitLog`).
-A whole `FrameRun` is admitted at once when that is what frame-by-frame admission would
-do without a rejection.
+A frame is admitted when its seq is above its stream's last admitted one, or it starts a
+new session of its stream (`SESSION_START`: the sensor restarted, its seq may restart),
+and its stream is known or there is room for one more (`StreamTable.admit`). Otherwise it
+is rejected, counted by reason, returned to the source (which may answer the sender), and
+— if it carries a source position — its position is noted for a commit once everything
+admitted before it on that stream is durable (`CommitLog`). A whole `FrameRun` is admitted
+at once when that is what frame-by-frame admission would do without a rejection.
 """
 
 from __future__ import annotations
 
 from .commits import CommitLog
 from .events import PipelineEvents
-from .protocol import Frame, FrameRejected, FrameRun
+from .protocol import SESSION_START, Frame, FrameRejected, FrameRun
 from .streams import StreamTable
 
 __all__ = ["Admission"]
@@ -27,18 +28,21 @@ class Admission:
         self.events = events
         self.commits = commits
 
-    def frame(self, frame: Frame, now_ns: int) -> bool:
-        """Admit one frame (True) or reject and count it (False)."""
+    def frame(self, frame: Frame) -> FrameRejected | None:
+        """Admit one frame (None) or reject and count it (its rejection)."""
+        start = frame.present & SESSION_START != 0
         try:
-            self.table.admit(frame.stream_id, frame.seq)
+            self.table.admit(frame.stream_id, frame.seq, session_start=start)
         except FrameRejected as r:
             self.events.rejected(frame.source, r.reason)
             if frame.position is not None:
                 barrier = self.table.admitted_seq.get(frame.stream_id)
                 self.commits.rejected(frame.source, frame.position, frame.stream_id, barrier)
-            return False
-        return True
+            return r
+        if start:
+            self.commits.session_started(frame.stream_id, frame.seq)
+        return None
 
-    def run(self, run: FrameRun, now_ns: int) -> bool:
+    def run(self, run: FrameRun) -> bool:
         """Admit a whole run at once (True), or nothing (False: admit it frame by frame)."""
         return self.table.admit_run(run.stream_ids, run.seq)

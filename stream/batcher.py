@@ -42,7 +42,7 @@ class Batch:
     - `timestamp` float64, `present` uint16, `received_ns` int64: `(n,)`.
     - `payloads`: flat float32 arrays whose concatenation is the rows' payloads, row by
         row (a run's block, or a frame's row).
-    - `queue_ns` int64 `(n,)`: per row, from receipt to admission.
+    - `queue_ns` int64 `(n,)`: per row, from receipt to the batcher taking it in.
     - `sources`, `positions`: the source labels and positions of the rows that carry a
         source position, in row order (empty when none does: TCP, UDP, synthetic).
     """
@@ -63,7 +63,7 @@ class Batch:
     @classmethod
     def of(cls, pieces: Sequence[Frame | FrameRun], admitted_ns: Sequence[int]) -> Batch:
         """The batch of these frames and runs, in order; `admitted_ns[i]` is when piece
-        `i` was admitted."""
+        `i` entered the batcher."""
         ids: list[str] = []
         seq: list[int] = []
         timestamp: list[float] = []
@@ -238,20 +238,10 @@ class Batcher:
 
     # -- collecting ---------------------------------------------------------------------
 
-    async def collect(
-        self,
-        receive: WeightedBuffer[Frame | FrameRun],
-        admit: Callable[[Frame, int], bool] = lambda frame, now_ns: True,
-        admit_run: Callable[[FrameRun, int], bool] = lambda run, now_ns: False,
-    ) -> None:
-        """Take frames and runs from `receive` until it is closed and empty, adding those
-        admitted; then `end()`.
-
-        `admit(frame, now_ns)` decides for one frame; `admit_run(run, now_ns)` may admit
-        a whole run at once (True), or decline (False: nothing admitted, its frames go
-        through `admit` one by one). `now_ns` is `time.monotonic_ns()` when the item was
-        taken off the buffer, read once per drain.
-        """
+    async def collect(self, receive: WeightedBuffer[Frame | FrameRun]) -> None:
+        """Take the admitted frames and runs from `receive` until it is closed and empty;
+        then `end()`. Each piece's queue time ends when it is taken: the clock is read
+        once per drain, not per piece."""
         while True:
             while not self.has_space:
                 self._space = anyio.Event()
@@ -265,13 +255,8 @@ class Batcher:
             # batch-taker or re-reading the clock per item: once per drain is enough.
             while True:
                 if type(item) is FrameRun:
-                    if admit_run(item, now):
-                        self._add_run(item, now)
-                    else:
-                        for frame in item.frames():
-                            if admit(frame, now):
-                                self._add(frame, now)
-                elif admit(item, now):  # type: ignore[arg-type]
+                    self._add_run(item, now)
+                else:
                     self._add(item, now)  # type: ignore[arg-type]
                 if len(self) >= self.limit:
                     break

@@ -1,9 +1,11 @@
 """The doorway between sources and the pipeline.
 
 Every source (see `stream.sources.base`) decodes bytes into `Frame`s — or, for a read
-of like frames, one `FrameRun` — and hands them to one `Ingest`, which owns the bounded
-buffer into the admission stage (bounded in frames: a run weighs its length) and the
-counts a source must report. Sources never see metric objects or queues directly.
+of like frames, one `FrameRun` — and hands them to one `Ingest`, which admits them (the
+per-stream sequence check, `Admission`), returns the rejections to the source so it can
+answer its sender, and puts what was admitted into the bounded buffer before the batcher
+(bounded in frames: a run weighs its length). It also takes the counts a source must
+report. Sources never see metric objects or queues directly.
 
 Overload policies:
 
@@ -16,20 +18,22 @@ Overload policies:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeAlias, TypeVar
 
 import anyio
 
+from .admission import Admission
 from .buffers import WeightedBuffer
 from .events import PipelineEvents
-from .protocol import Dims, Frame, FrameRun
+from .protocol import Dims, Frame, FrameRejected, FrameRun
 
 __all__ = ["Ingest", "Item", "frames_in"]
 
 T = TypeVar("T")
 Item: TypeAlias = Frame | FrameRun
 """What goes through the ingest buffer: one frame, or a run of frames."""
+_NONE: tuple[FrameRejected, ...] = ()
 
 
 def frames_in(item: object) -> int:
@@ -50,6 +54,7 @@ class Ingest:
     - `events`: where `received`, `rejected` and `dropped` are reported. A source
         reports every frame that arrives, whether it then decodes, is rejected or is
         dropped, so that received = processed + rejected + dropped.
+    - `admission`: the sequence check; None admits everything (tests of a source alone).
     """
 
     def __init__(
@@ -59,8 +64,10 @@ class Ingest:
         dims: Dims,
         max_frame_bytes: int,
         events: PipelineEvents,
+        admission: Admission | None = None,
     ) -> None:
         self.buffer = buffer
+        self.admission = admission
         self.dims = dims
         self.max_frame_bytes = max_frame_bytes
         self.events = events
@@ -87,13 +94,42 @@ class Ingest:
         """Tell every source to stop taking new data (the daemon is shutting down)."""
         self.stopped.set()
 
-    async def put(self, item: Item) -> None:
-        """Hand a decoded frame or run to the pipeline, waiting while it is full (`block`)."""
-        await self.buffer.put(item, frames_in(item))
+    async def put(self, item: Item) -> Sequence[FrameRejected]:
+        """Hand a decoded frame or run to the pipeline, waiting while it is full (`block`).
 
-    def put_nowait(self, item: Item) -> bool:
-        """Hand a frame or run over if there is room now; False (nothing counted) if not."""
-        return self.buffer.put_nowait(item, frames_in(item))
+        **Returns:** the rejections of its frames at admission (already counted), in
+        order; empty when every frame was admitted."""
+        weight = frames_in(item)
+        while not self.buffer.fits(weight):
+            await self.buffer.wait_room()
+        return self._admit(item)
+
+    def put_nowait(self, item: Item) -> Sequence[FrameRejected] | None:
+        """Hand a frame or run over if there is room now: its rejections, as for `put`;
+        None (nothing admitted, nothing counted) when there is no room."""
+        if not self.buffer.fits(frames_in(item)):
+            return None
+        return self._admit(item)
+
+    def _admit(self, item: Item) -> Sequence[FrameRejected]:
+        admission, buffer = self.admission, self.buffer
+        if type(item) is FrameRun:
+            if admission is None or admission.run(item):
+                buffer.push(item, len(item))
+                return _NONE
+            rejected = []
+            for frame in item.frames():
+                why = admission.frame(frame)
+                if why is None:
+                    buffer.push(frame)
+                else:
+                    rejected.append(why)
+            return rejected
+        why = None if admission is None else admission.frame(item)  # type: ignore[arg-type]
+        if why is None:
+            buffer.push(item)
+            return _NONE
+        return (why,)
 
     def ring(self, size: int) -> WeightedBuffer[T]:
         """A `drop_oldest` ring of `size` items for a source that cannot be slowed down;
@@ -119,5 +155,5 @@ class Ingest:
             except anyio.EndOfStream:
                 return
             frame = decode(item)
-            if frame is not None and not self.put_nowait(frame):
+            if frame is not None and self.put_nowait(frame) is None:
                 await self.put(frame)  # the pipeline is full: wait for room

@@ -13,7 +13,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .events import PipelineEvents
 from .executor import Stepped
-from .protocol import ALL_PRESENT, FLAG_ABSENT, FLAG_EAGER, FLAG_RESTORED, MomentBatch, MomentSizes
+from .protocol import (
+    ALL_PRESENT,
+    FLAG_ABSENT,
+    FLAG_EAGER,
+    FLAG_RESTORED,
+    FLAG_SESSION_START,
+    SESSION_START,
+    MomentBatch,
+    MomentSizes,
+)
 from .sinks import Sink
 
 __all__ = ["integrate"]
@@ -46,7 +55,9 @@ async def integrate(
             batch = item.batch
             n = len(batch)
             received = batch.received_ns
-            flags = np.where(batch.present != ALL_PRESENT, FLAG_ABSENT, 0).astype(np.uint16)
+            present = batch.present
+            flags = np.where(present & ALL_PRESENT != ALL_PRESENT, FLAG_ABSENT, 0).astype(np.uint16)
+            flags |= np.where(present & SESSION_START != 0, FLAG_SESSION_START, 0).astype(np.uint16)
             flags |= np.where(np.asarray(item.restored, bool), FLAG_RESTORED, 0).astype(np.uint16)
             if item.eager:
                 flags |= FLAG_EAGER

@@ -139,10 +139,10 @@ class FrameBlock:
             ids[0],
             first_seq,
             0.0,
-            **{
-                name: np.zeros(n, np.float32)
-                for name, n in zip(("sensory", "proprio", "tactile", "motor"), dims, strict=True)
-            },
+            sensory=np.zeros(dims.sensory, np.float32),
+            proprio=np.zeros(dims.proprio, np.float32),
+            tactile=np.zeros(dims.tactile, np.float32),
+            motor=np.zeros(dims.motor, np.float32),
         )
         size = len(template)
         assert size == frame_bytes(id_len, dims)

@@ -23,10 +23,22 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20
 SENSORY, PROPRIO, TACTILE, MOTOR = 1, 2, 4, 8
 ALL_PRESENT = SENSORY | PROPRIO | TACTILE | MOTOR
 
+# Frame header flags: the u16 at offset 10 (reserved and 0 before they existed; a daemon
+# that predates them ignores them).
+FRAME_START = 1
+"""This frame starts a new session of its stream (the sensor restarted): its seq may be
+anything, and the stream's state resets or continues as `ingest.session_start` says."""
+FRAME_REPLY = 2
+"""The sender reads replies: the daemon answers each rejected frame on this connection."""
+
+# `Frame.present` carries a session start beside the presence bits (never on the wire).
+SESSION_START = 1 << 8
+
 # Moment flag bits.
 FLAG_EAGER = 1
 FLAG_RESTORED = 2
 FLAG_ABSENT = 4
+FLAG_SESSION_START = 8
 
 REASONS = (
     "bad_magic",
@@ -40,6 +52,7 @@ REASONS = (
     "stale_seq",
     "bad_json",
     "too_many_streams",
+    "seq_jump",
 )
 
 
@@ -66,7 +79,12 @@ class FrameRejected(Exception):
 
 
 class FramingLost(FrameRejected):
-    """A byte stream can no longer be split into frames (bad magic or bad length)."""
+    """A byte stream can no longer be split into frames (bad magic or bad length).
+
+    `frames`: what the same read completed before the break, in order (frames, runs and
+    rejections), so that nothing read before it is lost."""
+
+    frames: list[Frame | FrameRejected | FrameRun] = []  # noqa: RUF012 - set per instance
 
 
 class Dims(NamedTuple):
@@ -101,7 +119,8 @@ class Frame:
     """One decoded, well-formed sensor frame.
 
     `payload` is float32 of shape `(dims.total,)`: sensory, proprio, tactile, motor in that
-    order, zero-filled where a modality is absent; `present` holds the presence bits.
+    order, zero-filled where a modality is absent; `present` holds the presence bits, and
+    `SESSION_START` when the frame starts a new session of its stream.
     `received_ns` is `time.monotonic_ns()` when the bytes arrived; `source` is the metric
     label of the transport that carried it (`tcp`, `udp`, `json`, `synthetic`, ...);
     `position` is its source position, what the source needs to acknowledge it once its

@@ -14,6 +14,8 @@ from ._types import (
     _MAX_U64,
     _MODALITIES,
     _PADS,
+    FRAME_REPLY,
+    FRAME_START,
     MAGIC_FRAME,
     VERSION,
     _encoded_id,
@@ -39,6 +41,8 @@ def encode_frame(
     proprio: npt.ArrayLike | None = None,
     tactile: npt.ArrayLike | None = None,
     motor: npt.ArrayLike | None = None,
+    start: bool = False,
+    reply: bool = False,
 ) -> bytes:
     """Encode one binary frame (the client side).
 
@@ -51,6 +55,8 @@ def encode_frame(
     - `timestamp`: seconds on the sensor's clock.
     - `sensory`, `proprio`, `tactile`, `motor`: float32 array-likes of any shape
         (flattened), or `None` / empty for an absent modality.
+    - `start`: set `FRAME_START`: this frame starts a new session of its stream.
+    - `reply`: set `FRAME_REPLY`: the sender reads replies on its connection.
 
     **Returns:**
 
@@ -68,8 +74,9 @@ def encode_frame(
     counts = [p.size for p in parts]
     pad = _pad(len(raw))
     length = 32 + len(raw) + pad + 4 * sum(counts)
+    flags = (FRAME_START if start else 0) | (FRAME_REPLY if reply else 0)
     header = _FRAME_HEADER.pack(
-        MAGIC_FRAME, length, VERSION, 0, len(raw), *counts, 0, seq, timestamp
+        MAGIC_FRAME, length, VERSION, flags, len(raw), *counts, 0, seq, timestamp
     )
     return b"".join((header, raw, _PADS[pad], *(p.tobytes() for p in parts)))
 
@@ -83,10 +90,12 @@ def encode_json_frame(
     proprio: npt.ArrayLike | None = None,
     tactile: npt.ArrayLike | None = None,
     motor: npt.ArrayLike | None = None,
+    start: bool = False,
 ) -> bytes:
     """Encode one JSON frame as one line ending in `\\n` (the client side).
 
-    Arguments as for `encode_frame`; an absent modality's key is left out. Non-finite values
+    Arguments as for `encode_frame` (`start` adds `"start": true`); an absent modality's
+    key is left out. Non-finite values
     are written as `NaN` / `Infinity`, which the daemon rejects (`non_finite`).
 
     **Returns:**
@@ -99,4 +108,6 @@ def encode_json_frame(
         array = _as_f32(values)
         if array.size:
             obj[name] = array.tolist()
+    if start:
+        obj["start"] = True
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"

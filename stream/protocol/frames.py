@@ -19,8 +19,10 @@ from ._types import (
     _PREFIX,
     DEFAULT_MAX_FRAME_BYTES,
     FRAME_HEADER_BYTES,
+    FRAME_START,
     MAGIC_FRAME,
     MAX_STREAM_ID_BYTES,
+    SESSION_START,
     VERSION,
     Buffer,
     Dims,
@@ -133,7 +135,7 @@ def decode_frame(
         raise FrameRejected("bad_length", f"length={length}, but {size - 8} bytes follow it")
     if length < FRAME_HEADER_BYTES - 8:
         raise FrameRejected("bad_length", f"length={length}, expected at least 32")
-    _, _, version, _, sid_len, *counts, _, seq, timestamp = _FRAME_HEADER.unpack_from(view)
+    _, _, version, flags, sid_len, *counts, _, seq, timestamp = _FRAME_HEADER.unpack_from(view)
     if version != VERSION:
         raise FrameRejected("bad_version", f"version={version}, expected {VERSION}")
     if not 1 <= sid_len <= MAX_STREAM_ID_BYTES:
@@ -166,6 +168,8 @@ def decode_frame(
         # The header is consistent: the frame's seq and (when valid) id are known.
         exc.stream_id, exc.seq = _valid_id(raw_id), seq
         raise
+    if flags & FRAME_START:
+        present |= SESSION_START
     return Frame(stream_id, seq, timestamp, payload, present, received_ns, source)
 
 
@@ -205,7 +209,8 @@ def decode_json(
     `{"stream": "arm-1", "seq": 1, "t": 0.01, "sensory": [...], "proprio": [...]}`.
 
     `stream`, `seq` (integer 0..2**64-1) and `t` (number) are required; a missing or
-    `null` modality is absent; other keys are ignored.
+    `null` modality is absent; `"start": true` starts a new session of the stream (like the
+    binary header's `FRAME_START`); other keys are ignored.
 
     **Arguments:**
 
@@ -283,6 +288,11 @@ def _json_frame(obj: dict[str, Any], dims: Dims, received_ns: int, source: str) 
                 present |= bit
         start += dim
     _check_finite(payload)
+    session = obj.get("start", False)
+    if type(session) is not bool:
+        raise FrameRejected("bad_json", f'"start"={_short(session)}, expected true or false')
+    if session:
+        present |= SESSION_START
     return Frame(stream_id, seq, t, payload, present, received_ns, source)
 
 

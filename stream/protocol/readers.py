@@ -7,6 +7,7 @@ from ._types import (
     _PREFIX,
     DEFAULT_MAX_FRAME_BYTES,
     FRAME_HEADER_BYTES,
+    FRAME_REPLY,
     MAGIC_FRAME,
     VERSION,
     Buffer,
@@ -40,6 +41,9 @@ class FrameReader:
     - `source`: the `Frame.source` label of decoded frames.
     - `runs`: hand a run of good, like frames (at least `MIN_RUN`, decoded in one pass) over
         as one `FrameRun` instead of a `Frame` each.
+
+    `replies` turns True once a frame header with the flag `FRAME_REPLY` was read: the
+    sender reads replies.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class FrameReader:
         self._buf = bytearray()
         self._skip = 0
         self._lost: FramingLost | None = None
+        self.replies = False
 
     @property
     def pending_bytes(self) -> int:
@@ -80,8 +85,9 @@ class FrameReader:
 
         `FramingLost` (reason `bad_magic` or `bad_length`) when the stream can no longer be
         split into frames: a wrong magic, a length field below 32 or inconsistent with the
-        header. Frames completed earlier in the same call are discarded with it; every later
-        call raises it again. The connection must be closed.
+        header. What the same call completed before the break travels with it, as its
+        `frames`, to be handed over; every later call raises it again (with no frames).
+        The connection must be closed.
         """
         if self._lost is not None:
             raise _clean(self._lost)
@@ -116,6 +122,8 @@ class FrameReader:
                 self._lost = _header_inconsistency(src, pos, length)
                 if self._lost is not None:
                     break
+                if src[pos + 10] & FRAME_REPLY:
+                    self.replies = True
             if end - pos < 8 + length:
                 break
             if end - pos >= MIN_RUN * (8 + length):
@@ -151,7 +159,9 @@ class FrameReader:
             pos = stop
         if self._lost is not None:
             self._buf.clear()
-            raise _clean(self._lost)
+            lost = _clean(self._lost)
+            lost.frames = out  # type: ignore[attr-defined]
+            raise lost
         if src is self._buf:
             del self._buf[:pos]
         else:

@@ -20,6 +20,7 @@ from ._types import (
     _F32,
     _FRAME_HEADER,
     FRAME_HEADER_BYTES,
+    FRAME_START,
     MAGIC_FRAME,
     MAX_STREAM_ID_BYTES,
     VERSION,
@@ -92,7 +93,7 @@ def decode_run(
     first's (the caller then goes on frame by frame, which also finds any framing error).
     """
     head = _FRAME_HEADER.unpack_from(src, pos)
-    magic, length, version, _, sid_len, *counts, _, _, _ = head
+    magic, length, version, flags, sid_len, *counts, _, _, _ = head
     size = 8 + length
     whole = (end - pos) // size
     if (
@@ -101,6 +102,7 @@ def decode_run(
         or version != VERSION
         or length > max_frame_bytes
         or not 1 <= sid_len <= MAX_STREAM_ID_BYTES
+        or flags & FRAME_START
     ):
         return [], pos
     floats = sum(counts)
@@ -117,6 +119,7 @@ def decode_run(
         & (rows["version"] == VERSION)
         & (rows["sid_len"] == sid_len)
         & (rows["counts"] == counts).all(axis=1)
+        & (rows["reserved"] & FRAME_START == 0)  # a session start goes frame by frame
     )
     n = whole if same.all() else int(np.argmin(same))
     if n < MIN_RUN:

@@ -91,22 +91,22 @@ async def test_never_exceeds_max_batch() -> None:
     assert out == [f"s{i}" for i in range(10)]
 
 
-async def test_collect_applies_admission_and_back_pressure() -> None:
+async def test_collect_applies_back_pressure() -> None:
     receive: WeightedBuffer[Frame | FrameRun] = WeightedBuffer(100)
     b = Batcher(2, 0.0, limit=4)
     for i in range(10):
-        receive.put_nowait(frame(f"s{i}", 1 if i != 3 else 0))
+        receive.put_nowait(frame(f"s{i}", 1))
     async with anyio.create_task_group() as tg:
-        tg.start_soon(b.collect, receive, lambda f, now_ns: f.seq == 1)
+        tg.start_soon(b.collect, receive)
         await anyio.wait_all_tasks_blocked()
-        assert len(b) == 4  # stopped receiving at its limit
-        assert len(receive) == 5
+        assert len(b) == 4  # stopped taking at its limit
+        assert len(receive) == 6
         receive.close()
         got = []
         with anyio.fail_after(2):
             while (batch := await b.next_batch()) is not None:
                 got += batch.stream_ids
-    assert got == [f"s{i}" for i in range(10) if i != 3]
+    assert got == [f"s{i}" for i in range(10)]
 
 
 async def test_frame_arriving_wakes_a_waiting_executor() -> None:
@@ -212,19 +212,15 @@ async def test_runs_batch_exactly_like_their_frames_one_by_one(
     assert sum(map(len, got[1])) == sum(seq.values())  # every frame, once
 
 
-async def test_collect_admits_a_run_whole_or_frame_by_frame() -> None:
+async def test_collect_takes_runs_whole_and_times_their_queue() -> None:
     receive: WeightedBuffer[Frame | FrameRun] = WeightedBuffer(100)
     b = Batcher(8, 0.0)
     whole = run_of([frame("a", 1), frame("b", 1)])
-    split = run_of([frame("c", 1), frame("d", 0), frame("e", 1)])
-    for item in (whole, split, frame("f", 1)):
+    for item in (whole, frame("c", 1)):
         receive.put_nowait(item, len(item) if isinstance(item, FrameRun) else 1)
     receive.close()
-    await b.collect(
-        receive,
-        admit=lambda f, now_ns: f.seq == 1,
-        admit_run=lambda run, now_ns: run is whole,
-    )
+    await b.collect(receive)
     assert receive.statistics().weight == 0  # all taken
     batch = await b.next_batch()
-    assert batch is not None and batch.stream_ids == ["a", "b", "c", "e", "f"]
+    assert batch is not None and batch.stream_ids == ["a", "b", "c"]
+    assert (batch.queue_ns > 0).all()  # receipt (0 here) to being taken in

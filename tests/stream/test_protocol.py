@@ -43,7 +43,7 @@ DIMS = Dims(3, 2, 4, 1)
 SMALL = Dims(2, 1, 0, 1)
 
 # The codec produces every reason but these three, which belong to the pipeline.
-CODEC_REASONS = set(REASONS) - {"duplicate_seq", "stale_seq", "too_many_streams"}
+CODEC_REASONS = set(REASONS) - {"duplicate_seq", "stale_seq", "too_many_streams", "seq_jump"}
 
 
 def rejected(reason: str, call, *args, **kwargs) -> FrameRejected:
@@ -177,9 +177,9 @@ def test_payload_owns_its_memory(kind):
     buf.extend(b"resizable: no export is left behind")
 
 
-def test_reserved_fields_are_ignored():
-    frame = decode_frame(raw_frame(reserved=(0xBEEF, 0xFFFF)), DIMS)
-    assert frame.stream_id == "arm-1"
+def test_unknown_flag_bits_and_the_reserved_field_are_ignored():
+    frame = decode_frame(raw_frame(reserved=(0xBEEC, 0xFFFF)), DIMS)  # START, REPLY clear
+    assert frame.stream_id == "arm-1" and frame.present == ALL_PRESENT
 
 
 def test_bad_magic():

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from stream.protocol import (
+    ALL_PRESENT,
+    SESSION_START,
     Dims,
     Frame,
     FrameReader,
@@ -85,7 +87,7 @@ def assert_well_formed(frame: Frame, dims: Dims = DIMS) -> None:
         if not frame.present & bit:
             assert not frame.payload[start : start + dim].any()
         start += dim
-    assert frame.present < 16
+    assert frame.present & ~(ALL_PRESENT | SESSION_START) == 0  # presence, session start
 
 
 def decode_or_reject(decode, data, **kwargs):
