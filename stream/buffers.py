@@ -4,10 +4,10 @@ Items carry a weight — the frames of a run, the moments of an encoded batch, t
 of a write — and the buffer is bounded in total weight, not in items. What happens when
 it is full is its *overflow policy*:
 
-- `block`: `put()` waits for room (the sender is slowed down: TCP, brokers, synthetic);
+- `block`: `put()` waits for room (the sender is slowed down: TCP, synthetic);
   `put_nowait()` returns False and takes nothing.
 - `drop_oldest`: `put_nowait()` always succeeds, dropping the oldest items to make room
-  and reporting each to `on_drop(item, weight)` (UDP, LSL: a sender that cannot wait).
+  and reporting each to `on_drop(item, weight)` (UDP: a sender that cannot wait).
 - `drop_newest`: `put_nowait()` returns False and reports the item to `on_drop` (a slow
   subscriber or file sink loses the new moments, never stalls the pipeline).
 
@@ -85,7 +85,8 @@ class WeightedBuffer(Generic[T]):
             len(self._items), self.weight, self.limit, self.dropped, self.closed
         )
 
-    def _fits(self, weight: int) -> bool:
+    def fits(self, weight: int) -> bool:
+        """Whether an item of `weight` would be taken now without dropping anything."""
         return self.weight + weight <= self.limit or not self._items
 
     # -- putting ---------------------------------------------------------------------------
@@ -98,13 +99,13 @@ class WeightedBuffer(Generic[T]):
             raise anyio.ClosedResourceError
         if weight < 0:
             raise ValueError(f"weight={weight}, expected >= 0")
-        if not self._fits(weight):
+        if not self.fits(weight):
             if self.overflow == "block":
                 return False
             if self.overflow == "drop_newest":
                 self._drop(item, weight)
                 return False
-            while not self._fits(weight):
+            while not self.fits(weight):
                 old, old_weight = self._items.popleft()
                 self.weight -= old_weight
                 self._drop(old, old_weight)
@@ -119,11 +120,25 @@ class WeightedBuffer(Generic[T]):
         while not self.put_nowait(item, weight):
             if self.overflow != "block":
                 return
-            if self._room.is_set():
-                self._room = anyio.Event()
-            await self._room.wait()
-            if self.closed:
-                raise anyio.ClosedResourceError
+            await self.wait_room()
+
+    async def wait_room(self) -> None:
+        """Return once something was taken out (or the buffer closed: then raise
+        `anyio.ClosedResourceError`)."""
+        if self._room.is_set():
+            self._room = anyio.Event()
+        await self._room.wait()
+        if self.closed:
+            raise anyio.ClosedResourceError
+
+    def push(self, item: T, weight: int = 1) -> None:
+        """Take `item` whatever the bound: for a caller that checked `fits` for a larger
+        weight first (a run split into its frames)."""
+        if self.closed:
+            raise anyio.ClosedResourceError
+        self._items.append((item, weight))
+        self.weight += weight
+        self._readable.set()
 
     def _drop(self, item: T, weight: int) -> None:
         self.dropped += weight

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,11 @@ def load_checkpoint(
 
     **Raises:** `CheckpointError` when the file was written for another model or
     capacity, or cannot be read.
+
+    Temporary files left by a write that was killed midway are removed first.
     """
+    for leftover in Path(directory).glob(".checkpoint-*.npz"):
+        leftover.unlink(missing_ok=True)
     path = Path(directory) / FILENAME
     if not path.exists():
         return None
@@ -138,6 +143,6 @@ def load_checkpoint(
     taken = set(table.slot_of.values())
     table.free = [s for s in range(table.capacity - 1, -1, -1) if s not in taken]
     table.processed_seq = {k: int(v) for k, v in meta["seq"].items()}
-    table.forget_unprocessed()
+    table.forget_unprocessed(time.monotonic_ns())
     table.restored = set(table.processed_seq)
     return slab

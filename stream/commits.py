@@ -57,6 +57,16 @@ class CommitLog:
         processed seq reaches `barrier` (None: at the next checkpoint)."""
         self._rejected.append((source, position, stream_id, barrier))
 
+    def session_started(self, stream_id: str, seq: int) -> None:
+        """`stream_id` started a new session at `seq`: its seqs restart, so what was
+        waiting for an old-session seq now waits for this frame, which is stepped after
+        every frame admitted before it."""
+        if any(entry[2] == stream_id for entry in self._rejected):
+            self._rejected = collections.deque(
+                (source, position, sid, seq if sid == stream_id else barrier)
+                for source, position, sid, barrier in self._rejected
+            )
+
     def cut(self, processed_seq: Mapping[str, int]) -> Cut:
         """What a checkpoint taken now, with these processed seqs, covers."""
         cut, self._applied = self._applied, Cut()

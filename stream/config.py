@@ -47,6 +47,9 @@ __all__ = [
 ENV_PREFIX = "ENACTIVE_"
 ENV_CONFIG_FILE = "ENACTIVE_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+SESSION_POLICIES = ("reset", "continue")
+"""What a frame that starts a new session of its stream does to the stream's state."""
 
 # What `enactive-stream run` with no arguments uses on top of the defaults.
 EMBEDDED_DEFAULT_OVERRIDES: Mapping[str, object] = {
@@ -213,6 +216,12 @@ class IngestConfig:
     max_frame_bytes: int = _f(1 << 20, _Int(64, 64 << 20))
     queue: int = _f(8192, _QUEUE)
     udp_buffer: int = _f(8192, _QUEUE)
+    session_start: str = _f("reset", _Str(SESSION_POLICIES))
+    max_seq_jump: int = _f(1 << 32, _Int(0, (1 << 64) - 1))
+    max_connections: int = _f(4096, _Int(0, 1 << 20))
+    max_connections_per_address: int = _f(1024, _Int(0, 1 << 20))
+    idle_timeout_s: float = _f(600.0, _Float(0, 86400))
+    frame_timeout_s: float = _f(30.0, _Float(0, 86400))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -288,6 +297,7 @@ class StateConfig:
     checkpoint_interval_s: float = _f(5.0, _Float(0, 86400, lo_open=True))
     max_streams: int = _f(4096, _Int(1, 10_000_000))
     max_known_streams: int = _f(65536, _Int(1, 100_000_000))
+    stream_ttl_s: float = _f(7 * 86400.0, _Float(0, 10 * 365 * 86400))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -310,9 +320,10 @@ class DeviceConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LogConfig:
-    """`[log]`: log level and the live status line."""
+    """`[log]`: log level and format, and the live status line."""
 
     level: str = _f("info", _Str(LOG_LEVELS))
+    format: str = _f("text", _Str(LOG_FORMATS))
     status_interval_s: float = _f(1.0, _Float(0, 3600))
 
 

@@ -3,14 +3,19 @@
 ```
  config ──► Daemon(config)          XLA threads sized, CPUs split, metrics registered
               │ run()
-              ├─ HTTP /metrics /healthz /readyz      (up first: 503 until ready)
+              ├─ HTTP /metrics /healthz /readyz      (up first: 503 and what it is doing
+              │                                     until ready)
               ├─ prepare (worker thread)            build the model, compile every bucket,
               │                                     restore the checkpoint
               ├─ serve: Pipeline(sources, sinks)    stream/pipeline.py draws the stages
-              │    ready: /readyz 200, ready file, status line every second
-              └─ SIGTERM/SIGINT/request_stop()      stop the sources, drain, final
-                                                    checkpoint, exit
+              │    ready: /readyz 200, ready file, READY=1, status line every second
+              ├─ SIGHUP                             logged and ignored (no reload)
+              └─ SIGTERM/SIGINT/request_stop()      STOPPING=1, stop the sources, drain,
+                                                    final checkpoint, exit
 ```
+
+Progress (`starting`, `compiling: 3/8 buckets`, `ready`, `draining`) goes to the status
+callable (the log), to `/readyz`, and to the service manager (`stream/notify.py`).
 
 Everything between a frame's arrival and its moment's emission is the pipeline's; this
 module only builds it from the configuration and runs it.
@@ -23,7 +28,10 @@ import json
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,8 @@ from .config import Config, ConfigError, parse_address
 from .events import Events, Listener
 from .http import serve_http
 from .metrics import Metrics
+from .net import ConnectionLimits
+from .notify import Notifier
 from .pipeline import Pipeline, PipelineSettings
 from .sinks import EncodingCache, JsonlSink, Sink, StdoutSink, SubscriberServer
 from .sources import Source, SyntheticSource, TcpSource, UdpSource
@@ -82,11 +92,18 @@ class Daemon:
     - `config`: the validated configuration.
     - `metrics`: where to count (default: a fresh `Metrics` on its own registry, with
         series for the configured sources and sinks).
-    - `status`: called with one line of live status every `log.status_interval_s`, and
-        with progress lines while buckets compile (default: the `stream.daemon` logger
-        at INFO).
+    - `status`: called with each line of progress (starting, each bucket compiled,
+        ready, SIGHUP ignored, stopped) and with one line of live status every
+        `log.status_interval_s` (default: the `stream.daemon` logger at INFO). Compile
+        progress comes from a worker thread.
     - `ready_file`: when set, the bound ports are written there (JSON, atomically) once
         the daemon is ready — so a supervisor or a test can use port 0.
+    - `notifier`: the service manager to tell about start-up, readiness and stopping
+        (default: `NOTIFY_SOCKET`'s, which does nothing when it is unset).
+
+    Constructed in the main thread, it ignores SIGHUP for the rest of the process: the
+    configuration cannot be reloaded in place, and a hang-up must not end the process
+    without its final checkpoint. While `run()` serves, a SIGHUP is logged as ignored.
     """
 
     def __init__(
@@ -96,8 +113,17 @@ class Daemon:
         metrics: Metrics | None = None,
         status: Callable[[str], None] | None = None,
         ready_file: str | os.PathLike[str] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self._started = time.monotonic()
+        self._status = status or log.info
+        self._notifier = notifier if notifier is not None else Notifier.from_environment()
+        self._phase = "starting"
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `_signals` logs it while serving
+        # Initialising the backend takes seconds (JAX probes every platform): say so first.
+        self._say(f"starting: initialising JAX {jax.__version__} (pid {os.getpid()})…")
         # Before anything below creates the XLA client (jax.default_backend() does).
         self.xla_cpu_threads = xla_cpu_threads(config)
         # XLA's threads keep the affinity of the thread that creates the client: the compute
@@ -114,7 +140,6 @@ class Daemon:
             sources=source_labels(config),
             sinks=sink_names(config),
         )
-        self._status = status or log.info
         self._ready_file = ready_file
         self.ready = False
         self.ports: dict[str, int] = {}
@@ -123,7 +148,15 @@ class Daemon:
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
+        if not self._stop.is_set():
+            self._notifier.stopping("draining and checkpointing")
         self._stop.set()
+
+    def progress(self) -> str:
+        """One line: `starting`, `compiling: 3/8 buckets`, …, `ready` or `draining`."""
+        if self._stop.is_set():
+            return "draining"
+        return "ready" if self.ready else self._phase
 
     async def run(
         self, *, task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED
@@ -136,7 +169,10 @@ class Daemon:
             async with anyio.create_task_group() as outer:
                 if cfg.metrics.listen:
                     self.ports["metrics"] = await outer.start(
-                        serve_http, parse_address(cfg.metrics.listen), metrics, self._is_ready
+                        partial(serve_http, progress=self.progress),
+                        parse_address(cfg.metrics.listen),
+                        metrics,
+                        self._is_ready,
                     )
                 outer.start_soon(self._signals)
                 step, table, slab = await anyio.to_thread.run_sync(self._prepare)
@@ -146,6 +182,9 @@ class Daemon:
         finally:
             counter.close()
             self._set_ready(False)
+            if not self._stop.is_set():  # it failed: the manager learns it from the exit
+                self._notifier.stopping()
+            self._notifier.close()
 
     # -- prepare: build, compile, restore (in a worker thread: it takes seconds) -----------
 
@@ -168,13 +207,18 @@ class Daemon:
             devices=devices[: cfg.device.count],
             on_fallback=self._on_fallback,
         )
-        self._status(f"compiling {len(step.buckets)} buckets {step.buckets} on {self._where()}…")
+        self.metrics.watch_devices(devices[: cfg.device.count])  # memory read at scrape time
+        self._phase = f"compiling: 0/{len(step.buckets)} buckets"
+        self._say(f"compiling {len(step.buckets)} buckets {step.buckets} on {self._where()}…")
         step.compile(lambda bucket, seconds: self._compiled(step, bucket, seconds))
-        table = StreamTable(step.capacity, cfg.state.max_known_streams)
+        self._phase = "restoring the checkpoint"
+        table = StreamTable(
+            step.capacity, cfg.state.max_known_streams, max_seq_jump=cfg.ingest.max_seq_jump
+        )
         fresh = step.host_slab()
         host = load_checkpoint(cfg.state.dir, fresh, table, self._fingerprint(step))
         if host is not None:
-            self._status(
+            self._say(
                 f"restored {len(table.processed_seq)} streams from "
                 f"{Path(cfg.state.dir) / 'checkpoint.npz'}"
             )
@@ -194,14 +238,15 @@ class Daemon:
         self.metrics.set_compile_seconds(bucket, seconds)
         done = sum(1 for b in step.buckets if b in step.compile_seconds)
         total = len(step.buckets)
-        self._status(f"compiled bucket {bucket:>5} ({done}/{total}) in {seconds:.2f} s")
+        self._phase = f"compiling: {done}/{total} buckets"
+        self._say(f"compiled bucket {bucket:>5} ({done}/{total}) in {seconds:.2f} s")
 
     def _fingerprint(self, step: SlabStep) -> dict[str, Any]:
         return processors.model_fingerprint(self.config.model_config, step.capacity)
 
     def _on_fallback(self, name: str, reason: str) -> None:
         self.metrics.jit_fallback("slab_step", reason)
-        self._status(f"JIT fallback: {name} runs eagerly ({reason})")
+        self._say(f"JIT fallback: {name} runs eagerly ({reason})")
 
     # -- serve ------------------------------------------------------------------------------
 
@@ -215,7 +260,7 @@ class Daemon:
     ) -> None:
         cfg, metrics = self.config, self.metrics
         status = StatusLine(metrics, table, counter)
-        events = Events([metrics, status, _CheckpointLog(self._status)])
+        events = Events([metrics, status, _CheckpointLog(self._notifier.status)])
         fingerprint = self._fingerprint(step)
 
         def checkpoint(rows: Any, snapshot: StreamTable) -> None:
@@ -239,6 +284,8 @@ class Daemon:
                 max_wait_s=cfg.batching.max_wait_ms / 1000.0,
                 checkpoint_interval_s=cfg.state.checkpoint_interval_s,
                 slo_p99_s=cfg.batching.slo_p99_ms / 1000.0 if cfg.batching.adaptive else None,
+                session_start=cfg.ingest.session_start,
+                stream_ttl_s=cfg.state.stream_ttl_s,
             ),
             checkpoint=checkpoint,
             on_adapt=adapted,
@@ -246,6 +293,8 @@ class Daemon:
         for stage, depth in pipeline.queue_depths().items():
             metrics.watch_queue(stage, depth)
         metrics.active_streams.set_function(lambda: table.active)  # read at scrape time
+        metrics.unsaved_age.set_function(pipeline.executor.unsaved_age_s)
+        self._phase = "starting the pipeline"
         async with anyio.create_task_group() as tg:
             ports = await tg.start(pipeline.run)
             self.ports.update(ports.sources)
@@ -257,25 +306,31 @@ class Daemon:
             gc.collect()
             gc.freeze()
             counter.seal()
-            self._set_ready(True)
-            self._write_ready_file()
+            if not self._stop.is_set():  # (stopped while it started: never ready)
+                self._set_ready(True)
+                self._write_ready_file()
+                self._announce_ready()
             task_status.started(dict(self.ports))
             async with anyio.create_task_group() as serving:
                 if cfg.log.status_interval_s > 0:
-                    serving.start_soon(status.run, cfg.log.status_interval_s, self._status)
+                    serving.start_soon(status.run, cfg.log.status_interval_s, self._say)
                 await self._stop.wait()
                 serving.cancel_scope.cancel()
             self._set_ready(False)
             pipeline.stop()  # the task group waits for the drain
         processed = metrics.registry.get_sample_value("enactive_frames_processed_total") or 0
-        self._status(
-            f"stopped: {int(processed)} frames processed, checkpoint in {cfg.state.dir}"
-        )
+        self._say(f"stopped: {int(processed)} frames processed, checkpoint in {cfg.state.dir}")
 
     def _sources(self) -> list[Source]:
         cfg = self.config
         sources: list[Source] = []
-        tcp = TcpSource(parse_address(cfg.ingest.tcp)) if cfg.ingest.tcp else None
+        limits = ConnectionLimits(
+            max_connections=cfg.ingest.max_connections,
+            max_per_address=cfg.ingest.max_connections_per_address,
+            idle_timeout_s=cfg.ingest.idle_timeout_s,
+            frame_timeout_s=cfg.ingest.frame_timeout_s,
+        )
+        tcp = TcpSource(parse_address(cfg.ingest.tcp), limits=limits) if cfg.ingest.tcp else None
         if tcp is not None:
             sources.append(tcp)
         if cfg.ingest.udp:
@@ -313,18 +368,47 @@ class Daemon:
             sinks.append(StdoutSink(buffer=out.subscriber_buffer, events=events, cache=cache))
         return sinks
 
-    # -- signals, readiness -------------------------------------------------------------------
+    # -- signals, readiness, progress ----------------------------------------------------------
 
     async def _signals(self) -> None:
         try:
-            receiver = anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
+            receiver = anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         except (NotImplementedError, ValueError, RuntimeError):  # not the main thread
             return
-        with receiver as signals:
-            async for signum in signals:
-                self._status(f"{signal.Signals(signum).name}: draining and checkpointing…")
-                self.request_stop()
-                return
+        draining = False
+        try:
+            with receiver as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        self._hangup()
+                    elif not draining:
+                        draining = True
+                        self._say(f"{name}: draining and checkpointing…")
+                        self.request_stop()
+                    else:  # asked twice: the signal's default action, at once
+                        self._say(f"{name} again: exiting now, without the final checkpoint")
+                        signal.signal(signum, signal.SIG_DFL)
+                        os.kill(os.getpid(), signum)
+        finally:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # closing the receiver set SIG_DFL
+
+    def _hangup(self) -> None:
+        self._status(
+            "SIGHUP: ignored — the configuration is read once at start and cannot be "
+            "reloaded in place; restart to apply a change (systemctl restart enactive-stream)"
+        )
+
+    def _say(self, line: str) -> None:
+        """A line of progress or status: to the status callable and the service manager."""
+        self._status(line)
+        self._notifier.status(line)
+
+    def _announce_ready(self) -> None:
+        ports = ", ".join(f"{name} {port}" for name, port in self.ports.items())
+        line = f"ready in {time.monotonic() - self._started:.1f} s: {ports}"
+        self._status(line)
+        self._notifier.ready(line)
 
     def _is_ready(self) -> bool:
         return self.ready
@@ -343,10 +427,12 @@ class Daemon:
 
 
 class _CheckpointLog(Listener):
-    """Says so in the status output when a checkpoint fails."""
+    """Says so, as a warning (and to the service manager), when a checkpoint fails."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self._say = say
 
     def checkpoint_failed(self, message: str) -> None:
-        self._say(f"checkpoint failed, will retry: {message}")
+        line = f"checkpoint failed, will retry at the next interval: {message}"
+        log.warning(line)
+        self._say(line)

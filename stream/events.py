@@ -32,6 +32,11 @@ class PipelineEvents(Protocol):
     def dropped(self, reason: str, n: int) -> None:
         """`n` well-formed frames were dropped by an overload policy (`overload`)."""
 
+    def limited(self, listener: str, reason: str) -> None:
+        """A connection to `listener` (its configuration key, e.g. `ingest.tcp`) was
+        refused or closed by a limit: `max_connections`, `max_per_address`,
+        `idle_timeout`, `frame_timeout`."""
+
     # -- admission, batcher, executor ------------------------------------------------------
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
@@ -45,6 +50,9 @@ class PipelineEvents(Protocol):
 
     def restored(self, n: int) -> None:
         """`n` returning streams' states were moved back into the slab."""
+
+    def expired(self, n: int) -> None:
+        """`n` streams idle past `state.stream_ttl_s` were forgotten."""
 
     def checkpointed(self, seconds: float, positions: int) -> None:
         """A checkpoint is durable; it took `seconds` and covers `positions` source
@@ -86,6 +94,9 @@ class Listener:
     def dropped(self, reason: str, n: int) -> None:
         pass
 
+    def limited(self, listener: str, reason: str) -> None:
+        pass
+
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
     ) -> None:
@@ -95,6 +106,9 @@ class Listener:
         pass
 
     def restored(self, n: int) -> None:
+        pass
+
+    def expired(self, n: int) -> None:
         pass
 
     def checkpointed(self, seconds: float, positions: int) -> None:
@@ -138,6 +152,10 @@ class Events:
         for each in self.listeners:
             each.dropped(reason, n)
 
+    def limited(self, listener: str, reason: str) -> None:
+        for each in self.listeners:
+            each.limited(listener, reason)
+
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
     ) -> None:
@@ -151,6 +169,10 @@ class Events:
     def restored(self, n: int) -> None:
         for each in self.listeners:
             each.restored(n)
+
+    def expired(self, n: int) -> None:
+        for each in self.listeners:
+            each.expired(n)
 
     def checkpointed(self, seconds: float, positions: int) -> None:
         for each in self.listeners:

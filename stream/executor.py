@@ -31,6 +31,7 @@ from processors import FLAG_RESET, FLAG_VALID, SlabSnapshot, SlabStep
 from .batcher import Batch, Batcher
 from .commits import CommitLog, Cut
 from .events import PipelineEvents
+from .protocol import ALL_PRESENT, SESSION_START
 from .streams import SlotPlan, StreamTable
 
 __all__ = ["Executor", "Stepped"]
@@ -67,6 +68,10 @@ class Executor:
         thread); None disables checkpoints, and then positions are committed as soon as
         their batch is dispatched.
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
+    - `reset_on_session_start`: a frame that starts a new session of its stream
+        (`SESSION_START`) steps from a fresh state (True) or from the stream's state.
+    - `stream_ttl_s`: a stream not stepped for this long is forgotten at the next
+        checkpoint (0: never), so the stream table never fills for good.
     """
 
     def __init__(
@@ -79,7 +84,11 @@ class Executor:
         commits: CommitLog,
         checkpoint: Callable[[Any, StreamTable], Any] | None = None,
         checkpoint_interval_s: float = 5.0,
+        reset_on_session_start: bool = True,
+        stream_ttl_s: float = 0.0,
     ) -> None:
+        self._ttl_ns = int(stream_ttl_s * 1e9)
+        self._reset_on_start = reset_on_session_start
         self.step = step
         self.table = table
         self.slab = slab
@@ -92,6 +101,8 @@ class Executor:
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         self.pending = 0  # batches dispatched whose records the integrator has not taken
         self._batcher: Batcher | None = None
+        self._dirty_since: int | None = None  # oldest effect in no checkpoint taken yet
+        self._writing_since: int | None = None  # oldest effect in the one being written
         self._writing: anyio.Event | None = None  # set while no checkpoint write runs
         self._background: anyio.abc.TaskGroup | None = None
 
@@ -103,9 +114,11 @@ class Executor:
         # Straight into `x` (a C-contiguous view): ~3× cheaper than `np.stack` of the rows.
         np.concatenate(batch.payloads, out=x[:n].reshape(-1))
         meta[:n, 0] = plan.slots
-        meta[:n, 1] = batch.present
+        meta[:n, 1] = batch.present & ALL_PRESENT
         meta[:n, 1] |= FLAG_VALID
         meta[:n, 1][np.asarray(plan.fresh, bool)] |= FLAG_RESET
+        if self._reset_on_start:
+            meta[:n, 1][batch.present & SESSION_START != 0] |= FLAG_RESET
         return x, meta
 
     def _dispatch(self, x: np.ndarray, meta: np.ndarray) -> tuple[jax.Array, bool]:
@@ -136,11 +149,12 @@ class Executor:
         self._batcher = batcher
         batcher.idle(self.pending == 0)
         async with send, anyio.create_task_group() as self._background:
-            while (batch := await batcher.next_batch()) is not None:
+            while (batch := await self._next_batch(batcher)) is not None:
                 taken = time.monotonic_ns()
                 n = len(batch)
                 stream_ids = batch.stream_ids
                 plan = table.plan(stream_ids)
+                table.stepped(stream_ids, taken)
                 x, meta = self._assemble(batch, plan)
                 if plan.evict or plan.restore:
                     evicted = await anyio.to_thread.run_sync(
@@ -171,11 +185,33 @@ class Executor:
                             table.restored.discard(stream_id)
                             restored[i] = True
                 self._dirty = True
+                if self._dirty_since is None:
+                    self._dirty_since = taken
                 events.batch(len(x), n, batch.queue_ns / 1e9, (taken - batch.received_ns) / 1e9)
                 await send.send(Stepped(batch, records, eager, restored, taken))
                 if time.monotonic_ns() >= self._next_checkpoint:
                     await self.checkpoint()
             await self.checkpoint(final=True)
+
+    async def _next_batch(self, batcher: Batcher) -> Batch | None:
+        """The next batch. While none comes, a checkpoint that falls due is written all
+        the same, so effects never stay unsaved for long while the daemon is idle."""
+        while True:
+            if self._checkpoint is None or not (self._dirty or len(self._commits)):
+                return await batcher.next_batch()
+            wait_s = (self._next_checkpoint - time.monotonic_ns()) / 1e9
+            with anyio.move_on_after(max(wait_s, 0.0)):
+                return await batcher.next_batch()
+            # Idle past the interval: checkpoint now (or, while one is being written,
+            # try again one interval later).
+            self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+            await self.checkpoint()
+
+    def unsaved_age_s(self) -> float:
+        """Seconds since the oldest effect on state that no durable checkpoint holds yet
+        (0 when every effect is saved)."""
+        oldest = [t for t in (self._dirty_since, self._writing_since) if t is not None]
+        return (time.monotonic_ns() - min(oldest)) / 1e9 if oldest else 0.0
 
     def finished(self) -> None:
         """The integrator took one batch's records: when none is left on the device, tell
@@ -208,11 +244,17 @@ class Executor:
         if not self._dirty and not len(self._commits):
             return
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
+        if self._ttl_ns:
+            expired = self.table.expire(time.monotonic_ns() - self._ttl_ns)
+            if expired:
+                self._events.expired(len(expired))
         t0 = time.perf_counter()
         table = self.table.snapshot()
         cut = self._commits.cut(table.processed_seq)
         snapshot = self.step.snapshot(self.slab, list(table.slot_of.values()))
         self._dirty = False
+        if self._dirty_since is not None:
+            self._writing_since, self._dirty_since = self._dirty_since, None
         if final:
             await self._write(snapshot, table, cut, t0, final=True)
         else:
@@ -235,11 +277,15 @@ class Executor:
             await anyio.to_thread.run_sync(lambda: checkpoint(snapshot.to_host(), table))
         except OSError as e:
             self._dirty = True  # nothing was saved: the next interval tries again
+            if self._writing_since is not None:
+                since = [t for t in (self._dirty_since, self._writing_since) if t is not None]
+                self._dirty_since, self._writing_since = min(since), None
             self._commits.retry(cut)
             self._events.checkpoint_failed(f"{type(e).__name__}: {e}")
             if final:
                 raise
         else:
+            self._writing_since = None
             self._commits.commit(cut)
             self._events.checkpointed(time.perf_counter() - t0, len(cut))
         finally:

@@ -1,27 +1,38 @@
 """Every Prometheus metric the daemon exposes, in one place.
 
 `Metrics` owns its metric objects and registers them on the `registry` it is given (a new
-`CollectorRegistry` by default, never the process-global one). Names use the `enactive_`
-prefix, base units and `_total` counters; the label sets of the running configuration
-(its sources, sinks and buckets, every reason and stage) start at 0 so dashboards and
-`rate()` see every series from the first scrape. No label ever carries a stream id. The
-reference, with a PromQL example per metric, is `docs/metrics.md`.
+`CollectorRegistry` by default, never the process-global one), together with
+prometheus_client's process (`process_*`), garbage collector (`python_gc_*`) and platform
+(`python_info`) collectors. Names use the `enactive_` prefix, base units and `_total`
+counters; the label sets of the running configuration (its sources, sinks and buckets,
+every reason and stage) start at 0 so dashboards and `rate()` see every series from the
+first scrape. No label ever carries a stream id. The reference, with a PromQL example per
+metric, is `docs/metrics.md`.
 
 `Metrics` implements `stream.events.PipelineEvents`: the stages report to it (`received`,
 `rejected`, `batch`, `moments`, ...), and each event looks up pre-bound label children in
 dicts. A label value outside the known set is recorded as `"other"`, so no caller can grow
-the number of series without bound.
+the number of series without bound. Queue depths and device memory are read at scrape time
+by custom collectors.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
@@ -34,15 +45,19 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_FILL_BUCKETS",
     "CHECKPOINT_BUCKETS",
+    "DEVICE_MEMORY_KINDS",
     "DROP_REASONS",
     "JIT_PROCESSORS",
     "LATENCY_BUCKETS",
+    "LIMIT_REASONS",
+    "LISTENERS",
     "MAX_FALLBACK_REASONS",
     "PHASES",
     "SINKS",
     "SINK_DROP_REASONS",
     "SOURCES",
     "STAGES",
+    "MemoryStatsDevice",
     "Metrics",
 ]
 
@@ -50,11 +65,19 @@ __all__ = [
 # of the ones it runs (`Metrics(sources=..., sinks=...)`); the others appear at first use.
 SOURCES = ("tcp", "json", "udp", "synthetic")
 SINKS = ("tcp", "jsonl", "stdout")
+LISTENERS = ("ingest.tcp", "output.tcp", "metrics.listen")
+LIMIT_REASONS = ("max_connections", "max_per_address", "idle_timeout", "frame_timeout")
 DROP_REASONS = ("overload",)
 STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
 PHASES = ("warmup", "runtime")
 SINK_DROP_REASONS = ("slow_sink", "slow_subscriber", "disconnected", "error")
 JIT_PROCESSORS = ("temporal", "body_schema", "slab_step")
+# `kind` label of `enactive_device_memory_bytes` -> key of `jax.Device.memory_stats()`.
+DEVICE_MEMORY_KINDS = {
+    "in_use": "bytes_in_use",
+    "limit": "bytes_limit",
+    "peak": "peak_bytes_in_use",
+}
 # Fallback reasons are the failing exception's class name (what `processors` reports); the
 # first MAX_FALLBACK_REASONS distinct ones get their own series, later ones count as "other".
 MAX_FALLBACK_REASONS = 16
@@ -96,6 +119,49 @@ class _QueueDepthCollector:
         yield family
 
 
+class MemoryStatsDevice(Protocol):
+    """What `Metrics.watch_devices` reads: a `jax.Device`, or anything with its `id` and
+    `memory_stats()` (a dict, or None or an exception where the backend reports nothing)."""
+
+    @property
+    def id(self) -> int: ...
+
+    def memory_stats(self) -> Mapping[str, Any] | None: ...
+
+
+class _DeviceMemoryCollector:
+    """Reads `enactive_device_memory_bytes{device, kind}` from `memory_stats()` at scrape
+    time; a device whose backend reports nothing (the CPU) has no series."""
+
+    def __init__(self) -> None:
+        self.devices: tuple[MemoryStatsDevice, ...] = ()
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "enactive_device_memory_bytes",
+            "Accelerator memory as the backend reports it: in use, limit, peak in use.",
+            labels=["device", "kind"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for device in self.devices:
+            try:
+                stats = device.memory_stats()
+            except Exception:  # not supported by this backend, or the device went away
+                continue
+            if not stats:
+                continue
+            for kind, key in DEVICE_MEMORY_KINDS.items():
+                value = stats.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    family.add_metric([str(device.id), kind], float(value))
+        yield family
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -120,6 +186,11 @@ class Metrics:
         `jit_compile_seconds` start with one series per bucket.
     - `version`, `jax_version`, `backend`: build metadata for `enactive_build_info`
         (defaults: installed distribution versions and `"unknown"`; see `set_build_info`).
+    - `process_metrics`: also register prometheus_client's `ProcessCollector`
+        (`process_*`: CPU, memory, file descriptors, start time; Linux only),
+        `GCCollector` (`python_gc_*`) and `PlatformCollector` (`python_info`). Off for
+        tests that count the `enactive_*` series exactly, and for a registry that already
+        has them (the process-global `REGISTRY` does).
     """
 
     def __init__(
@@ -132,6 +203,7 @@ class Metrics:
         version: str | None = None,
         jax_version: str | None = None,
         backend: str = "unknown",
+        process_metrics: bool = True,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         r = self.registry
@@ -163,6 +235,11 @@ class Metrics:
         )
         self.frames_dropped = counter(
             "frames_dropped_total", "Well-formed frames dropped by overload policy.", ["reason"]
+        )
+        self.connections_limited = counter(
+            "connections_limited_total",
+            "Connections refused or closed by a listener's limits.",
+            ["listener", "reason"],
         )
         self.frames_processed = counter(
             "frames_processed_total", "Frames stepped through the model."
@@ -201,11 +278,18 @@ class Metrics:
         self.checkpoint_errors = counter(
             "state_checkpoint_errors_total", "State checkpoints that could not be written."
         )
+        self.unsaved_age = gauge(
+            "state_unsaved_age_seconds",
+            "Age of the oldest effect on state no durable checkpoint holds yet (0: all saved).",
+        )
         self.checkpoint_seconds = histogram(
             "checkpoint_seconds", "Time to write one state checkpoint.", CHECKPOINT_BUCKETS
         )
         self.evictions = counter("state_evictions_total", "Idle stream states evicted.")
         self.restores = counter("state_restores_total", "Stream states restored.")
+        self.expirations = counter(
+            "state_expirations_total", "Streams forgotten after state.stream_ttl_s idle."
+        )
         self.moments_emitted = counter(
             "moments_emitted_total", "Moments delivered, by sink.", ["sink"]
         )
@@ -216,6 +300,12 @@ class Metrics:
         self.build = Info("enactive_build", "Build metadata; the value is always 1.", registry=r)
         self._queues = _QueueDepthCollector()
         r.register(self._queues)
+        self._devices = _DeviceMemoryCollector()
+        r.register(self._devices)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            GCCollector(registry=r)
+            PlatformCollector(registry=r)
 
         # Pre-bound children: the running configuration's label sets exist (at 0) from the
         # first scrape.
@@ -266,6 +356,13 @@ class Metrics:
             child = _other(self.frames_dropped, (reason, DROP_REASONS))
         child.inc(n)
 
+    def limited(self, listener: str, reason: str) -> None:
+        """Counts one connection refused or closed by a limit (`LIMIT_REASONS`) of
+        `listener` (`LISTENERS`). Rare: not cached."""
+        self.connections_limited.labels(
+            _known(listener, LISTENERS), _known(reason, LIMIT_REASONS)
+        ).inc()
+
     def batch(self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray) -> None:
         """Records one batch of `rows` real frames padded to `bucket` rows. `queue_s`,
         `batch_wait_s`: float64 `(rows,)`, seconds, per frame: receipt to admission, and
@@ -281,6 +378,10 @@ class Metrics:
     def evicted(self, n: int) -> None:
         """Counts `n` stream states evicted from the slab."""
         self.evictions.inc(n)
+
+    def expired(self, n: int) -> None:
+        """Counts `n` idle streams forgotten."""
+        self.expirations.inc(n)
 
     def restored(self, n: int) -> None:
         """Counts `n` stream states restored into the slab."""
@@ -377,6 +478,13 @@ class Metrics:
     def unwatch_queue(self, stage: str) -> None:
         """Stops reporting `stage`'s queue depth."""
         self._queues.watched.pop(stage, None)
+
+    def watch_devices(self, devices: Iterable[MemoryStatsDevice]) -> None:
+        """Reports the memory of `devices` (the `jax.Device`s in use) as
+        `enactive_device_memory_bytes{device, kind}` at every scrape, replacing any devices
+        watched before. Devices whose `memory_stats()` returns None or raises (the CPU)
+        have no series."""
+        self._devices.devices = tuple(devices)
 
     def exposition(self) -> bytes:
         """Returns the registry in the Prometheus text format (version 0.0.4)."""

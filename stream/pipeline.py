@@ -1,11 +1,11 @@
 """The pipeline: the stages and the bounded buffers between them.
 
 ```
- sources ──► ingest ──► admission ─► batcher ──► executor ──► stepped ──► integrator ──► sinks
- tcp, udp,   buffer     (seq check,  (one frame   (AOT bucket   stream     (moments,     offer()
- synthetic   [frames]    rejects)    per stream,  step on the   [2]        latency)      never
- (a Source)                          deadline,    state slab,                            waits
-                                     [limit])     checkpoint)
+ sources ──► admission ──► ingest ──► batcher ──► executor ──► stepped ──► integrator ──► sinks
+ tcp, udp,   (seq check;   buffer     (one frame   (AOT bucket   stream     (moments,     offer()
+ synthetic   rejections   [frames]    per stream,  step on the   [2]        latency)      never
+ (a Source)  back to the              deadline,    state slab,                            waits
+             source)                  [limit])     checkpoint)
                                                        │ durable checkpoint
  source.commit(positions) ◄───────── CommitLog ◄───────┘
 ```
@@ -60,6 +60,9 @@ class PipelineSettings:
     - `max_wait_s`: the batch deadline.
     - `slo_p99_s`: when set, adaptive batching steers the deadline and cap to hold it.
     - `checkpoint_interval_s`: at most this long between checkpoints while frames flow.
+    - `session_start`: what a frame that starts a new session of its stream does to the
+        stream's state: `"reset"` (a fresh state) or `"continue"`.
+    - `stream_ttl_s`: streams idle this long are forgotten (0: never).
     """
 
     dims: Dims
@@ -68,6 +71,8 @@ class PipelineSettings:
     max_wait_s: float
     checkpoint_interval_s: float
     slo_p99_s: float | None = None
+    session_start: str = "reset"
+    stream_ttl_s: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -131,8 +136,8 @@ class Pipeline:
             dims=settings.dims,
             max_frame_bytes=settings.max_frame_bytes,
             events=events,
+            admission=Admission(table, events, self.commits),
         )
-        self.admission = Admission(table, events, self.commits)
         self.executor = Executor(
             step,
             table,
@@ -141,6 +146,8 @@ class Pipeline:
             commits=self.commits,
             checkpoint=checkpoint,
             checkpoint_interval_s=settings.checkpoint_interval_s,
+            reset_on_session_start=settings.session_start == "reset",
+            stream_ttl_s=settings.stream_ttl_s,
         )
         model_config = step.model.config
         self.sizes = MomentSizes(
@@ -177,9 +184,7 @@ class Pipeline:
                 if isinstance(port, int):
                     ports.sinks[sink.name] = port
             async with anyio.create_task_group() as stages:
-                stages.start_soon(
-                    self.batcher.collect, self.buffer, self.admission.frame, self.admission.run
-                )
+                stages.start_soon(self.batcher.collect, self.buffer)
                 stages.start_soon(self.executor.run, self.batcher, self.stepped_send)
                 stages.start_soon(self._integrate)
                 try:

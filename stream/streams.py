@@ -39,17 +39,20 @@ class SlotPlan:
 
 class StreamTable:
     """**Arguments:** `capacity`, slots in the device slab; `max_known`, streams known at
-    most (slab + evicted)."""
+    most (slab + evicted); `max_seq_jump`, how far above its stream's last seq a frame's
+    seq may be (0: any), so a stray frame cannot push a stream to the end of the range."""
 
-    def __init__(self, capacity: int, max_known: int) -> None:
+    def __init__(self, capacity: int, max_known: int, *, max_seq_jump: int = 0) -> None:
         self.capacity = capacity
         self.max_known = max(max_known, capacity)
+        self.max_seq_jump = max_seq_jump
         self.admitted_seq: dict[str, int] = {}  # last seq let into the pipeline
         self.processed_seq: dict[str, int] = {}  # last seq whose effect is in the state
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
         self.evicted: dict[str, Any] = {}  # stream -> host state
         self.free: list[int] = list(range(capacity - 1, -1, -1))
         self.restored: set[str] = set()  # restored from a checkpoint, flag not yet shown
+        self.last_stepped: dict[str, int] = {}  # stream -> monotonic ns of its last step
 
     def __len__(self) -> int:
         """Streams known: in the slab or evicted to the host."""
@@ -60,13 +63,14 @@ class StreamTable:
         """Streams holding a slot in the device slab."""
         return len(self.slot_of)
 
-    def admit(self, stream_id: str, seq: int) -> None:
+    def admit(self, stream_id: str, seq: int, *, session_start: bool = False) -> None:
         """Check a frame's sequence number against its stream's last admitted one and
-        record it. Raises `FrameRejected` (`duplicate_seq`, `stale_seq`,
-        `too_many_streams`); a rejected frame changes nothing."""
+        record it; a frame that starts a new session of its stream (the sensor restarted)
+        may have any seq. Raises `FrameRejected` (`duplicate_seq`, `stale_seq`,
+        `seq_jump`, `too_many_streams`); a rejected frame changes nothing."""
         last = self.admitted_seq.get(stream_id)
-        if last is None:
-            if len(self.admitted_seq) >= self.max_known:
+        if last is None or session_start:
+            if last is None and len(self.admitted_seq) >= self.max_known:
                 raise FrameRejected(
                     "too_many_streams",
                     f"{len(self.admitted_seq)} streams known, limit {self.max_known}",
@@ -87,17 +91,27 @@ class StreamTable:
                 stream_id=stream_id,
                 seq=seq,
             )
+        elif self.max_seq_jump and seq - last > self.max_seq_jump:
+            raise FrameRejected(
+                "seq_jump",
+                f"seq {seq} of {stream_id!r} is {seq - last} past last {last}, "
+                f"more than ingest.max_seq_jump = {self.max_seq_jump}",
+                stream_id=stream_id,
+                seq=seq,
+            )
         self.admitted_seq[stream_id] = seq
 
     def admit_run(self, stream_ids: list[str], seq: list[int]) -> bool:
         """Admit a run of frames at once when that is what `admit` would do frame by frame
-        with no rejection: distinct, known streams, each `seq` above its last. Otherwise
-        change nothing and return False (the caller then admits frame by frame)."""
+        with no rejection: distinct, known streams, each `seq` above its last (and within
+        `max_seq_jump` of it). Otherwise change nothing and return False (the caller then
+        admits frame by frame)."""
         admitted = self.admitted_seq
         last = list(map(admitted.get, stream_ids))
         if None in last or len(set(stream_ids)) != len(stream_ids):
             return False
-        if not all(map(operator.gt, seq, cast(list[int], last))):
+        steps = list(map(operator.sub, seq, cast(list[int], last)))
+        if min(steps) <= 0 or (self.max_seq_jump and max(steps) > self.max_seq_jump):
             return False
         admitted.update(zip(stream_ids, seq, strict=True))
         return True
@@ -129,6 +143,29 @@ class StreamTable:
             plan.fresh.append(state is None)
         return plan
 
+    def stepped(self, stream_ids: list[str], now_ns: int) -> None:
+        """These streams were stepped at `now_ns` (for `expire`)."""
+        self.last_stepped.update(dict.fromkeys(stream_ids, now_ns))
+
+    def expire(self, before_ns: int) -> list[str]:
+        """Forget the streams last stepped before `before_ns` that have nothing in flight:
+        their slots are freed, their evicted states and seqs dropped, so a stream that
+        returns starts afresh and the table never fills for good. Returns their ids."""
+        gone = [
+            stream_id
+            for stream_id, t in self.last_stepped.items()
+            if t < before_ns
+            and self.admitted_seq.get(stream_id) == self.processed_seq.get(stream_id)
+        ]
+        for stream_id in gone:
+            slot = self.slot_of.pop(stream_id, None)
+            if slot is not None:
+                self.free.append(slot)
+            for table in (self.evicted, self.processed_seq, self.admitted_seq, self.last_stepped):
+                table.pop(stream_id, None)
+            self.restored.discard(stream_id)
+        return gone
+
     def evicted_state(self, stream_id: str, state: Any) -> None:
         """Keep the host copy of an evicted stream's state (read by the executor)."""
         self.evicted[stream_id] = state
@@ -136,7 +173,7 @@ class StreamTable:
     def snapshot(self) -> StreamTable:
         """A copy of what a checkpoint saves (slots, evicted states, processed seq), safe
         to write from another thread while this table moves on."""
-        copy = StreamTable(self.capacity, self.max_known)
+        copy = StreamTable(self.capacity, self.max_known, max_seq_jump=self.max_seq_jump)
         copy.slot_of = collections.OrderedDict(self.slot_of)
         copy.evicted = dict(self.evicted)
         copy.processed_seq = dict(self.processed_seq)
@@ -145,6 +182,8 @@ class StreamTable:
     def processed(self, stream_id: str, seq: int) -> None:
         self.processed_seq[stream_id] = seq
 
-    def forget_unprocessed(self) -> None:
-        """After a restart: frames admitted but never processed are forgotten."""
+    def forget_unprocessed(self, now_ns: int) -> None:
+        """After a restart: frames admitted but never processed are forgotten, and every
+        restored stream counts as stepped `now_ns` (its idle time starts again)."""
         self.admitted_seq = dict(self.processed_seq)
+        self.last_stepped = dict.fromkeys(self.processed_seq, now_ns)

@@ -90,6 +90,6 @@ async def run_synthetic(
             tick += int(late * rate_hz)
         for frame in bodies.frames(tick * period, tick):
             ingest.received("synthetic")
-            if not ingest.put_nowait(frame):
+            if ingest.put_nowait(frame) is None:
                 await ingest.put(frame)
         tick += 1

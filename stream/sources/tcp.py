@@ -5,21 +5,26 @@ The first byte of a connection decides its language: `{` means JSON lines (sourc
 frames go into the ingest in order; while the pipeline is full the connection stops
 reading, so TCP flow control slows its sender down.
 
-Every rejected frame is counted. A JSON connection gets one reply line per rejection,
-`{"error": reason, "detail": ..., "stream": ..., "seq": ...}`, written by a separate task
-from a bounded queue. When the queue is full the reader waits for room at most
-`REPLY_WAIT_S`; after such a wait runs out, replies are skipped until the queue has
-drained, so a client that never reads its replies only loses replies. A binary
-connection gets no replies and is closed when its framing is lost. Nothing one
-connection does affects another, and no connection error reaches the server.
+Every rejected frame is counted — at decoding, or at admission (a stale or repeated seq)
+— and answered on its connection (`stream.protocol.replies`): a JSON connection always
+gets one JSON line per rejection, `{"error": reason, "detail": ..., "stream": ...,
+"seq": ...}`; a binary connection gets one binary `ESR1` record per rejection once a frame
+with the header flag `FRAME_REPLY` arrived (a sender that never reads is never answered).
+Replies are written by a separate task from a bounded queue. When the queue is full the
+reader waits for room at most `REPLY_WAIT_S`; after such a wait runs out, replies are
+skipped until the queue has drained, so a client that never reads its replies only
+loses replies. A binary connection is closed when its framing is lost. After the sender
+half-closes, the connection answers what it read, then closes: a sender that reads until
+then has every reply. Nothing one connection does affects another, and no connection
+error reaches the server.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import anyio
@@ -28,8 +33,24 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..buffers import Overflow
 from ..ingest import Ingest, frames_in
-from ..net import accept_forever, listen_tcp
-from ..protocol import Frame, FrameReader, FrameRejected, FrameRun, FramingLost, LineReader
+from ..net import (
+    NO_LIMITS,
+    ConnectionGate,
+    ConnectionLimits,
+    accept_forever,
+    listen_tcp,
+    peer_address,
+)
+from ..protocol import (
+    Frame,
+    FrameReader,
+    FrameRejected,
+    FrameRun,
+    FramingLost,
+    LineReader,
+    encode_error_line,
+    encode_reply,
+)
 
 __all__ = ["TcpSource", "serve_tcp"]
 
@@ -42,6 +63,8 @@ REPLY_QUEUE = 256
 """Error replies waiting to be written to a JSON client."""
 REPLY_WAIT_S = 1.0
 """How long the reader waits for room in a full reply queue before skipping replies."""
+LISTENER = "ingest.tcp"
+"""The listener's name in logs and in `enactive_connections_limited_total{listener}`."""
 REPLY_DRAIN_S = 0.5
 """How long a closing JSON connection may spend writing its last replies."""
 
@@ -54,15 +77,20 @@ class TcpSource:
     labels: tuple[str, ...] = ("tcp", "json")
     overflow: Overflow = "block"
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], *, limits: ConnectionLimits = NO_LIMITS) -> None:
         self.address = address
+        self.limits = limits
         self.port: int | None = None  # once bound
 
     async def run(
         self, ingest: Ingest, *, task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
-            self.port = await tg.start(serve_tcp, ingest, self.address)
+            self.port = await tg.start(
+                lambda task_status: serve_tcp(
+                    ingest, self.address, limits=self.limits, task_status=task_status
+                )
+            )
             task_status.started(self.port)
 
     def commit(self, positions: Sequence[object]) -> None:
@@ -73,6 +101,7 @@ async def serve_tcp(
     ingest: Ingest,
     address: tuple[str, int],
     *,
+    limits: ConnectionLimits = NO_LIMITS,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sensor connections on `address` and feed their frames into `ingest`.
@@ -84,14 +113,24 @@ async def serve_tcp(
 
     - `ingest`: the pipeline's doorway.
     - `address`: `(host, port)` to listen on; port 0 picks a free port.
+    - `limits`: connections at most (in all, per client address), idle and frame
+        timeouts; what they refuse or close is counted (`PipelineEvents.limited`).
     - `task_status`: `started(port)` with the bound port once listening.
     """
     host, port = address
-    listener = await listen_tcp("ingest.tcp", host, port)
+    listener = await listen_tcp(LISTENER, host, port)
     connections: set[_Connection] = set()
+    gate = ConnectionGate(limits)
 
     async def handle(stream: SocketStream) -> None:
-        connection = _Connection(stream, ingest)
+        peer = peer_address(stream)
+        refused = gate.enter(peer)
+        if refused is not None:
+            ingest.events.limited(LISTENER, refused)
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        connection = _Connection(stream, ingest, limits)
         connections.add(connection)
         try:
             await connection.run()
@@ -99,6 +138,7 @@ async def serve_tcp(
             log.warning("TCP connection failed", exc_info=True)
         finally:
             connections.discard(connection)
+            gate.leave(peer)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -115,11 +155,14 @@ async def serve_tcp(
 
 
 class _Connection:
-    """One sensor connection: read, decode, hand over, reply (JSON only)."""
+    """One sensor connection: read, decode, hand over, reply."""
 
-    def __init__(self, stream: SocketStream, ingest: Ingest) -> None:
+    def __init__(self, stream: SocketStream, ingest: Ingest, limits: ConnectionLimits) -> None:
         self.stream = stream
         self.ingest = ingest
+        self.limits = limits
+        self.reader: FrameReader | LineReader | None = None
+        self._partial_since: float | None = None  # when a frame begun is still incomplete
         self._read_scope: anyio.CancelScope | None = None
         self._stopped = False
         self._replies_stalled = False
@@ -130,55 +173,83 @@ class _Connection:
         if self._read_scope is not None:
             self._read_scope.cancel()
 
+    def _deadline(self) -> tuple[float, str]:
+        """When the next read must have returned, and which limit that is (`inf`: none)."""
+        now, limits = anyio.current_time(), self.limits
+        deadline, why = math.inf, ""
+        if limits.idle_timeout_s:
+            deadline, why = now + limits.idle_timeout_s, "idle_timeout"
+        if self.reader is not None and self.reader.pending_bytes and limits.frame_timeout_s:
+            if self._partial_since is None:
+                self._partial_since = now
+            if self._partial_since + limits.frame_timeout_s < deadline:
+                deadline, why = self._partial_since + limits.frame_timeout_s, "frame_timeout"
+        else:
+            self._partial_since = None
+        return deadline, why
+
     async def _receive(self) -> bytes | None:
-        # The next bytes, or None at end of stream or once told to stop.
+        # The next bytes, or None at end of stream, once told to stop, or past a timeout.
         if self._stopped or not self.ingest.accepting:
             return None
-        with anyio.CancelScope() as self._read_scope:
+        deadline, why = self._deadline()
+        with anyio.CancelScope(deadline=deadline) as self._read_scope:
             try:
                 return await self.stream.receive(READ_BYTES)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return None
             finally:
                 self._read_scope = None
-        return None  # the read was cancelled by stop_reading()
+        if not self._stopped:  # the deadline, not stop_reading(), ended the read
+            self.ingest.events.limited(LISTENER, why)
+            log.debug("TCP connection closed: %s", why)
+        return None
 
     async def run(self) -> None:
         async with self.stream:
             data = await self._receive()
             if data is None:
                 return
-            if data[:1] != b"{":
-                await self._read_binary(data)
-                return
             send, receive = anyio.create_memory_object_stream[bytes](REPLY_QUEUE)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._write_replies, receive)
                 with send:
-                    await self._read_json(data, send)
+                    if data[:1] == b"{":
+                        await self._read_json(data, send)
+                    else:
+                        await self._read_binary(data, send)
                 tg.cancel_scope.deadline = anyio.current_time() + REPLY_DRAIN_S
 
-    async def _read_binary(self, data: bytes | None) -> None:
-        reader = FrameReader(
+    async def _read_binary(
+        self, data: bytes | None, replies: MemoryObjectSendStream[bytes]
+    ) -> None:
+        reader = self.reader = FrameReader(
             self.ingest.dims, max_frame_bytes=self.ingest.max_frame_bytes, source="tcp", runs=True
         )
         while data is not None:
             try:
                 items = reader.feed(data, time.monotonic_ns())
             except FramingLost as exc:
+                # What the read completed before the break is handed over first.
+                await self._hand_over(
+                    "tcp", exc.frames, replies if reader.replies else None, encode_reply
+                )
                 self.ingest.received("tcp")
                 self.ingest.rejected("tcp", exc.reason)
+                if reader.replies:
+                    await self._reply(replies, encode_reply(exc))
                 log.debug("TCP framing lost, closing the connection: %s", exc)
                 return
-            await self._hand_over("tcp", items, None)
+            await self._hand_over("tcp", items, replies if reader.replies else None, encode_reply)
             data = await self._receive()
 
     async def _read_json(self, data: bytes | None, replies: MemoryObjectSendStream[bytes]) -> None:
-        reader = LineReader(
+        reader = self.reader = LineReader(
             self.ingest.dims, max_frame_bytes=self.ingest.max_frame_bytes, source="json"
         )
         while data is not None:
-            await self._hand_over("json", reader.feed(data, time.monotonic_ns()), replies)
+            items = reader.feed(data, time.monotonic_ns())
+            await self._hand_over("json", items, replies, encode_error_line)
             data = await self._receive()
 
     async def _hand_over(
@@ -186,17 +257,20 @@ class _Connection:
         label: str,
         items: Sequence[Frame | FrameRejected | FrameRun],
         replies: MemoryObjectSendStream[bytes] | None,
+        encode: Callable[[FrameRejected], bytes],
     ) -> None:
         ingest = self.ingest
         ingest.received(label, sum(map(frames_in, items)))
         for item in items:
-            if not isinstance(item, FrameRejected):
-                if not ingest.put_nowait(item):
-                    await ingest.put(item)
-                continue
-            ingest.rejected(label, item.reason)
+            if isinstance(item, FrameRejected):
+                ingest.rejected(label, item.reason)
+                rejected: Sequence[FrameRejected] = (item,)
+            else:
+                admitted = ingest.put_nowait(item)
+                rejected = await ingest.put(item) if admitted is None else admitted
             if replies is not None:
-                await self._reply(replies, _error_line(item))
+                for why in rejected:
+                    await self._reply(replies, encode(why))
 
     async def _reply(self, replies: MemoryObjectSendStream[bytes], line: bytes) -> None:
         if self._replies_stalled:
@@ -217,14 +291,3 @@ class _Connection:
                     await self.stream.send(line)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # the client went away; its replies go with it
-
-
-def _error_line(exc: FrameRejected) -> bytes:
-    """One JSON reply line for a rejected frame (`stream`/`seq` null when unknown)."""
-    reply = {
-        "error": exc.reason,
-        "detail": exc.detail,
-        "stream": exc.stream_id,
-        "seq": exc.seq,
-    }
-    return json.dumps(reply, separators=(",", ":")).encode("utf-8") + b"\n"

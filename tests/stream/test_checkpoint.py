@@ -111,3 +111,12 @@ def test_unusable_files_are_refused(
 
 def test_no_file_means_a_fresh_start(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path, fresh(), StreamTable(CAPACITY, 64), FINGERPRINT) is None
+
+
+def test_a_write_killed_midway_leaves_nothing_behind_after_the_next_start(tmp_path: Path) -> None:
+    rows = {k: v[:1] for k, v in filled().items()}  # the one occupied slot's row
+    save_checkpoint(tmp_path, rows, table_with({"x": 1}), FINGERPRINT)
+    (tmp_path / ".checkpoint-abc123.npz").write_bytes(b"half a checkpoint")  # a SIGKILL's
+    got = load_checkpoint(tmp_path, fresh(), StreamTable(CAPACITY, 64), FINGERPRINT)
+    assert got is not None  # the last good one is used
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME]

@@ -180,6 +180,14 @@ def test_validation_messages(key: str, value: object, expect: str) -> None:
     assert f"override {key}" in message  # says where the bad value came from
 
 
+def test_log_format_is_text_or_json() -> None:
+    assert load().log.format == "text"
+    assert load(**{"log.format": "json"}).log.format == "json"
+    assert load_config(env={**HOME_ENV, "ENACTIVE_LOG_FORMAT": "json"}).log.format == "json"
+    with pytest.raises(ConfigError, match=r"log.format = \"xml\": must be one of 'text', 'json'"):
+        load(**{"log.format": "xml"})
+
+
 def test_attention_heads_message_lists_divisors() -> None:
     with pytest.raises(ConfigError, match=r"choose one of 1, 2, 4, 8, 16, 32"):
         load(**{"model.attention_heads": 3})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import processors
-from stream.batcher import Batch
+from stream.batcher import Batch, Batcher
 from stream.commits import CommitLog
 from stream.events import Listener
 from stream.executor import Executor, Stepped
@@ -216,3 +216,45 @@ async def test_compiled_steps_are_enqueued_on_the_loop_eager_ones_run_off_it(
     got = await run(ex, prepared)
     assert where == [(1, True), (1, True), (4, False)]
     assert [len(r) for r in got] == [1, 1, 3]
+
+
+async def test_an_idle_daemon_still_saves_its_last_effects(step: processors.SlabStep) -> None:
+    # A burst, then silence: the checkpoint falls due while no batch comes, and is written
+    # without waiting for one (a SIGKILL during the silence loses nothing).
+    saved: list[dict[str, int]] = []
+    written = anyio.Event()
+
+    def checkpoint(rows: object, table: StreamTable) -> None:
+        saved.append(dict(table.processed_seq))
+        written.set()
+
+    ex = Executor(
+        step,
+        StreamTable(step.capacity, 64),
+        step.init_slab(),
+        events=Listener(),
+        commits=CommitLog(lambda source, positions: None),
+        checkpoint=checkpoint,
+        checkpoint_interval_s=0.05,
+    )
+    batcher = Batcher(8, 0.0)
+    send, receive = anyio.create_memory_object_stream[Stepped](2)
+
+    async def drain() -> None:
+        async with receive:
+            async for _ in receive:
+                ex.finished()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        tg.start_soon(ex.run, batcher, send)
+        for frames in batches(step, 1, 3):
+            for f in frames:
+                batcher.add(f)
+        with anyio.fail_after(5):
+            await written.wait()
+        assert saved == [{"s0": 1, "s1": 1, "s2": 1}]
+        await anyio.wait_all_tasks_blocked()  # the write's completion is seen
+        assert ex.unsaved_age_s() == 0.0
+        batcher.end()
+    assert len(saved) == 1  # nothing new: no second write at the end

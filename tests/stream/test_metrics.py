@@ -1,10 +1,14 @@
-"""Metrics: names, types, initial label sets, scrape-time queue depths, events."""
+"""Metrics: names, types, initial label sets, scrape-time queue depths and device memory,
+process and GC collectors, events."""
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +41,7 @@ EXPECTED = {
     "enactive_frames_received": "counter",
     "enactive_frames_rejected": "counter",
     "enactive_frames_dropped": "counter",
+    "enactive_connections_limited": "counter",
     "enactive_frames_processed": "counter",
     "enactive_batches": "counter",
     "enactive_batch_fill_ratio": "histogram",
@@ -54,12 +59,32 @@ EXPECTED = {
     "enactive_state_checkpoint_errors": "counter",
     "enactive_state_evictions": "counter",
     "enactive_state_restores": "counter",
+    "enactive_state_expirations": "counter",
+    "enactive_state_unsaved_age_seconds": "gauge",
     "enactive_checkpoint_seconds": "histogram",
     "enactive_build_info": "gauge",  # an Info metric; the text format shows a gauge
     "enactive_moments_emitted": "counter",
     "enactive_moments_dropped": "counter",
     "enactive_subscribers": "gauge",
+    "enactive_device_memory_bytes": "gauge",  # no series where the backend reports nothing
 }
+GPU_STATS = {"bytes_in_use": 3 << 30, "bytes_limit": 80 << 30, "peak_bytes_in_use": 5 << 30}
+
+
+@dataclass
+class FakeDevice:
+    """A `jax.Device` stand-in: `memory_stats()` returns `stats`, or raises `error`."""
+
+    id: int
+    stats: Mapping[str, Any] | None = None
+    error: Exception | None = None
+    calls: list[int] = field(default_factory=list)
+
+    def memory_stats(self) -> Mapping[str, Any] | None:
+        self.calls.append(1)
+        if self.error is not None:
+            raise self.error
+        return self.stats
 
 
 @pytest.fixture
@@ -77,6 +102,7 @@ def metrics(registry: CollectorRegistry) -> Metrics:
         version="1.2.3",
         jax_version="0.0.1",
         backend="cpu",
+        process_metrics=False,
     )
 
 
@@ -86,6 +112,7 @@ def families(m: Metrics) -> dict[str, str]:
 
 def test_every_metric_present_with_its_type(metrics: Metrics) -> None:
     metrics.watch_queue("ingest", lambda: 0)
+    metrics.watch_devices([FakeDevice(0, GPU_STATS)])
     found = families(metrics)
     for name, kind in EXPECTED.items():
         assert found.get(name) == kind, (name, found.get(name))
@@ -171,6 +198,60 @@ def test_failing_queue_callable_does_not_break_the_scrape(
     assert registry.get_sample_value("enactive_queue_depth", {"stage": "sink"}) is None
 
 
+def test_device_memory_is_read_at_scrape_time(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    stats = dict(GPU_STATS)
+    gpu = FakeDevice(0, stats)
+    cpu = FakeDevice(1, None)  # what the CPU backend returns
+    broken = FakeDevice(2, error=RuntimeError("memory_stats is not supported"))
+    partial = FakeDevice(3, {"bytes_in_use": 7, "num_allocs": 2})  # no limit, no peak
+    metrics.watch_devices([gpu, cpu, broken, partial])
+    get = registry.get_sample_value
+    name = "enactive_device_memory_bytes"
+    assert get(name, {"device": "0", "kind": "in_use"}) == 3 << 30
+    assert get(name, {"device": "0", "kind": "limit"}) == 80 << 30
+    assert get(name, {"device": "0", "kind": "peak"}) == 5 << 30
+    assert get(name, {"device": "3", "kind": "in_use"}) == 7
+    stats["bytes_in_use"] = 4 << 30
+    assert get(name, {"device": "0", "kind": "in_use"}) == 4 << 30
+    text = metrics.exposition().decode()
+    samples = [line for line in text.splitlines() if line.startswith(name + "{")]
+    assert len(samples) == 4, samples  # 3 kinds for the GPU, 1 for the partial one
+    assert not any(f'device="{d}"' in line for line in samples for d in ("1", "2"))
+    assert cpu.calls and broken.calls  # asked at every scrape, and skipped
+
+
+def test_no_device_memory_series_on_the_cpu(metrics: Metrics) -> None:
+    metrics.watch_devices([FakeDevice(0, None), FakeDevice(1, {})])
+    before = series(metrics)
+    assert before["enactive_device_memory_bytes"] == 0
+    metrics.watch_devices([FakeDevice(0, GPU_STATS)])  # replaces the devices watched
+    assert series(metrics)["enactive_device_memory_bytes"] == 3
+
+
+def test_process_and_gc_collectors() -> None:
+    registry = CollectorRegistry()
+    m = Metrics(registry, sources=("tcp",), sinks=("tcp",), buckets=(1,))
+    found = families(m)
+    assert found.get("python_gc_objects_collected") == "counter"
+    assert found.get("python_gc_collections") == "counter"
+    assert found.get("python_info") == "gauge"
+    if Path("/proc/self/stat").exists():  # ProcessCollector reads /proc: Linux only
+        assert registry.get_sample_value("process_resident_memory_bytes")
+        assert registry.get_sample_value("process_cpu_seconds_total") is not None
+        assert registry.get_sample_value("process_start_time_seconds")
+    assert registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) is not None
+    # They add process and runtime series only: the `enactive_*` ones are the same.
+    bare = Metrics(sources=("tcp",), sinks=("tcp",), buckets=(1,), process_metrics=False)
+    own = {k: v for k, v in series(m).items() if k.startswith("enactive_")}
+    assert own == series(bare)
+    assert set(series(m)) - set(own) <= {
+        *(f for f in found if f.startswith(("process_", "python_gc_"))),
+        "python_info",
+    }
+
+
 def series(m: Metrics) -> dict[str, int]:
     """`{family: number of series}`: histograms count label sets, not their samples;
     `_created` samples (which the daemon turns off) are left out."""
@@ -188,7 +269,9 @@ def series(m: Metrics) -> dict[str, int]:
 
 def test_series_of_the_embedded_default_shape() -> None:
     buckets = load_config(None, env={}, overrides=EMBEDDED_DEFAULT_OVERRIDES).batching.buckets
-    m = Metrics(sources=DEFAULT_SOURCES, sinks=DEFAULT_SINKS, buckets=buckets)
+    m = Metrics(
+        sources=DEFAULT_SOURCES, sinks=DEFAULT_SINKS, buckets=buckets, process_metrics=False
+    )
     got = series(m)
     assert got == {
         "enactive_frames_received": len(DEFAULT_SOURCES),
@@ -211,14 +294,18 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_checkpoint_seconds": 1,
         "enactive_state_evictions": 1,
         "enactive_state_restores": 1,
+        "enactive_state_expirations": 1,
+        "enactive_state_unsaved_age_seconds": 1,
         "enactive_moments_emitted": len(DEFAULT_SINKS),
         "enactive_moments_dropped": len(DEFAULT_SINKS) * len(SINK_DROP_REASONS),
         "enactive_subscribers": 1,
+        "enactive_connections_limited": 0,  # at first use: few ever happen
         "enactive_build_info": 1,
         "enactive_queue_depth": 0,  # at scrape time, once the pipeline watches its queues
+        "enactive_device_memory_bytes": 0,  # at scrape time, and only where reported (GPU)
     }
-    assert (len(DEFAULT_SOURCES), len(REASONS), len(buckets)) == (4, 11, 8)
-    assert sum(got.values()) == 91  # 160 when every source and sink the code knew was declared
+    assert (len(DEFAULT_SOURCES), len(REASONS), len(buckets)) == (4, 12, 8)
+    assert sum(got.values()) == 97  # 166 when every source and sink the code knew was declared
 
 
 def test_no_series_for_what_is_not_configured(registry: CollectorRegistry) -> None:
@@ -385,7 +472,9 @@ def test_no_stream_label_anywhere(metrics: Metrics) -> None:
 def test_docs_describe_every_metric(metrics: Metrics) -> None:
     docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
     metrics.watch_queue("ingest", lambda: 0)
+    metrics.watch_devices([FakeDevice(0, GPU_STATS)])
     metrics.jit_fallback("slab_step", "XlaRuntimeError")
+    metrics.limited("ingest.tcp", "idle_timeout")
     names = set()
     for family in text_string_to_metric_families(metrics.exposition().decode()):
         for sample in family.samples:
@@ -396,3 +485,5 @@ def test_docs_describe_every_metric(metrics: Metrics) -> None:
     assert len(names) == len(EXPECTED)
     for name in names:
         assert f"### `{name}" in docs, name
+    for prefix in ("process_", "python_gc_", "python_info"):
+        assert f"`{prefix}" in docs, prefix

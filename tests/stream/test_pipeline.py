@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import pytest
 from anyio.abc import TaskStatus
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,15 @@ from stream.buffers import Overflow
 from stream.events import Listener
 from stream.ingest import Ingest, Item
 from stream.pipeline import Pipeline, PipelineSettings
-from stream.protocol import ALL_PRESENT, Dims, Frame, FrameRun, MomentBatch
+from stream.protocol import (
+    ALL_PRESENT,
+    FLAG_SESSION_START,
+    SESSION_START,
+    Dims,
+    Frame,
+    FrameRun,
+    MomentBatch,
+)
 from stream.streams import StreamTable
 
 DIMS = Dims(2, 1, 1, 1)  # input width 5; record width 2 + 2 + 1 + 1 + 3 = 9
@@ -170,6 +179,7 @@ def run_pipeline(
     capacity: int,
     buckets: Sequence[int] = (1, 2, 4),
     max_known: int = 64,
+    session_start: str = "reset",
 ) -> tuple[Collect, ListSource, Counts, FakeStep]:
     step = FakeStep(buckets, capacity)
     table = StreamTable(capacity, max_known)
@@ -192,6 +202,7 @@ def run_pipeline(
             ingest_queue=8,
             max_wait_s=0.0005,
             checkpoint_interval_s=0.0,
+            session_start=session_start,
         ),
         checkpoint=checkpoint,
     )
@@ -327,3 +338,27 @@ def test_the_one_stream_too_many_is_rejected_and_still_committed() -> None:
     assert counts.reasons == {"too_many_streams": 1}
     assert sorted(p for p, _ in source.committed) == [(0, 1), (1, 1), (2, 1)]  # type: ignore[type-var]
     assert sum(len(b) for b in sink.batches) == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "counts"), [("reset", [1, 2, 3, 1, 2]), ("continue", [1, 2, 3, 4, 5])]
+)
+def test_a_restarted_sensor_starts_a_session_its_state_resets_or_continues(
+    policy: str, counts: list[int]
+) -> None:
+    restart = frame(0, 1)
+    restart.present |= SESSION_START
+    frames = [frame(0, 1), frame(0, 2), frame(0, 3), restart, frame(0, 2)]
+    sink, source, events, _ = run_pipeline(
+        as_items(frames, [True] * 5), capacity=4, session_start=policy
+    )
+    assert events.reasons == {}  # seq 1 again is no stale frame: it starts a session
+    got = [
+        (int(b.seq[i]), int(b.values[i, 0]), int(b.flags[i]))
+        for b in sink.batches
+        for i in range(len(b))
+    ]
+    assert [seq for seq, _, _ in got] == [1, 2, 3, 1, 2]
+    assert [count for _, count, _ in got] == counts
+    assert [bool(flags & FLAG_SESSION_START) for _, _, flags in got] == [0, 0, 0, 1, 0]
+    assert len(source.committed) == 5

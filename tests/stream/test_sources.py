@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import socket
 import struct
@@ -14,11 +15,23 @@ import numpy as np
 import pytest
 from anyio.abc import SocketStream
 
+from stream.admission import Admission
 from stream.buffers import WeightedBuffer
+from stream.commits import CommitLog
 from stream.events import Listener
 from stream.ingest import Ingest, Item
-from stream.protocol import Dims, Frame, FrameRun, encode_frame, encode_json_frame
+from stream.net import ConnectionLimits
+from stream.protocol import (
+    SESSION_START,
+    Dims,
+    Frame,
+    FrameRun,
+    ReplyReader,
+    encode_frame,
+    encode_json_frame,
+)
 from stream.sources import serve_tcp, serve_udp
+from stream.streams import StreamTable
 
 DIMS = Dims(4, 3, 2, 2)
 HOST = "127.0.0.1"
@@ -33,6 +46,7 @@ class Recorder(Listener):
         self.counts: collections.Counter[str] = collections.Counter()
         self.reasons: list[tuple[str, str]] = []
         self.drops: collections.Counter[str] = collections.Counter()
+        self.limits: list[tuple[str, str]] = []
         self._changed = anyio.Event()
         self.ingest = Ingest(self.buffer, dims=DIMS, max_frame_bytes=max_frame_bytes, events=self)
 
@@ -56,6 +70,10 @@ class Recorder(Listener):
 
     def dropped(self, reason: str, n: int) -> None:
         self.drops[reason] += n
+        self._touch()
+
+    def limited(self, listener: str, reason: str) -> None:
+        self.limits.append((listener, reason))
         self._touch()
 
     async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
@@ -171,6 +189,54 @@ async def test_tcp_json_error_reply_names_the_frames_stream_and_seq(tcp: tuple[R
     assert (unknown["error"], unknown["stream"], unknown["seq"]) == ("bad_json", None, None)
 
 
+async def test_tcp_binary_sender_that_asks_gets_reply_records_for_every_rejection() -> None:
+    # With admission, the seq check's rejections are answered too; after the sender
+    # half-closes, the daemon answers what it read and closes: every reply is there.
+    buffer: WeightedBuffer[Item] = WeightedBuffer(1000)
+    events = Listener()
+    admission = Admission(StreamTable(8, 8), events, CommitLog(lambda s, p: None))
+    ingest = Ingest(buffer, dims=DIMS, max_frame_bytes=4096, events=events, admission=admission)
+    good = encode_frame("b", 5, 0.0, reply=True, **payload(5))
+    stale = encode_frame("b", 4, 0.0, reply=True, **payload(4))
+    wrong = encode_frame("b", 6, 0.0, reply=True, motor=[1.0])  # motor has 2
+    restart = encode_frame("b", 1, 0.0, reply=True, start=True, **payload(1))
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_tcp, ingest, (HOST, 0))
+        async with await anyio.connect_tcp(HOST, port) as link:
+            await link.send(good + stale + wrong + restart + good)
+            await link.send_eof()
+            data = b""
+            with anyio.fail_after(5):
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        data += await link.receive()
+        tg.cancel_scope.cancel()
+    replies = ReplyReader().feed(data)
+    assert [(r.reason, r.stream_id, r.seq) for r in replies] == [
+        ("stale_seq", "b", 4),
+        ("dim_mismatch", "b", 6),
+    ]
+    taken = [buffer.get_nowait() for _ in range(len(buffer))]
+    assert [(f.seq, bool(f.present & SESSION_START)) for f in taken] == [  # type: ignore[union-attr]
+        (5, False),
+        (1, True),
+        (5, False),
+    ]
+
+
+async def test_tcp_binary_sender_that_does_not_ask_is_never_written_to(
+    tcp: tuple[Recorder, int],
+):
+    rec, port = tcp
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(encode_frame("b", 1, 0.0, motor=[1.0]) + frame_bytes("b", 2))
+        await link.send_eof()
+        with anyio.fail_after(5):
+            with pytest.raises(anyio.EndOfStream):  # closed without a byte
+                await link.receive()
+    assert rec.reasons == [("tcp", "dim_mismatch")]
+
+
 async def test_tcp_json_client_that_reads_gets_every_reply(tcp: tuple[Recorder, int]):
     rec, port = tcp
     async with await anyio.connect_tcp(HOST, port) as link:
@@ -192,6 +258,21 @@ async def test_tcp_json_client_that_never_reads_replies_is_not_blocked(
         await link.send(bad + json_line("j", 2))
         assert (await rec.frames(1, within=5))[0].seq == 2
         assert len(rec.reasons) == 20_000
+
+
+async def test_tcp_frames_read_before_a_framing_error_are_all_handed_over(
+    tcp: tuple[Recorder, int],
+):
+    rec, port = tcp
+    async with await anyio.connect_tcp(HOST, port) as link:
+        good = b"".join(frame_bytes("v", seq) for seq in range(1, 11))
+        await link.send(good + b"garbage!" * 8)  # one write: ten frames, then no framing
+        frames = await rec.frames(10)
+        with anyio.fail_after(5):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await link.receive()  # and the connection is closed
+    assert [f.seq for f in frames] == list(range(1, 11))
+    assert rec.counts == {"tcp": 11} and rec.reasons == [("tcp", "bad_magic")]
 
 
 async def test_tcp_bad_magic_closes_only_that_connection(tcp: tuple[Recorder, int]):
@@ -327,9 +408,9 @@ async def test_ingest_bounds_its_buffer_in_frames_not_items():
     ingest = Ingest(buffer, dims=DIMS, max_frame_bytes=4096, events=Listener())
     one = Frame("s", 1, 0.0, np.zeros(DIMS.total, np.float32), 15, 0, "tcp")
     run = FrameRun(["a", "b", "c"], [1, 1, 1], np.zeros(3), np.zeros((3, DIMS.total)), 15, 0, "tcp")
-    assert ingest.put_nowait(run) and buffer.weight == 3
-    assert ingest.put_nowait(one) and buffer.weight == 4
-    assert not ingest.put_nowait(one)  # full: nothing taken, nothing counted
+    assert ingest.put_nowait(run) == () and buffer.weight == 3  # taken, nothing rejected
+    assert ingest.put_nowait(one) == () and buffer.weight == 4
+    assert ingest.put_nowait(one) is None  # full: nothing taken, nothing counted
     assert len(buffer) == 2
     async with anyio.create_task_group() as tg:
         tg.start_soon(ingest.put, one)
@@ -337,3 +418,72 @@ async def test_ingest_bounds_its_buffer_in_frames_not_items():
         assert len(buffer) == 2  # waiting for room
         assert buffer.get_nowait() is run
     assert buffer.weight == 2 and len(buffer) == 2
+
+
+async def closed_by_peer(link: SocketStream, within: float = 5.0) -> bool:
+    """Read until the daemon closes the connection; True once it has."""
+    with anyio.fail_after(within):
+        try:
+            while await link.receive():
+                pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return True
+    return False
+
+
+async def test_tcp_connections_over_the_limit_are_refused_and_counted():
+    limits = ConnectionLimits(max_connections=3, max_per_address=2)
+    with Recorder() as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(
+                lambda task_status: serve_tcp(
+                    rec.ingest, (HOST, 0), limits=limits, task_status=task_status
+                )
+            )
+            first = await anyio.connect_tcp(HOST, port)
+            second = await anyio.connect_tcp(HOST, port)
+            await first.send(frame_bytes("a", 1))
+            await second.send(frame_bytes("b", 1))
+            await rec.frames(2)  # both let in (and so counted open)
+            third = await anyio.connect_tcp(HOST, port)  # a third from 127.0.0.1
+            assert await closed_by_peer(third)
+            assert rec.limits == [("ingest.tcp", "max_per_address")]
+            await first.send(frame_bytes("a", 2))  # the others are untouched
+            assert (await rec.frames(1))[0].seq == 2
+            await first.aclose()
+            await rec.until(lambda: True)
+            again = await anyio.connect_tcp(HOST, port)  # room again once one closed
+            await again.send(frame_bytes("c", 1))
+            assert (await rec.frames(1))[0].stream_id == "c"
+            for link in (second, third, again):
+                await link.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def test_tcp_idle_and_trickling_connections_are_closed_and_counted():
+    limits = ConnectionLimits(idle_timeout_s=0.3, frame_timeout_s=0.3)
+    with Recorder() as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(
+                lambda task_status: serve_tcp(
+                    rec.ingest, (HOST, 0), limits=limits, task_status=task_status
+                )
+            )
+            idle = await anyio.connect_tcp(HOST, port)
+            await idle.send(frame_bytes("i", 1))
+            assert await closed_by_peer(idle)  # sent nothing more for 0.3 s
+            trickle = await anyio.connect_tcp(HOST, port)
+            frame = frame_bytes("t", 1)
+            with anyio.fail_after(5):
+                try:
+                    for byte in frame[:-1]:  # a byte every 50 ms: never idle, never done
+                        await trickle.send(bytes([byte]))
+                        await anyio.sleep(0.05)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+            assert await closed_by_peer(trickle)
+            assert sorted(reason for _, reason in rec.limits) == ["frame_timeout", "idle_timeout"]
+            assert [f.stream_id for f in await rec.frames(1)] == ["i"]
+            await idle.aclose()
+            await trickle.aclose()
+            tg.cancel_scope.cancel()

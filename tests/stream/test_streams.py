@@ -80,3 +80,32 @@ def test_victim_never_in_the_current_batch() -> None:
     p = t.plan(["b", "c"])
     assert [s for _, s in p.evict] == ["a"]
     assert len(set(p.slots)) == 2
+
+
+def test_idle_streams_expire_and_return_afresh() -> None:
+    t = StreamTable(2, 3)
+    for sid in ("a", "b", "c"):  # c evicts a (two slots)
+        t.admit(sid, 5)
+        t.plan([sid])
+        t.processed_seq[sid] = 5
+    t.evicted_state("a", {"x": 1})
+    t.stepped(["a", "b"], 100)
+    t.stepped(["c"], 200)
+    with pytest.raises(FrameRejected):
+        t.admit("d", 1)  # the table is full: three streams known
+    assert sorted(t.expire(150)) == ["a", "b"]
+    assert list(t.slot_of) == ["c"] and t.evicted == {} and len(t.free) == 1
+    t.admit("d", 1)  # room again
+    t.admit("a", 1)  # a returning stream starts afresh: seq 1 is not stale
+    plan = t.plan(["a"])
+    assert plan.fresh == [True] and plan.restore == []
+
+
+def test_a_stream_with_frames_in_flight_does_not_expire() -> None:
+    t = StreamTable(2, 2)
+    t.admit("a", 1)
+    t.plan(["a"])
+    t.processed_seq["a"] = 1
+    t.stepped(["a"], 100)
+    t.admit("a", 2)  # admitted, not stepped yet
+    assert t.expire(200) == []
