@@ -6,6 +6,7 @@ tiny model (two buckets) so that the ones that fail after compiling are quick to
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import subprocess
@@ -95,22 +96,14 @@ def test_cross_field_error_names_the_key(tmp_path: Path, compilation_cache: str)
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "other_shape"])
-def test_unusable_params_file(tmp_path: Path, compilation_cache: str, kind: str) -> None:
+def test_unusable_params_file(
+    tmp_path: Path, compilation_cache: str, small_config: processors.ModelConfig, kind: str
+) -> None:
     params = tmp_path / "params.eqx"
     if kind == "garbage":
         params.write_bytes(b"not an equinox file\n" * 10)
-    elif kind == "other_shape":
-        other = processors.ModelConfig(  # the daemon's sizes but state_dim 4, not 8
-            state_dim=4,
-            proprio_dim=6,
-            tactile_dim=4,
-            motor_dim=3,
-            retention_depth=3,
-            protention_horizon=2,
-            som_grid=(3, 3),
-            hidden_dim=8,
-            attention_heads=2,
-        )
+    elif kind == "other_shape":  # the daemon's sizes (small_config) but state_dim 4, not 8
+        other = dataclasses.replace(small_config, state_dim=4, moment_dim=None)
         processors.save_params(processors.EnactiveModel(other, key=jax.random.PRNGKey(0)), params)
     line = _fails(_config(tmp_path, compilation_cache), "--set", f"model.params={params}")
     assert "model.params" in line and str(params) in line
