@@ -27,6 +27,7 @@ class Admission:
         self.table = table
         self.events = events
         self.commits = commits
+        self._reclaimed = table.reclaimed
 
     def frame(self, frame: Frame) -> FrameRejected | None:
         """Admit one frame (None) or reject and count it (its rejection)."""
@@ -41,6 +42,9 @@ class Admission:
             return r
         if start:
             self.commits.session_started(frame.stream_id, frame.seq)
+        if self.table.reclaimed != self._reclaimed:  # an idle stream made room for it
+            self.events.expired(self.table.reclaimed - self._reclaimed)
+            self._reclaimed = self.table.reclaimed
         return None
 
     def run(self, run: FrameRun) -> bool:

@@ -130,8 +130,14 @@ class Executor:
 
     def _move(self, plan: SlotPlan) -> list[Any]:
         """Runs in the worker thread: read evicted streams back to the host (waiting for
-        the steps before), then write returning streams into their slots."""
-        evicted = [self.step.read_slot(self.slab, slot) for slot, _ in plan.evict]
+        the steps before) — all of them in one gather and one copy, however many a batch
+        of new streams evicts — then write returning streams into their slots."""
+        evicted: list[Any] = []
+        if plan.evict:
+            rows = self.step.snapshot(self.slab, [slot for slot, _ in plan.evict]).to_host()
+            evicted = [
+                jax.tree.map(lambda a, i=i: a[i].copy(), rows) for i in range(len(plan.evict))
+            ]
         for slot, state in plan.restore:
             self.slab = self.step.write_slot(self.slab, slot, state)
         return evicted

@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from .protocol import FrameRejected
@@ -40,12 +42,26 @@ class SlotPlan:
 class StreamTable:
     """**Arguments:** `capacity`, slots in the device slab; `max_known`, streams known at
     most (slab + evicted); `max_seq_jump`, how far above its stream's last seq a frame's
-    seq may be (0: any), so a stray frame cannot push a stream to the end of the range."""
+    seq may be (0: any), so a stray frame cannot push a stream to the end of the range;
+    `reclaim_idle_s`, when the table is full, a new stream takes the place of the least
+    recently stepped stream if that one has been idle this long (0: never), so a flood of
+    stray ids cannot lock new streams out for good."""
 
-    def __init__(self, capacity: int, max_known: int, *, max_seq_jump: int = 0) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        max_known: int,
+        *,
+        max_seq_jump: int = 0,
+        reclaim_idle_s: float = 0.0,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         self.capacity = capacity
         self.max_known = max(max_known, capacity)
         self.max_seq_jump = max_seq_jump
+        self.reclaim_idle_ns = int(reclaim_idle_s * 1e9)
+        self._clock = clock
+        self.reclaimed = 0  # streams forgotten to make room for new ones
         self.admitted_seq: dict[str, int] = {}  # last seq let into the pipeline
         self.processed_seq: dict[str, int] = {}  # last seq whose effect is in the state
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
@@ -70,7 +86,7 @@ class StreamTable:
         `seq_jump`, `too_many_streams`); a rejected frame changes nothing."""
         last = self.admitted_seq.get(stream_id)
         if last is None or session_start:
-            if last is None and len(self.admitted_seq) >= self.max_known:
+            if last is None and len(self.admitted_seq) >= self.max_known and not self._reclaim():
                 raise FrameRejected(
                     "too_many_streams",
                     f"{len(self.admitted_seq)} streams known, limit {self.max_known}",
@@ -147,14 +163,16 @@ class StreamTable:
         """These streams were stepped at `now_ns` (for `expire`)."""
         self.last_stepped.update(dict.fromkeys(stream_ids, now_ns))
 
-    def expire(self, before_ns: int) -> list[str]:
-        """Forget the streams last stepped before `before_ns` that have nothing in flight:
-        their slots are freed, their evicted states and seqs dropped, so a stream that
-        returns starts afresh and the table never fills for good. Returns their ids."""
+    def expire(self, before_ns: int, among: Iterable[str] | None = None) -> list[str]:
+        """Forget the streams (of `among`, default all) last stepped before `before_ns`
+        that have nothing in flight: their slots are freed, their evicted states and seqs
+        dropped, so a stream that returns starts afresh and the table never fills for
+        good. Returns their ids."""
+        last = self.last_stepped
         gone = [
             stream_id
-            for stream_id, t in self.last_stepped.items()
-            if t < before_ns
+            for stream_id in (last if among is None else among)
+            if last.get(stream_id, before_ns) < before_ns
             and self.admitted_seq.get(stream_id) == self.processed_seq.get(stream_id)
         ]
         for stream_id in gone:
@@ -166,6 +184,19 @@ class StreamTable:
             self.restored.discard(stream_id)
         return gone
 
+    def _reclaim(self) -> bool:
+        """Forget the least recently stepped stream if it has been idle `reclaim_idle_s`
+        and has nothing in flight; True if one was."""
+        if not self.reclaim_idle_ns:
+            return False
+        cutoff = self._clock() - self.reclaim_idle_ns
+        for candidates in (self.evicted, self.slot_of):  # each oldest first
+            oldest = next(iter(candidates), None)
+            if oldest is not None and self.expire(cutoff, among=(oldest,)):
+                self.reclaimed += 1
+                return True
+        return False
+
     def evicted_state(self, stream_id: str, state: Any) -> None:
         """Keep the host copy of an evicted stream's state (read by the executor)."""
         self.evicted[stream_id] = state
@@ -173,7 +204,7 @@ class StreamTable:
     def snapshot(self) -> StreamTable:
         """A copy of what a checkpoint saves (slots, evicted states, processed seq), safe
         to write from another thread while this table moves on."""
-        copy = StreamTable(self.capacity, self.max_known, max_seq_jump=self.max_seq_jump)
+        copy = StreamTable(self.capacity, self.max_known)
         copy.slot_of = collections.OrderedDict(self.slot_of)
         copy.evicted = dict(self.evicted)
         copy.processed_seq = dict(self.processed_seq)

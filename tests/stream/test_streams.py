@@ -109,3 +109,23 @@ def test_a_stream_with_frames_in_flight_does_not_expire() -> None:
     t.stepped(["a"], 100)
     t.admit("a", 2)  # admitted, not stepped yet
     assert t.expire(200) == []
+
+
+def test_a_full_table_makes_room_from_streams_idle_long_enough() -> None:
+    now = [0]
+    t = StreamTable(2, 2, reclaim_idle_s=10.0, clock=lambda: now[0])
+    for sid in ("a", "b"):
+        t.admit(sid, 1)
+        t.plan([sid])
+        t.processed_seq[sid] = 1
+        t.stepped([sid], now[0])
+    now[0] = 5 * 10**9  # 5 s: nobody idle long enough
+    with pytest.raises(FrameRejected) as info:
+        t.admit("c", 1)
+    assert info.value.reason == "too_many_streams"
+    t.stepped(["b"], now[0])  # b is busy, a is not
+    now[0] = 11 * 10**9
+    t.admit("c", 1)  # a (idle 11 s, least recently stepped) makes room
+    assert t.reclaimed == 1 and "a" not in t.admitted_seq and "a" not in t.slot_of
+    with pytest.raises(FrameRejected):
+        t.admit("d", 1)  # b was stepped 6 s ago, c has frames in flight
