@@ -34,8 +34,9 @@ class PipelineEvents(Protocol):
 
     def limited(self, listener: str, reason: str) -> None:
         """A connection to `listener` (its configuration key, e.g. `ingest.tcp`) was
-        refused or closed by a limit: `max_connections`, `max_per_address`,
-        `idle_timeout`, `frame_timeout`."""
+        refused or closed by a limit, or an accept failed (`metrics.LIMIT_REASONS`:
+        `max_connections`, `max_per_address`, `idle_timeout`, `frame_timeout`,
+        `header_timeout`, `accept_error`, ...)."""
 
     # -- admission, batcher, executor ------------------------------------------------------
     def batch(

@@ -3,7 +3,21 @@
 No framework: one anyio TCP listener, one task per connection, one request per
 connection (`Connection: close`). The request head is bounded (8 KiB, else 431), every
 connection has a deadline, concurrent connections are capped, and no input can bring the
-server down: a malformed request gets a 400 and the next connection is served as usual.
+server down: a malformed request gets a 400 and the next connection is served as usual; a
+failed accept (out of file descriptors) is counted and retried.
+
+The probes stay answerable while hundreds of hostile connections are open:
+
+- the request head must arrive within `header_timeout` (5 s), so a client trickling
+    bytes ("slowloris") is cut off fast;
+- when all `max_connections` (64) slots are taken, a newcomer takes the slot of the
+    oldest connection still reading its head (that one is answered 503): a request sent
+    in one piece, as probes and scrapers send it, is read before it can be displaced;
+- when every slot is busy answering, `probe_reserve` (8) more slots serve `/healthz` and
+    `/readyz` only; anything else over the caps is answered 503 at once.
+
+Each is counted in `enactive_connections_limited_total{listener="metrics.listen"}`
+(`header_timeout`, `max_connections`, `accept_error`).
 
 | request          | response                                                       |
 |------------------|----------------------------------------------------------------|
@@ -17,15 +31,17 @@ server down: a malformed request gets a 400 and the next connection is served as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from functools import partial
+from typing import Protocol, cast
 
 import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
+from anyio.abc import SocketAttribute, SocketListener
 
-from .net import listen_tcp
+from .net import accept_forever, listen_tcp
 
 __all__ = ["MAX_HEAD_BYTES", "METRICS_CONTENT_TYPE", "serve_http"]
 
@@ -34,6 +50,8 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD_BYTES = 8192
 _TEXT = "text/plain; charset=utf-8"
+_LISTENER = "metrics.listen"  # the configuration key, the `listener` label of the counts
+_PROBES = ("/healthz", "/readyz")  # the paths the reserve slots serve
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -47,8 +65,12 @@ _REASONS = {
 }
 
 
-class _Exposes(Protocol):
+class _Metrics(Protocol):
+    """What the server needs of `stream.metrics.Metrics`."""
+
     def exposition(self) -> bytes: ...
+
+    def limited(self, listener: str, reason: str) -> None: ...
 
 
 class _BadRequest(Exception):
@@ -61,20 +83,23 @@ class _BadRequest(Exception):
 
 async def serve_http(
     address: tuple[str, int],
-    metrics: _Exposes,
+    metrics: _Metrics,
     readiness: Callable[[], bool],
     *,
     progress: Callable[[], str] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     read_timeout: float = 10.0,
+    header_timeout: float = 5.0,
     max_connections: int = 64,
+    probe_reserve: int = 8,
 ) -> None:
     """Serve the metrics and health endpoints until cancelled.
 
     **Arguments:**
 
     - `address`: `(host, port)` to bind; port 0 picks a free port.
-    - `metrics`: anything with `exposition() -> bytes` (a `stream.metrics.Metrics`).
+    - `metrics`: a `stream.metrics.Metrics` (anything with `exposition() -> bytes` and
+        `limited(listener, reason)`, which counts what the limits below refuse).
     - `readiness`: called per `/readyz` request; true means ready. An exception means
         not ready.
     - `progress`: called per `/readyz` request that is not ready; one line for the 503
@@ -82,53 +107,154 @@ async def serve_http(
         when it raises: `not ready`.
     - `task_status`: receives the bound port (int) once listening, for `tg.start()`.
     - `read_timeout`: seconds a connection may take from accept to response sent.
-    - `max_connections`: connections served at once; more are answered 503 at once.
+    - `header_timeout`: seconds a connection may take from accept to the end of its
+        request head; a slower one is closed (`header_timeout`).
+    - `max_connections`: connections served at once. One more takes the place of the
+        oldest still reading its request head, which is answered 503 (`max_connections`).
+    - `probe_reserve`: connections over `max_connections`, when none can be displaced,
+        that serve `/healthz` and `/readyz` only; other requests there, and connections
+        over both, are answered 503 at once (`max_connections`).
 
     **Returns:**
 
     Nothing; it returns only by cancellation.
     """
     host, port = address
-    limiter = anyio.CapacityLimiter(max_connections)
+    server = _Server(
+        metrics,
+        readiness,
+        progress,
+        _Slots(max_connections, probe_reserve),
+        read_timeout=read_timeout,
+        header_timeout=header_timeout,
+    )
 
-    async def handle(stream: anyio.abc.SocketStream) -> None:
+    def accept_failed(error: Exception) -> None:
+        metrics.limited(_LISTENER, "accept_error")
+
+    listener = await listen_tcp(_LISTENER, host, port)
+    async with listener, anyio.create_task_group() as tg:
+        for each in listener.listeners:
+            tg.start_soon(
+                partial(accept_forever, on_error=accept_failed),
+                cast(SocketListener, each),
+                tg,
+                server.handle,
+                "HTTP",
+            )
+        task_status.started(listener.extra(SocketAttribute.local_port))
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """One connection's place: a reserve one (`probe_only`) or not. `head` is the cancel
+    scope around reading its request head; a newcomer that takes the slot cancels it."""
+
+    probe_only: bool
+    head: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
+    evicted: bool = False
+
+
+class _Slots:
+    """The server's connection slots: `general` ones for any request, `reserve` ones for
+    the probes only, and the connections still reading their request head, oldest first."""
+
+    def __init__(self, general: int, reserve: int) -> None:
+        self._free = {False: general, True: reserve}
+        self._reading: dict[_Slot, None] = {}  # an ordered set
+
+    def take(self) -> _Slot | None:
+        """A slot for a new connection, or None when over every cap. In turn: a free
+        general slot, the general slot of the oldest connection still reading its head
+        (evicted), a free reserve slot, the reserve slot of the oldest one reading."""
+        for probe_only in (False, True):
+            if self._free[probe_only]:
+                self._free[probe_only] -= 1
+            else:
+                oldest = next((s for s in self._reading if s.probe_only == probe_only), None)
+                if oldest is None:
+                    continue
+                del self._reading[oldest]
+                oldest.evicted = True  # its slot passes to the newcomer
+                oldest.head.cancel()
+            slot = _Slot(probe_only)
+            self._reading[slot] = None
+            return slot
+        return None
+
+    def head_read(self, slot: _Slot) -> None:
+        """`slot`'s connection has finished reading its request head (or failed to)."""
+        self._reading.pop(slot, None)
+
+    def release(self, slot: _Slot) -> None:
+        """`slot`'s connection has closed."""
+        self._reading.pop(slot, None)
+        if not slot.evicted:
+            self._free[slot.probe_only] += 1
+
+
+@dataclasses.dataclass
+class _Server:
+    """Serves one request per connection within its slot's limits."""
+
+    metrics: _Metrics
+    readiness: Callable[[], bool]
+    progress: Callable[[], str] | None
+    slots: _Slots
+    read_timeout: float
+    header_timeout: float
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
-            try:
-                limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                with anyio.move_on_after(1.0):
-                    await _answer(stream, 503, _TEXT, b"busy\n", head_only=False)
+            slot = self.slots.take()
+            if slot is None:
+                self.metrics.limited(_LISTENER, "max_connections")
+                await _busy(stream)
                 return
             try:
-                with anyio.move_on_after(read_timeout):
-                    await _serve_one(stream, metrics, readiness, progress)
+                with anyio.move_on_after(self.read_timeout):
+                    await self._serve_one(stream, slot)
             except Exception:  # one bad connection must never take the server down
                 log.exception("HTTP connection failed")
             finally:
-                limiter.release()
+                self.slots.release(slot)
 
-    listener = await listen_tcp("metrics.listen", host, port)
-    async with listener:
-        task_status.started(listener.extra(SocketAttribute.local_port))
-        await listener.serve(handle)
+    async def _serve_one(self, stream: anyio.abc.SocketStream, slot: _Slot) -> None:
+        head: bytes | None = None
+        head_only = False
+        try:
+            slot.head.deadline = anyio.current_time() + self.header_timeout
+            try:
+                with slot.head:
+                    head = await _read_head(stream)
+            finally:
+                self.slots.head_read(slot)
+            if head is None:  # too slow, or displaced by a newcomer
+                self.metrics.limited(
+                    _LISTENER, "max_connections" if slot.evicted else "header_timeout"
+                )
+                if slot.evicted:
+                    await _busy(stream)
+                return
+            method, path = _parse_head(head)
+            head_only = method == "HEAD"
+            if slot.probe_only and path not in _PROBES:
+                self.metrics.limited(_LISTENER, "max_connections")
+                status, ctype, body = 503, _TEXT, b"busy\n"
+            else:
+                status, ctype, body = _route(
+                    method, path, self.metrics, self.readiness, self.progress
+                )
+        except _BadRequest as bad:
+            status, ctype, body = bad.status, _TEXT, f"{_REASONS[bad.status].lower()}\n".encode()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return  # the client went away before finishing its request
+        await _answer(stream, status, ctype, body, head_only=head_only)
 
 
-async def _serve_one(
-    stream: anyio.abc.SocketStream,
-    metrics: _Exposes,
-    readiness: Callable[[], bool],
-    progress: Callable[[], str] | None,
-) -> None:
-    head_only = False
-    try:
-        method, path = _parse_head(await _read_head(stream))
-        head_only = method == "HEAD"
-        status, ctype, body = _route(method, path, metrics, readiness, progress)
-    except _BadRequest as bad:
-        status, ctype, body = bad.status, _TEXT, f"{_REASONS[bad.status].lower()}\n".encode()
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        return  # the client went away before finishing its request
-    await _answer(stream, status, ctype, body, head_only=head_only)
+async def _busy(stream: anyio.abc.SocketStream) -> None:
+    with anyio.move_on_after(1.0):
+        await _answer(stream, 503, _TEXT, b"busy\n", head_only=False)
 
 
 async def _read_head(stream: anyio.abc.SocketStream) -> bytes:
@@ -159,7 +285,7 @@ def _parse_head(head: bytes) -> tuple[str, str]:
 def _route(
     method: str,
     path: str,
-    metrics: _Exposes,
+    metrics: _Metrics,
     readiness: Callable[[], bool],
     progress: Callable[[], str] | None,
 ) -> tuple[int, str, bytes]:

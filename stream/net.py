@@ -116,17 +116,22 @@ async def accept_forever(
     group: TaskGroup,
     handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
     what: str,
+    *,
+    on_error: Callable[[Exception], None] | None = None,
 ) -> None:
     """Accept connections on `listener` and serve each with `handle` in `group`, until
-    the listener is closed. A failed accept is logged and retried: running out of file
-    descriptors for a moment must not stop the server."""
+    the listener is closed. A failed accept is logged, reported to `on_error` (e.g. to
+    count it) and retried after `ACCEPT_RETRY_S`: running out of file descriptors for a
+    moment must not stop the server."""
     while True:
         try:
             stream = await listener.accept()
         except anyio.ClosedResourceError:
             return
-        except (OSError, anyio.BrokenResourceError):
+        except (OSError, anyio.BrokenResourceError) as e:
             log.warning("%s accept failed; retrying", what, exc_info=True)
+            if on_error is not None:
+                on_error(e)
             await anyio.sleep(ACCEPT_RETRY_S)
             continue
         group.start_soon(handle, stream)

@@ -54,7 +54,14 @@ status_interval_s = 0
 class DaemonProcess:
     """`enactive-stream run --config …` in a subprocess, ready once its ports are known."""
 
-    def __init__(self, tmp: Path, cache_dir: str, extra: str = "", env: dict | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        cache_dir: str,
+        extra: str = "",
+        env: dict | None = None,
+        fd_limit: int | None = None,
+    ):
         self.tmp = tmp
         self.state = tmp / "state"
         self.config = tmp / "daemon.toml"
@@ -62,6 +69,7 @@ class DaemonProcess:
         self.ready_file = tmp / "ready.json"
         self.log = tmp / "daemon.log"
         self.env = {**os.environ, **(env or {})}
+        self.fd_limit = fd_limit  # the daemon's soft RLIMIT_NOFILE, when set
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
         self._sockets: list[socket.socket] = []
@@ -69,21 +77,27 @@ class DaemonProcess:
     def start(self, timeout: float = 120.0) -> DaemonProcess:
         self.ready_file.unlink(missing_ok=True)
         self._log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stream.cli",
-                "run",
-                "--config",
-                str(self.config),
-                "--ready-file",
-                str(self.ready_file),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
+        argv = [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "run",
+            "--config",
+            str(self.config),
+            "--ready-file",
+            str(self.ready_file),
+        ]
+        if self.fd_limit is not None:
+            # Lowered in a small launcher that then execs the daemon: no fork from this
+            # (possibly multithreaded, JAX-using) test process with a preexec hook.
+            launcher = (
+                "import os, resource, sys; "
+                "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({self.fd_limit}, hard)); "
+                "os.execv(sys.executable, sys.argv[1:])"
+            )
+            argv = [sys.executable, "-c", launcher, *argv]
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():  # the daemon writes it once /readyz is 200
             if self.proc.poll() is not None:

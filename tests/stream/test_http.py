@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
 import anyio
+import anyio.lowlevel
+import pytest
+from anyio.abc import SocketListener, SocketStream
+from anyio.streams.stapled import MultiListener
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+import stream.http
 from stream.http import MAX_HEAD_BYTES, serve_http
 from stream.metrics import Metrics
 
@@ -174,14 +181,172 @@ async def test_silent_client_is_cut_off_after_the_read_timeout() -> None:
         assert (await get(port, "/healthz"))[0] == 200
 
 
-async def test_connections_over_the_cap_get_503() -> None:
-    async with server(max_connections=1, read_timeout=5) as port:
+def limited(m: Metrics, reason: str) -> float:
+    labels = {"listener": "metrics.listen", "reason": reason}
+    return m.registry.get_sample_value("enactive_connections_limited_total", labels) or 0.0
+
+
+class HugeMetrics(Metrics):
+    """A `/metrics` body far larger than the socket buffers: a client that sends its
+    request and never reads holds its connection slot until the read timeout."""
+
+    def exposition(self) -> bytes:
+        return b"# padding\n" * 3_000_000
+
+
+@asynccontextmanager
+async def stuck_scrape(port: int) -> AsyncIterator[None]:
+    """A connection whose `/metrics` answer is being sent and is never read."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as s:
+        await s.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+        await anyio.wait_all_tasks_blocked()  # the server is blocked sending to it
+        yield
+
+
+async def test_a_newcomer_displaces_a_connection_still_reading_its_head() -> None:
+    m = Metrics(CollectorRegistry())
+    async with server(metrics=m, max_connections=1, probe_reserve=0, read_timeout=5) as port:
         async with await anyio.connect_tcp("127.0.0.1", port) as idle:
             await anyio.wait_all_tasks_blocked()  # the idle connection holds the only slot
-            status, _, body = await get(port, "/healthz")
-            assert (status, body) == (503, b"busy\n")
-            await idle.send(b"GET /healthz HTTP/1.1\r\n\r\n")
-            assert (await idle.receive()).startswith(b"HTTP/1.1 200 ")
+            assert (await get(port, "/metrics"))[0] == 200
+            with anyio.fail_after(2):
+                assert (await idle.receive()).startswith(b"HTTP/1.1 503 ")  # displaced
+    assert limited(m, "max_connections") == 1
+
+
+async def test_the_reserve_serves_probes_only_and_more_get_503_at_once() -> None:
+    m = HugeMetrics(CollectorRegistry())
+    async with server(metrics=m, max_connections=1, probe_reserve=1, read_timeout=5) as port:
+        async with stuck_scrape(port):  # the only general slot is busy answering
+            assert (await get(port, "/metrics"))[::2] == (503, b"busy\n")
+            assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")
+            assert (await get(port, "/readyz"))[::2] == (200, b"ready\n")
+            async with await anyio.connect_tcp("127.0.0.1", port) as idle:
+                await anyio.wait_all_tasks_blocked()  # it holds the reserve slot...
+                assert (await get(port, "/healthz"))[0] == 200  # ...until displaced
+                with anyio.fail_after(2):
+                    assert (await idle.receive()).startswith(b"HTTP/1.1 503 ")
+    assert limited(m, "max_connections") == 2
+    async with server(metrics=m, max_connections=1, probe_reserve=0, read_timeout=5) as port:
+        async with stuck_scrape(port):
+            started = time.perf_counter()
+            assert (await get(port, "/healthz"))[::2] == (503, b"busy\n")  # over every cap
+            assert time.perf_counter() - started < 1.0
+    assert limited(m, "max_connections") == 3
+
+
+async def test_accept_errors_are_counted_and_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors: `accept()` fails with EMFILE a few times, then works."""
+    failures = 3
+
+    class Exhausted(SocketListener):
+        def __init__(self, inner: SocketListener) -> None:
+            self.inner = inner
+
+        @property
+        def _raw_socket(self):  # type: ignore[no-untyped-def]
+            return self.inner._raw_socket
+
+        async def accept(self) -> SocketStream:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                await anyio.lowlevel.checkpoint()
+                raise OSError(errno.EMFILE, "Too many open files")
+            return await self.inner.accept()
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    real_listen = stream.http.listen_tcp
+
+    async def listen(what: str, host: str, port: int) -> MultiListener[SocketStream]:
+        multi = await real_listen(what, host, port)
+        return MultiListener([Exhausted(each) for each in multi.listeners])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stream.http, "listen_tcp", listen)
+    m = Metrics(CollectorRegistry())
+    async with server(metrics=m) as port:
+        started = time.perf_counter()
+        assert (await get(port, "/healthz"))[0] == 200
+        took = time.perf_counter() - started
+        assert (await get(port, "/metrics"))[0] == 200
+    assert (failures, limited(m, "accept_error")) == (0, 3)
+    print(f"healthz answered {took * 1e3:.0f} ms after 3 EMFILE accept failures")
+
+
+async def test_a_trickling_head_is_cut_at_the_header_deadline() -> None:
+    m = Metrics(CollectorRegistry())
+    async with server(metrics=m, header_timeout=0.3, read_timeout=5) as port:
+
+        async def trickle(held: list[float]) -> None:
+            started = time.perf_counter()
+            async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                with anyio.fail_after(3):
+                    for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                        try:
+                            await s.send(bytes([byte]))
+                            with anyio.move_on_after(0.05):
+                                assert await s.receive() == b""  # never an answer
+                        except (anyio.EndOfStream, anyio.BrokenResourceError):
+                            break
+            held.append(time.perf_counter() - started)
+
+        held: list[float] = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(trickle, held)
+        assert (await get(port, "/healthz"))[0] == 200
+    assert len(held) == 5 and all(0.25 < t < 2.0 for t in held), held
+    assert limited(m, "header_timeout") == 5
+    print(f"5 trickling heads cut after {min(held):.2f}-{max(held):.2f} s (deadline 0.3 s)")
+
+
+async def slowloris(port: int, until: float, interval: float, cuts: list[int]) -> None:
+    """One attacker: sends a request head a byte per `interval`; reconnects when cut."""
+    head = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 1000
+    while anyio.current_time() < until:
+        try:
+            async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                for byte in head:
+                    if anyio.current_time() >= until:
+                        return
+                    await s.send(bytes([byte]))
+                    with anyio.move_on_after(interval):
+                        await s.receive()  # an answer (503) or the end: cut
+                        break
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            pass
+        cuts[0] += 1
+
+
+async def test_probes_and_scrapes_are_answered_under_slowloris() -> None:
+    n, attack_s = 300, 3.0
+    m = Metrics(CollectorRegistry())
+    async with server(metrics=m, header_timeout=1.0) as port:
+        cuts = [0]
+        latencies: dict[str, list[float]] = {"/healthz": [], "/metrics": []}
+        async with anyio.create_task_group() as tg:
+            until = anyio.current_time() + attack_s
+            for _ in range(n):
+                tg.start_soon(slowloris, port, until, 0.25, cuts)
+            await anyio.sleep(0.5)  # every attacker has connected
+            while anyio.current_time() < until - 0.2:
+                for path, took in latencies.items():
+                    started = time.perf_counter()
+                    with anyio.fail_after(2):
+                        status, _, _ = await get(port, path)
+                    took.append(time.perf_counter() - started)
+                    assert status == 200, path
+                await anyio.sleep(0.1)
+    worst = {path: max(took) * 1e3 for path, took in latencies.items()}
+    cut = limited(m, "max_connections") + limited(m, "header_timeout")
+    assert cut >= n - 64 and cuts[0] >= n - 64
+    print(
+        f"{n} slow connections: healthz answered {len(latencies['/healthz'])}/"
+        f"{len(latencies['/healthz'])} times, worst {worst['/healthz']:.0f} ms; metrics "
+        f"worst {worst['/metrics']:.0f} ms; {cut:.0f} slow connections cut and counted"
+    )
 
 
 async def test_port_zero_reports_the_bound_port() -> None:
