@@ -24,7 +24,8 @@ __all__ = [
 SLOW_SUBSCRIBER = "slow_subscriber"
 """A subscriber's buffer was full; the moments were not queued for it."""
 DISCONNECTED = "disconnected"
-"""A subscriber was cut off (stalled too long, or its socket failed); counted once."""
+"""A subscriber was cut off (stalled too long, over its byte budget, or its socket
+failed); counted once."""
 SLOW_SINK = "slow_sink"
 """A file sink's buffer was full; the moments were not queued."""
 WRITE_ERROR = "error"
@@ -55,7 +56,7 @@ class Sink(Protocol):
       `slow_subscriber` / `slow_sink` (the buffer was full when offered),
       `error` (a file write failed), `disconnected` (a subscriber was cut off; counted
       once per subscriber, n = 1; the moments it still held are not counted, nor are
-      those of a subscriber that hangs up).
+      those of a subscriber that hangs up, nor those offered after it was cut off).
     - **At most once.** A moment dropped by a slow sink is counted and gone: no retry,
       no back-pressure on the pipeline, and one slow sink or subscriber never delays
       another.

@@ -3,20 +3,30 @@
 A client connects and sends one line, `SUB <binary|json> <glob>\\n`; from then on it
 receives the moments of the streams whose id matches the glob (`fnmatch` rules, case
 sensitive; `*` for all): binary records back to back, or JSON lines. A missing or bad
-line is answered `ERR <why>\\n` and the connection closed.
+line is answered `ERR <why>\\n` and the connection closed; so is a connection over the
+listener's limits (`ERR too many subscribers`; counted in `limited("output.tcp", ...)`:
+`max_connections`, `max_per_address`, and `header_timeout` for no `SUB` line in time).
+
+Subscribers with the same glob share its `Glob` (`routing`), and those with the same
+(format, glob) form a group: `offer()` finds each distinct glob's rows in one pass over the
+batch and encodes each group's selection once, for all its subscribers.
 
 Each subscriber has its own `WeightedBuffer` (weight = moments, overflow `drop_newest`)
-filled by `offer()` with the encoded rows of each batch it matches, and drained by its
-writer task, so a slow subscriber only loses its own moments (counted `slow_subscriber`);
-one whose buffer stays full for `stall_timeout` seconds, or whose socket fails, is cut off
-(counted `disconnected`, once).
+drained by its writer task, so a slow subscriber only loses its own moments (counted
+`slow_subscriber`); one whose buffer stays full for `stall_timeout` seconds, or whose
+socket fails, is cut off (counted `disconnected`, once). Beside the moments, the bytes it
+holds (queued, and being written) are bounded by `max_pending_bytes`: a subscriber that
+would go over is a slow consumer and is cut off at once (NATS's `max_pending`), its socket
+reset so the kernel drops what it held. The kernel's send buffer of each subscriber
+socket is capped (`SO_SNDBUF`), so unread moments cannot pile up there either.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import logging
-import re
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import cast
@@ -27,14 +37,24 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..buffers import WeightedBuffer
 from ..events import PipelineEvents
-from ..net import accept_forever, listen_tcp
+from ..net import (
+    NO_LIMITS,
+    ConnectionGate,
+    ConnectionLimits,
+    accept_forever,
+    listen_tcp,
+    peer_address,
+)
 from ..protocol import MomentBatch
 from .base import DISCONNECTED, SLOW_SUBSCRIBER, Chunk, EncodingCache, Format, encode
+from .routing import Glob, Router
 
 __all__ = ["SubscriberServer"]
 
 log = logging.getLogger(__name__)
 
+LISTENER = "output.tcp"
+"""The listener's name in logs and in `enactive_connections_limited_total{listener}`."""
 MAX_SUB_LINE = 1024
 """The longest accepted `SUB` line, in bytes."""
 WRITE_BYTES = 1 << 18
@@ -42,36 +62,32 @@ WRITE_BYTES = 1 << 18
 few, small enough that the kernel takes each at once (asyncio copies what it does not)."""
 FLUSH_S = 1.0
 """How long a subscriber may take to receive what it holds at shutdown."""
-_MEMO_LIMIT = 1 << 16  # per-subscriber memo of stream-id matches
+REFUSE_S = 1.0
+"""How long a refused client has to read its `ERR` line and close."""
+TOO_MANY = "too many subscribers"
+
+
+class _Group:
+    """The subscribers of one (format, glob): each batch's selection is encoded once."""
+
+    __slots__ = ("fmt", "glob", "subscribers")
+
+    def __init__(self, fmt: Format, glob: Glob[_Group]) -> None:
+        self.fmt = fmt
+        self.glob = glob
+        self.subscribers: list[_Subscriber] = []
 
 
 class _Subscriber:
-    def __init__(self, fmt: Format, glob: str, buffer: WeightedBuffer[Chunk]) -> None:
-        self.fmt = fmt
-        self.glob = glob
+    __slots__ = ("buffer", "cut_off", "full_since", "group", "pending_bytes", "scope")
+
+    def __init__(self, group: _Group, buffer: WeightedBuffer[Chunk]) -> None:
+        self.group = group
         self.buffer = buffer
-        self.everything = glob == "*"
+        self.pending_bytes = 0  # queued in `buffer`, or being written
         self.full_since: float | None = None
         self.scope = anyio.CancelScope()
         self.cut_off = False
-        self._match = re.compile(fnmatch.translate(glob)).match
-        self._memo: dict[str, bool] = {}
-
-    def matches(self, stream_id: str) -> bool:
-        hit = self._memo.get(stream_id)
-        if hit is None:
-            if len(self._memo) >= _MEMO_LIMIT:
-                self._memo.clear()
-            hit = self._memo[stream_id] = self._match(stream_id) is not None
-        return hit
-
-    def rows(self, batch: MomentBatch) -> list[int] | None:
-        """The rows of `batch` this subscriber wants: None for all of them."""
-        if self.everything:
-            return None
-        matches = self.matches
-        wanted = [i for i, stream_id in enumerate(batch.stream_ids) if matches(stream_id)]
-        return None if len(wanted) == len(batch) else wanted
 
 
 class SubscriberServer:
@@ -81,9 +97,17 @@ class SubscriberServer:
 
     - `address`: `(host, port)` to listen on; port 0 picks a free port.
     - `buffer`: moments buffered per subscriber, >= 1.
-    - `events`: told `emitted(name, n)` and `sink_dropped(name, reason, n)`.
+    - `events`: told `emitted(name, n)`, `sink_dropped(name, reason, n)` and
+        `limited("output.tcp", reason)`.
     - `on_subscribers(n)`: called with the number of subscribers whenever it changes.
     - `cache`: shared with other sinks to encode each moment once per format.
+    - `limits`: subscribers at most, in all (`max_connections`) and per client address
+        (`max_per_address`); 0: no limit. The timeouts there are not used.
+    - `max_pending_bytes`: bytes held per subscriber at most (queued and being written),
+        >= 1; a subscriber that would go over is cut off. One batch larger than this still
+        goes to a subscriber that holds nothing.
+    - `socket_buffer_bytes`: `SO_SNDBUF` of each subscriber socket (the kernel doubles
+        it, capped by `net.core.wmem_max`); 0: the kernel's default.
     - `handshake_timeout`: seconds a client has to send its `SUB` line.
     - `stall_timeout`: seconds a subscriber's buffer may stay full before it is cut off.
     - `clock`: seconds, for `stall_timeout`.
@@ -99,20 +123,31 @@ class SubscriberServer:
         events: PipelineEvents,
         on_subscribers: Callable[[int], None] = lambda n: None,
         cache: EncodingCache | None = None,
+        limits: ConnectionLimits = NO_LIMITS,
+        max_pending_bytes: int = 8 << 20,
+        socket_buffer_bytes: int = 256 << 10,
         handshake_timeout: float = 10.0,
         stall_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if buffer < 1:
             raise ValueError(f"buffer={buffer}, expected >= 1")
+        if max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes={max_pending_bytes}, expected >= 1")
+        if socket_buffer_bytes < 0:
+            raise ValueError(f"socket_buffer_bytes={socket_buffer_bytes}, expected >= 0")
         self.address = address
         self.buffer = buffer
+        self.max_pending_bytes = max_pending_bytes
+        self.socket_buffer_bytes = socket_buffer_bytes
         self._events = events
         self._on_subscribers = on_subscribers
         self._cache = cache or EncodingCache()
+        self._gate = ConnectionGate(limits)
         self._handshake_timeout = handshake_timeout
         self._stall_timeout = stall_timeout
         self._clock = clock
+        self._router = Router[_Group]()
         self._subscribers: list[_Subscriber] = []
 
     @property
@@ -121,9 +156,19 @@ class SubscriberServer:
         return len(self._subscribers)
 
     @property
+    def connections(self) -> int:
+        """Connections open now: subscribers, and those still to send their `SUB` line."""
+        return self._gate.open
+
+    @property
     def queued(self) -> int:
         """Moments held now, summed over subscribers."""
         return sum(sub.buffer.weight for sub in self._subscribers)
+
+    @property
+    def queued_bytes(self) -> tuple[int, ...]:
+        """The bytes each subscriber holds now (queued, and being written)."""
+        return tuple(sub.pending_bytes for sub in self._subscribers)
 
     @property
     def buffers(self) -> tuple[WeightedBuffer[Chunk], ...]:
@@ -132,27 +177,48 @@ class SubscriberServer:
 
     def offer(self, batch: MomentBatch) -> None:
         """Queue `batch`'s matching moments for every subscriber; never blocks."""
-        now: float | None = None
-        for sub in self._subscribers:
-            rows = sub.rows(batch)
-            n = len(batch) if rows is None else len(rows)
-            if n == 0:
+        if not self._subscribers:
+            return
+        n = len(batch)
+        for group in self._router.everything.groups:
+            self._deliver(group, batch, None, n)
+        for glob, rows in self._router.route(batch.stream_ids).items():
+            whole = len(rows) == n
+            for group in glob.groups:
+                self._deliver(group, batch, None if whole else rows, len(rows))
+
+    def _deliver(self, group: _Group, batch: MomentBatch, rows: list[int] | None, n: int) -> None:
+        # `rows` of `batch` (None: all, n of them) to each subscriber of `group`, encoded
+        # once, and only if one of them takes it.
+        chunk: Chunk | None = None
+        for sub in group.subscribers:
+            if sub.cut_off:
                 continue
-            chunk = Chunk()
-            if sub.buffer.put_nowait(chunk, n):
+            if not sub.buffer.fits(n):
+                sub.buffer.put_nowait(_DROPPED, n)  # counted `slow_subscriber` by `on_drop`
+                self._stalled(sub)
+                continue
+            if chunk is None:
+                chunk = Chunk()
                 chunk.data = (
-                    self._cache.get(batch, sub.fmt)
+                    self._cache.get(batch, group.fmt)
                     if rows is None
-                    else encode(batch, sub.fmt, rows)
+                    else encode(batch, group.fmt, rows)
                 )
+            size = len(chunk.data)
+            if sub.pending_bytes and sub.pending_bytes + size > self.max_pending_bytes:
+                self._events.sink_dropped(self.name, SLOW_SUBSCRIBER, n)
+                self._cut_off(sub)  # a slow consumer
                 continue
-            # Dropped, and counted `slow_subscriber` by the buffer's `on_drop`.
-            if now is None:
-                now = self._clock()
-            if sub.full_since is None:
-                sub.full_since = now
-            elif now - sub.full_since > self._stall_timeout:
-                self._cut_off(sub)
+            sub.buffer.put_nowait(chunk, n)
+            sub.pending_bytes += size
+
+    def _stalled(self, sub: _Subscriber) -> None:
+        now = self._clock()
+        if sub.full_since is None:
+            sub.full_since = now
+        elif now - sub.full_since > self._stall_timeout:
+            self._cut_off(sub)
 
     def _cut_off(self, sub: _Subscriber) -> None:
         if not sub.cut_off:
@@ -163,41 +229,79 @@ class SubscriberServer:
     def _slow(self, chunk: Chunk, n: int) -> None:
         self._events.sink_dropped(self.name, SLOW_SUBSCRIBER, n)
 
+    def _accept_failed(self, error: Exception) -> None:
+        self._events.limited(LISTENER, "accept_error")
+
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve subscribers until cancelled; `started(port)` with the bound port."""
         host, port = self.address
-        listener = await listen_tcp("output.tcp", host, port)
+        listener = await listen_tcp(LISTENER, host, port)
         async with listener, anyio.create_task_group() as tg:
             for each in listener.listeners:
                 tg.start_soon(
-                    accept_forever, cast(SocketListener, each), tg, self._serve, "subscriber"
+                    functools.partial(accept_forever, on_error=self._accept_failed),
+                    cast(SocketListener, each),
+                    tg,
+                    self._serve,
+                    "subscriber",
                 )
             task_status.started(listener.extra(SocketAttribute.local_port))
 
     async def _serve(self, stream: SocketStream) -> None:
-        async with stream:
-            receive = BufferedByteReceiveStream(stream)
-            wanted, error = await self._handshake(receive)
-            if wanted is None:
-                with anyio.move_on_after(1.0):
-                    try:
-                        await stream.send(f"ERR {error}\n".encode())
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass
-                return
-            fmt, glob = wanted
-            buffer = WeightedBuffer[Chunk](self.buffer, overflow="drop_newest", on_drop=self._slow)
-            sub = _Subscriber(fmt, glob, buffer)
-            self._subscribers.append(sub)
-            self._on_subscribers(len(self._subscribers))
-            try:
-                with sub.scope:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._watch_hangup, receive, tg.cancel_scope)
-                        await self._write(stream, sub)
-            finally:
-                self._subscribers.remove(sub)
-                self._on_subscribers(len(self._subscribers))
+        peer = peer_address(stream)
+        refused = self._gate.enter(peer)
+        if refused is not None:
+            self._events.limited(LISTENER, refused)
+            async with stream:
+                await _refuse(stream, TOO_MANY)
+            return
+        try:
+            async with stream:
+                await self._subscribe(stream)
+        except Exception:  # a subscriber's failure is its own, never the server's
+            log.warning("subscriber connection failed", exc_info=True)
+        finally:
+            self._gate.leave(peer)
+
+    async def _subscribe(self, stream: SocketStream) -> None:
+        _set_send_buffer(stream, self.socket_buffer_bytes)
+        receive = BufferedByteReceiveStream(stream)
+        wanted, error = await self._handshake(receive)
+        if wanted is None:
+            await _refuse(stream, error)
+            return
+        sub = self._join(*wanted)
+        try:
+            with sub.scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_hangup, receive, tg.cancel_scope)
+                    await self._write(stream, sub)
+        finally:
+            self._leave(sub)
+            if sub.cut_off:  # reset: the kernel drops what it still holds for it
+                _set_linger_zero(stream)
+
+    def _join(self, fmt: Format, pattern: str) -> _Subscriber:
+        glob = self._router.use(pattern)
+        group = next((g for g in glob.groups if g.fmt == fmt), None)
+        if group is None:
+            group = _Group(fmt, glob)
+            glob.groups.append(group)
+        buffer = WeightedBuffer[Chunk](self.buffer, overflow="drop_newest", on_drop=self._slow)
+        sub = _Subscriber(group, buffer)
+        group.subscribers.append(sub)
+        self._subscribers.append(sub)
+        self._on_subscribers(len(self._subscribers))
+        return sub
+
+    def _leave(self, sub: _Subscriber) -> None:
+        group = sub.group
+        group.subscribers.remove(sub)
+        if not group.subscribers:
+            group.glob.groups.remove(group)
+        self._router.release(group.glob)
+        self._subscribers.remove(sub)
+        self._on_subscribers(len(self._subscribers))
 
     async def _handshake(
         self, receive: BufferedByteReceiveStream
@@ -206,6 +310,7 @@ class SubscriberServer:
             with anyio.fail_after(self._handshake_timeout):
                 line = await receive.receive_until(b"\n", MAX_SUB_LINE)
         except TimeoutError:
+            self._events.limited(LISTENER, "header_timeout")
             return None, f"no SUB line within {self._handshake_timeout:g} s"
         except anyio.DelimiterNotFound:
             return None, f"SUB line longer than {MAX_SUB_LINE} bytes"
@@ -253,8 +358,45 @@ class SubscriberServer:
         sub.buffer.take(count)
         sub.full_since = None
         taken = held[:count]
-        await stream.send(b"".join(chunk.data for chunk, _ in taken))
+        try:
+            await stream.send(b"".join(chunk.data for chunk, _ in taken))
+        finally:
+            sub.pending_bytes -= size
         self._events.emitted(self.name, sum(n for _, n in taken))
+
+
+_DROPPED = Chunk()
+"""What a full buffer is offered (and drops) instead of an encoding nobody will read."""
+
+
+async def _refuse(stream: SocketStream, why: str) -> None:
+    """Answer `ERR <why>`, then wait (at most `REFUSE_S`) for the client to close, so that
+    closing does not reset the connection before the client has read the answer."""
+    with anyio.move_on_after(REFUSE_S):
+        try:
+            await stream.send(f"ERR {why}\n".encode())
+            await stream.send_eof()
+            for _ in range(MAX_SUB_LINE):  # whatever it sends meanwhile, up to a bound
+                await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+
+def _set_send_buffer(stream: SocketStream, size: int) -> None:
+    if size:
+        try:
+            sock = stream.extra(SocketAttribute.raw_socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:
+            log.debug("could not set SO_SNDBUF=%d on a subscriber socket", size, exc_info=True)
+
+
+def _set_linger_zero(stream: SocketStream) -> None:
+    try:
+        sock = stream.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        log.debug("could not set SO_LINGER on a subscriber socket", exc_info=True)
 
 
 def _parse_sub(line: bytes) -> tuple[tuple[Format, str] | None, str]:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import io
 import json
+import socket
+import statistics
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from stream.events import Listener
+from stream.net import ConnectionLimits
 from stream.protocol import (
     Moment,
     MomentBatch,
@@ -23,6 +29,7 @@ from stream.protocol import (
     moment_to_json,
 )
 from stream.sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
+from stream.sinks.routing import DEAD_SLACK, Router
 
 HOST = "127.0.0.1"
 SIZES = MomentSizes(4, 3, 2, 2)
@@ -45,6 +52,7 @@ class Counts(Listener):
     def __init__(self) -> None:
         self.delivered: collections.Counter[str] = collections.Counter()
         self.lost: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.limits: collections.Counter[tuple[str, str]] = collections.Counter()
         self.subscribers = 0
         self._changed = anyio.Event()
 
@@ -58,6 +66,10 @@ class Counts(Listener):
 
     def sink_dropped(self, sink: str, reason: str, n: int) -> None:
         self.lost[sink, reason] += n
+        self._touch()
+
+    def limited(self, listener: str, reason: str) -> None:
+        self.limits[listener, reason] += 1
         self._touch()
 
     def on_subscribers(self, n: int) -> None:
@@ -199,6 +211,7 @@ async def test_silent_client_gets_err_after_the_handshake_timeout(counts: Counts
             with anyio.fail_after(5):
                 answer = await link.receive()
         assert answer.startswith(b"ERR no SUB line")
+        assert counts.limits == {("output.tcp", "header_timeout"): 1}
         tg.cancel_scope.cancel()
 
 
@@ -230,7 +243,7 @@ async def test_stalled_subscriber_is_cut_off_once(counts: Counts):
             sink.offer(one("s", 3))  # dropped, still within the stall timeout
             now[0] = 5.5
             sink.offer(one("s", 4))  # dropped, and full for more than 5 s: cut off
-            sink.offer(one("s", 5))
+            sink.offer(one("s", 5))  # not for it any more: not counted
             await counts.until(lambda: counts.subscribers == 0)
             assert counts.lost[("tcp", "disconnected")] == 1
             with anyio.fail_after(5):
@@ -238,7 +251,7 @@ async def test_stalled_subscriber_is_cut_off_once(counts: Counts):
                     while True:
                         await link.receive()
         sink.offer(one("s", 6))  # nobody left to offer to
-        assert counts.lost[("tcp", "slow_subscriber")] == 4
+        assert counts.lost[("tcp", "slow_subscriber")] == 3
         tg.cancel_scope.cancel()
 
 
@@ -313,6 +326,232 @@ async def test_batch_larger_than_the_buffer_goes_to_an_idle_subscriber(
             got = await read_moments(link, 3)
             assert [m.seq for m in got] == [1, 2, 3]
         tg.cancel_scope.cancel()
+
+
+# -- hostile subscribers -------------------------------------------------------------------
+
+
+async def read_to_end(link: SocketStream) -> bytes:
+    """Everything `link` receives until the server closes (or resets) it."""
+    data = b""
+    with anyio.fail_after(5):
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            while True:
+                data += await link.receive()
+    return data
+
+
+async def test_subscribers_over_the_limits_are_refused_and_counted(counts: Counts):
+    sink = server(counts, limits=ConnectionLimits(max_connections=3, max_per_address=2))
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        first = await subscribe(port, b"SUB binary *\n", counts, 1)
+        second = await subscribe(port, b"SUB binary *\n", counts, 2)
+        async with await anyio.connect_tcp(HOST, port) as third:  # a third from 127.0.0.1
+            await third.send(b"SUB binary *\n")
+            assert await read_to_end(third) == b"ERR too many subscribers\n"
+        assert counts.limits == {("output.tcp", "max_per_address"): 1}
+        # One still to send its SUB line counts as well: 3 connections, the most allowed.
+        silent = await anyio.connect_tcp(HOST, port, local_host="127.0.0.2")
+        await anyio.wait_all_tasks_blocked()
+        assert sink.connections == 3
+        async with await anyio.connect_tcp(HOST, port, local_host="127.0.0.3") as fourth:
+            assert await read_to_end(fourth) == b"ERR too many subscribers\n"
+        assert counts.limits["output.tcp", "max_connections"] == 1
+        assert counts.subscribers == 2
+        # A place that frees up is taken again.
+        await first.aclose()
+        await counts.until(lambda: counts.subscribers == 1)
+        await anyio.wait_all_tasks_blocked()
+        assert sink.connections == 2
+        async with await subscribe(port, b"SUB binary *\n", counts, 2) as again:
+            sink.offer(one("s", 1))
+            assert [m.seq for m in await read_moments(again, 1)] == [1]
+        assert sum(counts.limits.values()) == 2
+        await second.aclose()
+        await silent.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_subscriber_that_would_go_over_its_byte_budget_is_a_slow_consumer(
+    counts: Counts,
+):
+    record = len(one("s", 1).encode_binary())
+    sink = server(counts, buffer=1000, max_pending_bytes=3 * record)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        async with await subscribe(port, b"SUB binary *\n", counts) as link:
+            # No await in between: the writer cannot drain.
+            sink.offer(MomentBatch.of([moment("s", q) for q in (1, 2, 3, 4)]))  # > budget:
+            assert sink.queued_bytes == (4 * record,)  # ... but taken into an empty queue
+            sink.offer(one("s", 5))  # over budget: cut off, the moment not queued
+            assert counts.lost == {("tcp", "slow_subscriber"): 1, ("tcp", "disconnected"): 1}
+            assert sink.queued == 4
+            sink.offer(one("s", 6))  # not for it any more
+            await counts.until(lambda: counts.subscribers == 0)
+            assert len(await read_to_end(link)) <= 4 * record
+        assert counts.lost == {("tcp", "slow_subscriber"): 1, ("tcp", "disconnected"): 1}
+        assert counts.delivered["tcp"] == 0
+        tg.cancel_scope.cancel()
+
+
+async def not_reading(port: int, line: bytes, counts: Counts, n: int) -> SocketStream:
+    """A subscriber that will not read, with a small receive buffer of its own."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect((HOST, port))
+    link = await SocketStream.from_socket(raw)
+    await link.send(line)
+    await counts.until(lambda: counts.subscribers == n)
+    return link
+
+
+async def test_a_subscriber_over_its_byte_budget_is_cut_off_and_a_reader_gets_everything(
+    counts: Counts,
+):
+    big = MomentSizes(16384, 0, 0, 0)  # 64 KiB records
+    budget, n = 1 << 20, 200  # 13 MB for each subscriber
+    sink = server(
+        counts,
+        buffer=100_000,  # moments: the byte budget is what binds
+        max_pending_bytes=budget,
+        socket_buffer_bytes=64 << 10,
+        clock=lambda: 0.0,  # never cut off for a stall: only for the budget
+    )
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        slow = await not_reading(port, b"SUB binary *\n", counts, 1)
+        fast = await subscribe(port, b"SUB binary *\n", counts, 2)
+        reader, got, most = MomentReader(), [], 0
+        for seq in range(1, n + 1):
+            sink.offer(one("s", seq, big))
+            most = max(most, *sink.queued_bytes)
+            with anyio.fail_after(5):
+                while len(got) < seq:
+                    got += reader.feed(await fast.receive())
+        assert [m.seq for m in got] == list(range(1, n + 1))
+        await counts.until(lambda: counts.subscribers == 1)
+        assert counts.lost["tcp", "disconnected"] == 1
+        assert 0 < counts.lost["tcp", "slow_subscriber"] < n
+        print(f"most bytes held for one subscriber: {most} (budget {budget})")
+        assert most <= budget
+        # What the slow one can still read is what the kernels held: nowhere near it all.
+        assert len(await read_to_end(slow)) < n * len(one("s", 1, big).encode_binary()) // 2
+        await slow.aclose()
+        await fast.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_subscribers_with_the_same_selection_share_one_encoding(
+    counts: Counts, monkeypatch: pytest.MonkeyPatch
+):
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+    for fmt in ("binary", "json"):
+        original = getattr(MomentBatch, f"encode_{fmt}")
+
+        def spy(self, rows=None, *, _fmt=fmt, _original=original):
+            calls[_fmt, "all" if rows is None else "some"] += 1
+            return _original(self, rows)
+
+        monkeypatch.setattr(MomentBatch, f"encode_{fmt}", spy)
+    sink = server(counts)
+    wanted = [b"SUB binary arm-*\n"] * 4 + [b"SUB json arm-*\n"] * 3 + [b"SUB binary *\n"] * 2
+    async with anyio.create_task_group() as tg, contextlib.AsyncExitStack() as stack:
+        port = await tg.start(sink.run)
+        links = []
+        for i, line in enumerate(wanted + [b"SUB binary none-*\n"] * 2):
+            links.append(
+                await stack.enter_async_context(await subscribe(port, line, counts, i + 1))
+            )
+        sink.offer(MomentBatch.of([moment("arm-1", 1), moment("leg-1", 1), moment("arm-2", 1)]))
+        assert calls == {("binary", "some"): 1, ("json", "some"): 1, ("binary", "all"): 1}
+        sink.offer(MomentBatch.of([moment("arm-1", 2), moment("arm-2", 2)]))  # all of it
+        assert calls == {
+            ("binary", "some"): 1,
+            ("json", "some"): 1,
+            ("binary", "all"): 2,  # shared with `*` through the cache
+            ("json", "all"): 1,
+        }
+        sink.offer(one("leg-1", 2))
+        arms = [("arm-1", 1), ("arm-2", 1), ("arm-1", 2), ("arm-2", 2)]
+        for link in links[:4]:
+            assert [(m.stream_id, m.seq) for m in await read_moments(link, 4)] == arms
+        for link in links[4:7]:
+            assert [(d["stream"], d["seq"]) for d in await read_lines(link, 4)] == arms
+        everything = [("arm-1", 1), ("leg-1", 1), ("arm-2", 1), *arms[2:], ("leg-1", 2)]
+        for link in links[7:9]:
+            assert [(m.stream_id, m.seq) for m in await read_moments(link, 6)] == everything
+        await counts.until(lambda: counts.delivered["tcp"] == 4 * 4 + 3 * 4 + 2 * 6)
+        tg.cancel_scope.cancel()
+
+
+OFFERS = 300
+
+
+async def test_non_matching_subscribers_cost_offer_almost_nothing(counts: Counts):
+    template = MomentBatch.of([moment(f"s-{i:03d}", 1) for i in range(256)])
+    batches = [dataclasses.replace(template) for _ in range(OFFERS)]  # not cached: new ones
+    sink = server(counts, buffer=1 << 24, max_pending_bytes=1 << 34)
+
+    def per_offer() -> float:
+        """The seconds of one `offer()` of a 256-moment batch: the 10th percentile of
+        `OFFERS`, which other work on the machine (a CI run) hardly moves."""
+        times = []
+        for batch in batches:
+            start = time.perf_counter()
+            sink.offer(batch)
+            times.append(time.perf_counter() - start)
+        return statistics.quantiles(times, n=10)[0]
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        none = per_offer()
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(await subscribe(port, b"SUB binary *\n", counts, 1))
+            base = per_offer()  # one subscriber to everything: one encoding per batch
+            async with contextlib.AsyncExitStack() as hostile:
+                for i in range(200):
+                    link = await subscribe(port, b"SUB binary nomatch-*\n", counts, i + 2)
+                    await hostile.enter_async_context(link)
+                one_glob = per_offer()
+            await counts.until(lambda: counts.subscribers == 1)
+            async with contextlib.AsyncExitStack() as hostile:
+                for i in range(200):
+                    line = f"SUB binary nomatch-{i}-*\n".encode()
+                    await hostile.enter_async_context(await subscribe(port, line, counts, i + 2))
+                many_globs = per_offer()
+        tg.cancel_scope.cancel()
+    print(
+        f"offer() of a 256-moment batch, 10th percentile of {OFFERS}: "
+        f"no subscribers {none * 1e6:.1f} µs; one '*' subscriber {base * 1e6:.1f} µs; "
+        f"+ 200 non-matching (one glob) {one_glob * 1e6:.1f} µs; "
+        f"+ 200 non-matching (200 globs) {many_globs * 1e6:.1f} µs"
+    )
+    assert one_glob < 2 * base and many_globs < 2 * base
+
+
+def test_router_memo_is_bounded_and_shared_by_every_glob():
+    router = Router[str](memo_limit=100)
+    arms = router.use("arm-*")
+    ids = [f"arm-{i}" for i in range(50)] + [f"leg-{i}" for i in range(50)]
+    assert router.route(ids) == {arms: list(range(50))}
+    legs = router.use("leg-?")  # added later: tested against ids already seen, once each
+    assert router.route(ids) == {arms: list(range(50)), legs: list(range(50, 60))}
+    assert router.remembered == 100
+    router.route([f"other-{i}" for i in range(1000)])
+    assert router.remembered <= 100
+    assert router.route(ids[45:55]) == {arms: [0, 1, 2, 3, 4], legs: [5, 6, 7, 8, 9]}
+
+
+def test_router_forgets_globs_nobody_uses():
+    router = Router[str]()
+    kept = router.use("kept-*")
+    for i in range(10 * DEAD_SLACK):
+        router.release(router.use(f"gone-{i}-*"))
+        assert router.globs <= 1 + DEAD_SLACK + 1
+    assert router.route(["kept-1", "gone-3-x"]) == {kept: [0]}
+    router.release(kept)
+    assert router.route(["kept-1"]) == {}  # no glob in use: no pass at all
 
 
 async def test_jsonl_sink_appends_lines_and_flushes_on_cancel(tmp_path: Path, counts: Counts):
