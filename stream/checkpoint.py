@@ -1,36 +1,63 @@
 """Durable state: the slab, the slot map, evicted states and sequence numbers, written
 atomically (temporary file, fsync, rename) and read back at start.
 
-One file, `<state dir>/checkpoint.npz`: the slab's leaves as arrays `slab_<i>`, holding
-the rows of the occupied slots only, in the slot map's order (the file grows with the
-streams, not with `max_streams`); the evicted streams' leaves stacked as `evicted_<i>`;
-and a JSON `meta` with the format, the model fingerprint, the slot map, the evicted
-stream ids and the processed sequence numbers. Format 1 (written before this one) held
-every slot's row; it is still read.
+`<state dir>/checkpoint.npz` holds the slab's leaves as arrays `slab_<i>`, holding the rows
+of the occupied slots only, in the slot map's order (the file grows with the streams, not
+with `max_streams`); the evicted streams' leaves stacked as `evicted_<i>`; and a JSON
+`meta` with the format, the model fingerprint, the slot map, the evicted stream ids and the
+processed sequence numbers. Format 1 (written before this one) held every slot's row; it is
+still read.
+
+Two generations: a write keeps the file it replaces as `checkpoint.prev.npz` (a hard link
+first, so that `checkpoint.npz` is never missing; a rename where the file system has no
+hard links). A file is checked whole before any of it is used (stream/checkpoint_file.py:
+the metadata's schema, every array's dtype and shape, finite states), so a damaged or
+crafted file is refused with one line (`CheckpointError`), never half-loaded; with
+`fallback_to_previous`, the previous generation is restored instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from .checkpoint_file import FORMAT, Contents, Unusable, read_checkpoint_file
 from .streams import StreamTable
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "Restored",
+    "discard_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+log = logging.getLogger(__name__)
 
 FILENAME = "checkpoint.npz"
-FORMAT = 2
+PREVIOUS = "checkpoint.prev.npz"
+FIX = "move it aside to start fresh, or start with `--discard-checkpoint`"
+_TEMP = ".checkpoint-"  # temporary files: `.checkpoint-*.npz`, removed at the next start
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used with this configuration."""
+
+
+class Restored(NamedTuple):
+    """A checkpoint read back: `slab`, the host slab (`like_slab` filled in), and `path`,
+    the file it came from."""
+
+    slab: Any
+    path: Path
 
 
 def save_checkpoint(
@@ -39,7 +66,8 @@ def save_checkpoint(
     table: StreamTable,
     fingerprint: dict[str, Any],
 ) -> Path:
-    """Write everything needed to resume to `directory` atomically.
+    """Write everything needed to resume to `directory` atomically, keeping the file it
+    replaces as `checkpoint.prev.npz`.
 
     **Arguments:** `rows`, the slab rows of the streams in `table.slot_of`, in its order,
     as numpy arrays (`SlabSnapshot.to_host()`); `table`, the stream table; `fingerprint`,
@@ -64,18 +92,84 @@ def save_checkpoint(
         "seq": table.processed_seq,
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TEMP, suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
             f.flush()
             os.fsync(f.fileno())
         path = directory / FILENAME
+        if path.exists():
+            _keep_as_previous(path, directory / PREVIOUS, Path(tmp).with_suffix(".prev.npz"))
         os.replace(tmp, path)
+        _fsync_dir(directory)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _keep_as_previous(path: Path, previous: Path, link: Path) -> None:
+    """Make `previous` the file now at `path`, which stays in place (a hard link through a
+    temporary name); where hard links are not supported, rename it: until the new file is
+    renamed in, only `previous` exists then."""
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    try:
+        os.replace(link, previous)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable (where the platform can fsync a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def discard_checkpoint(directory: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
+    """Move the checkpoint files in `directory` aside (`checkpoint.npz.discarded-<UTC
+    time>`, never deleted), so that the next load starts fresh; logged at WARNING.
+
+    **Returns:** `(from, to)` per file moved (none when there was no checkpoint).
+    """
+    directory = Path(directory)
+    moved = []
+    for name in (PREVIOUS, FILENAME):  # the latest last: a crash midway leaves it loadable
+        path = directory / name
+        if path.exists():
+            aside = _aside(path, "discarded")
+            os.replace(path, aside)
+            moved.append((path, aside))
+    if moved:
+        _fsync_dir(directory)
+        where = ", ".join(f"{a} to {b}" for a, b in reversed(moved))
+        log.warning(f"discarding the checkpoint: moved {where}; starting fresh")
+    else:
+        log.warning(f"discarding the checkpoint: there is none in {directory}; starting fresh")
+    return moved
+
+
+def _aside(path: Path, why: str) -> Path:
+    """A free name next to `path`, `<name>.<why>-<UTC time>` (`-1`, `-2`, … if taken)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}.{why}-{stamp}"), 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
+    return aside
 
 
 def load_checkpoint(
@@ -83,66 +177,92 @@ def load_checkpoint(
     like_slab: Any,
     table: StreamTable,
     fingerprint: dict[str, Any],
-) -> Any | None:
+    *,
+    fallback_to_previous: bool = False,
+) -> Restored | None:
     """Read the checkpoint in `directory`, if any, into `table`.
 
     **Arguments:** `like_slab`, a fresh host slab: the saved rows are written into it
-    (shapes are checked against it), the other slots keep its fresh state; `table`, an
-    empty stream table to fill; `fingerprint`, as saved.
+    (dtypes and shapes are checked against it), the other slots keep its fresh state;
+    `table`, an empty stream table to fill; `fingerprint`, as saved;
+    `fallback_to_previous`, when `checkpoint.npz` is unusable or missing, restore
+    `checkpoint.prev.npz` instead (logged at WARNING; the unusable file is moved aside).
 
-    **Returns:** the host slab (`like_slab`, filled in), or None when there is no
-    checkpoint.
+    **Returns:** the host slab (`like_slab`, filled in) and the file read, or None when
+    there is no checkpoint.
 
-    **Raises:** `CheckpointError` when the file was written for another model or
-    capacity, or cannot be read.
+    **Raises:** `CheckpointError`, one line naming the file, what is wrong and the fix,
+    when the file was written for another model or capacity, is damaged or breaks the
+    format; `like_slab` and `table` are then unchanged.
 
     Temporary files left by a write that was killed midway are removed first.
     """
-    for leftover in Path(directory).glob(".checkpoint-*.npz"):
+    directory = Path(directory)
+    for leftover in directory.glob(f"{_TEMP}*.npz"):
         leftover.unlink(missing_ok=True)
-    path = Path(directory) / FILENAME
-    if not path.exists():
-        return None
+    latest, previous = directory / FILENAME, directory / PREVIOUS
+    if not latest.exists():
+        if not previous.exists():
+            return None
+        if not fallback_to_previous:
+            raise CheckpointError(
+                f"{latest} is missing but the previous checkpoint {previous} is there (a write "
+                "was interrupted, or the latest was moved away); set "
+                f"`state.fallback_to_previous = true` to restore it, or {FIX}"
+            )
+        contents = _previous(previous, like_slab, table, fingerprint, problem=None)
+        log.warning(f"{latest} is missing; restored the previous checkpoint {previous}")
+        return Restored(_apply(contents, like_slab, table), previous)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            if meta.get("format") not in (1, FORMAT):
-                raise CheckpointError(
-                    f"{path} has format {meta.get('format')!r}, this daemon reads 1 and "
-                    f"{FORMAT}; move it away to start fresh"
-                )
-            if meta.get("fingerprint") != fingerprint:
-                raise CheckpointError(
-                    f"{path} was written for {meta.get('fingerprint')}, this daemon runs "
-                    f"{fingerprint}; move it away to start fresh"
-                )
-            leaves, treedef = jax.tree.flatten(like_slab)
-            rows: slice | np.ndarray = slice(None)  # format 1: every slot's row
-            if meta["format"] == FORMAT:  # the occupied slots' rows, in the slot map's order
-                rows = np.fromiter(meta["slots"].values(), np.intp, len(meta["slots"]))
-            for i, leaf in enumerate(leaves):
-                got, want = data[f"slab_{i}"], leaf[rows]
-                if got.shape != want.shape:
-                    raise CheckpointError(
-                        f"{path}: slab array {got.shape}, expected "
-                        f"{want.shape}; move it away to start fresh"
-                    )
-                leaf[rows] = got
-            slab = jax.tree.unflatten(treedef, leaves)
-            evicted_ids = meta["evicted"]
-            if evicted_ids:
-                stacked = [data[f"evicted_{i}"] for i in range(len(leaves))]
-                for j, stream_id in enumerate(evicted_ids):
-                    table.evicted[stream_id] = jax.tree.unflatten(treedef, [a[j] for a in stacked])
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read: {e}") from e
-    for stream_id, slot in meta["slots"].items():  # saved least recently used first
+        return _load(latest, like_slab, table, fingerprint)
+    except Unusable as e:
+        problem = e.at(latest)
+    if not fallback_to_previous or not previous.exists():
+        hint = f", or set `state.fallback_to_previous = true` to restore {previous}"
+        raise CheckpointError(f"{problem}; {FIX}{hint if previous.exists() else ''}")
+    contents = _previous(previous, like_slab, table, fingerprint, problem=problem)
+    aside = _aside(latest, "unusable")
+    try:
+        os.replace(latest, aside)  # so that the next write keeps the good one as previous
+    except OSError as e:
+        raise CheckpointError(f"{problem}; cannot move it aside: {e.strerror or e}") from None
+    log.warning(f"{problem}; moved it to {aside} and restored the previous checkpoint {previous}")
+    return Restored(_apply(contents, like_slab, table), previous)
+
+
+def _load(path: Path, like_slab: Any, table: StreamTable, fingerprint: dict[str, Any]) -> Restored:
+    contents = read_checkpoint_file(path, like_slab, table.capacity, fingerprint)
+    return Restored(_apply(contents, like_slab, table), path)
+
+
+def _previous(
+    path: Path, like_slab: Any, table: StreamTable, fingerprint: dict[str, Any], problem: str | None
+) -> Contents:
+    """The previous generation, checked; why not in one line, after `problem` (the latest
+    file's), if it cannot be used either."""
+    try:
+        return read_checkpoint_file(path, like_slab, table.capacity, fingerprint)
+    except Unusable as e:
+        first = f"{problem}; the previous checkpoint too: " if problem else ""
+        fix = FIX.replace("move it", "move them") if problem else FIX
+        raise CheckpointError(f"{first}{e.at(path)}; {fix}") from None
+
+
+def _apply(contents: Contents, like_slab: Any, table: StreamTable) -> Any:
+    """Write checked `contents` into `like_slab` and `table`; returns the slab."""
+    leaves, treedef = jax.tree.flatten(like_slab)
+    rows: slice | np.ndarray = slice(None)  # format 1: every slot's row
+    if contents.format == FORMAT:  # the occupied slots' rows, in the slot map's order
+        rows = np.fromiter(contents.slots.values(), np.intp, len(contents.slots))
+    for leaf, got in zip(leaves, contents.slab, strict=True):
+        leaf[rows] = got
+    for j, stream_id in enumerate(contents.evicted):
+        table.evicted[stream_id] = jax.tree.unflatten(treedef, [a[j] for a in contents.stacked])
+    for stream_id, slot in contents.slots.items():  # saved least recently used first
         table.slot_of[stream_id] = slot
     taken = set(table.slot_of.values())
     table.free = [s for s in range(table.capacity - 1, -1, -1) if s not in taken]
-    table.processed_seq = {k: int(v) for k, v in meta["seq"].items()}
+    table.processed_seq = dict(contents.seq)
     table.forget_unprocessed(time.monotonic_ns())
     table.restored = set(table.processed_seq)
-    return slab
+    return jax.tree.unflatten(treedef, leaves)

@@ -1,22 +1,29 @@
 """`enactive-stream run` that cannot start: exit status 2 and one line naming the cause.
 
 One test per class of failure, each running the real command line in a subprocess with a
-tiny model (two buckets) so that the ones that fail after compiling are quick too.
+tiny model (two buckets) so that the ones that fail after compiling are quick too; and
+`run --discard-checkpoint`, the way past an unusable checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 import processors
+from stream.checkpoint import save_checkpoint
+from stream.streams import StreamTable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,12 +133,68 @@ def test_port_in_use(tmp_path: Path, compilation_cache: str) -> None:
     assert f"ingest.tcp = 127.0.0.1:{port}" in line and "in use" in line
 
 
+FIX = "move it aside to start fresh, or start with `--discard-checkpoint`"
+
+
 def test_corrupt_checkpoint(tmp_path: Path, compilation_cache: str) -> None:
     checkpoint = tmp_path / "state" / "checkpoint.npz"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"\x00garbage\xff" * 100)
     line = _fails(_config(tmp_path, compilation_cache))
-    assert f"{checkpoint}: cannot be read" in line
+    assert f"{checkpoint}: cannot be read" in line and FIX in line
+    assert "pickle" not in line
+
+
+def _crafted_checkpoint(state: Path, config: processors.ModelConfig) -> Path:
+    """A checkpoint for the tiny configuration (2 slots) written by the daemon's own writer,
+    then rewritten as it does (valid zip and CRCs) with both streams in slot 0."""
+    capacity = 2
+    model = processors.EnactiveModel(config, key=jax.random.PRNGKey(0))
+    step = processors.SlabStep(model, buckets=(1,), capacity=capacity, devices=jax.devices()[:1])
+    table = StreamTable(capacity, 4)
+    table.slot_of.update(a=0, b=1)
+    table.processed_seq.update(a=3, b=4)
+    path = save_checkpoint(
+        state, step.host_slab(), table, processors.model_fingerprint(config, capacity)
+    )
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["slots"] = {"a": 0, "b": 0}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_crafted_checkpoint(
+    tmp_path: Path, compilation_cache: str, small_config: processors.ModelConfig
+) -> None:
+    checkpoint = _crafted_checkpoint(tmp_path / "state", small_config)
+    line = _fails(_config(tmp_path, compilation_cache))
+    assert f"{checkpoint}: `slots` gives slot 0 to both 'a' and 'b'" in line and FIX in line
+
+
+def test_discard_checkpoint_starts_fresh_and_keeps_the_old_file(
+    tmp_path: Path, compilation_cache: str, small_config: processors.ModelConfig
+) -> None:
+    checkpoint = _crafted_checkpoint(tmp_path / "state", small_config)
+    crafted = checkpoint.read_bytes()
+    ready = tmp_path / "ready.json"
+    config = _config(tmp_path, compilation_cache)
+    args = ["run", "--config", str(config), "--discard-checkpoint", "--ready-file", str(ready)]
+    with subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        deadline = time.monotonic() + 110
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert ready.exists() and proc.returncode == 0, output
+    [aside] = checkpoint.parent.glob("checkpoint.npz.discarded-*")
+    assert aside.read_bytes() == crafted  # moved aside, never deleted
+    assert f"moved {checkpoint} to {aside}; starting fresh" in output
+    assert "Traceback" not in output
 
 
 def test_state_dir_that_cannot_be_created(tmp_path: Path, compilation_cache: str) -> None:
