@@ -165,7 +165,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prometheus_client.disable_created_metrics()
     try:
         check_state_dir(config.state.dir)
-        daemon = Daemon(config, ready_file=args.ready_file)
+        daemon = Daemon(
+            config, ready_file=args.ready_file, discard_checkpoint=args.discard_checkpoint
+        )
         anyio.run(daemon.run)
     except BaseException as exc:
         cause = startup_cause(exc, config)
@@ -378,6 +380,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("text", "json"),
         help="log lines as text or one JSON object each; overrides log.format "
         "(default: the configured one, text)",
+    )
+    run.add_argument(
+        "--discard-checkpoint",
+        action="store_true",
+        help="move the checkpoint files in state.dir aside (renamed with a timestamp, never "
+        "deleted) and start every stream fresh",
     )
     run.set_defaults(fn=_cmd_run, cmd_parser=run)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import itertools
 import math
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "OutputConfig",
+    "SecurityConfig",
     "StateConfig",
     "SyntheticConfig",
     "load_config",
@@ -187,7 +189,25 @@ class _IntList:
         return tuple(v)
 
 
-_Rule = _Int | _Float | _Bool | _Str | _Address | _IntList
+@dataclasses.dataclass(frozen=True)
+class _Networks:
+    def check(self, v: object) -> tuple[str, ...]:
+        what = 'must be a list of networks in CIDR notation, e.g. ["10.20.0.0/16", "fd00::/8"]'
+        if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
+            raise _Bad(what)
+        for x in v:
+            try:
+                ipaddress.ip_network(x)
+            except ValueError:
+                try:
+                    fixed = f"; did you mean {str(ipaddress.ip_network(x, strict=False))!r}?"
+                except ValueError:
+                    fixed = ""
+                raise _Bad(f"{what}; {x!r} is not one{fixed}") from None
+        return tuple(v)
+
+
+_Rule = _Int | _Float | _Bool | _Str | _Address | _IntList | _Networks
 
 
 class _Bad(Exception):
@@ -222,6 +242,7 @@ class IngestConfig:
     max_connections_per_address: int = _f(1024, _Int(0, 1 << 20))
     idle_timeout_s: float = _f(600.0, _Float(0, 86400))
     frame_timeout_s: float = _f(30.0, _Float(0, 86400))
+    udp_allow: tuple[str, ...] = _f((), _Networks())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -232,6 +253,10 @@ class OutputConfig:
     jsonl: str = _f("", _Str())
     stdout: bool = _f(False, _Bool())
     subscriber_buffer: int = _f(4096, _QUEUE)
+    max_subscribers: int = _f(256, _Int(0, 1 << 20))
+    max_subscribers_per_address: int = _f(64, _Int(0, 1 << 20))
+    subscriber_max_pending_bytes: int = _f(8 << 20, _Int(1 << 12, 1 << 34))
+    subscriber_socket_buffer_bytes: int = _f(256 << 10, _Int(0, 1 << 28))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -298,6 +323,8 @@ class StateConfig:
     max_streams: int = _f(4096, _Int(1, 10_000_000))
     max_known_streams: int = _f(65536, _Int(1, 100_000_000))
     stream_ttl_s: float = _f(7 * 86400.0, _Float(0, 10 * 365 * 86400))
+    reclaim_idle_s: float = _f(300.0, _Float(0, 10 * 365 * 86400))
+    fallback_to_previous: bool = _f(False, _Bool())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -327,6 +354,18 @@ class LogConfig:
     status_interval_s: float = _f(1.0, _Float(0, 3600))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """`[security]`: TLS for the listeners, client identities and their permissions
+    (checked and loaded at start by `stream.security.prepare`)."""
+
+    tls_cert_file: str = _f("", _Str())
+    tls_key_file: str = _f("", _Str())
+    tls_client_ca_file: str = _f("", _Str())
+    auth_file: str = _f("", _Str())
+    insecure: bool = _f(False, _Bool())
+
+
 _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "output": OutputConfig,
@@ -337,6 +376,7 @@ _SECTIONS: dict[str, type] = {
     "synthetic": SyntheticConfig,
     "device": DeviceConfig,
     "log": LogConfig,
+    "security": SecurityConfig,
 }
 
 
@@ -353,6 +393,7 @@ class Config:
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
     @property
     def dims(self) -> Dims:

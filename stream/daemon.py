@@ -43,7 +43,7 @@ import processors
 from processors import CompilationCounter, SlabStep
 
 from .affinity import cpu_split, pinned
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, parse_address
 from .events import Events, Listener
 from .http import serve_http
@@ -51,6 +51,7 @@ from .metrics import Metrics
 from .net import ConnectionLimits
 from .notify import Notifier
 from .pipeline import Pipeline, PipelineSettings
+from .security import prepare as prepare_security
 from .sinks import EncodingCache, JsonlSink, Sink, StdoutSink, SubscriberServer
 from .sources import Source, SyntheticSource, TcpSource, UdpSource
 from .status import StatusLine
@@ -100,6 +101,8 @@ class Daemon:
         the daemon is ready — so a supervisor or a test can use port 0.
     - `notifier`: the service manager to tell about start-up, readiness and stopping
         (default: `NOTIFY_SOCKET`'s, which does nothing when it is unset).
+    - `discard_checkpoint`: move the checkpoint files in `state.dir` aside (renamed with a
+        timestamp, never deleted; logged) before the restore, and start fresh.
 
     Constructed in the main thread, it ignores SIGHUP for the rest of the process: the
     configuration cannot be reloaded in place, and a hang-up must not end the process
@@ -114,8 +117,13 @@ class Daemon:
         status: Callable[[str], None] | None = None,
         ready_file: str | os.PathLike[str] | None = None,
         notifier: Notifier | None = None,
+        discard_checkpoint: bool = False,
     ) -> None:
         self.config = config
+        # Who may connect, checked before anything slow: a listener beyond loopback without
+        # TLS and authentication refuses the start (ConfigError), unless security.insecure.
+        self.security = prepare_security(config)
+        self._discard_checkpoint = discard_checkpoint
         self._started = time.monotonic()
         self._status = status or log.info
         self._notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -213,16 +221,24 @@ class Daemon:
         step.compile(lambda bucket, seconds: self._compiled(step, bucket, seconds))
         self._phase = "restoring the checkpoint"
         table = StreamTable(
-            step.capacity, cfg.state.max_known_streams, max_seq_jump=cfg.ingest.max_seq_jump
+            step.capacity,
+            cfg.state.max_known_streams,
+            max_seq_jump=cfg.ingest.max_seq_jump,
+            reclaim_idle_s=cfg.state.reclaim_idle_s,
         )
         fresh = step.host_slab()
-        host = load_checkpoint(cfg.state.dir, fresh, table, self._fingerprint(step))
-        if host is not None:
-            self._say(
-                f"restored {len(table.processed_seq)} streams from "
-                f"{Path(cfg.state.dir) / 'checkpoint.npz'}"
-            )
-        return step, table, step.put_slab(fresh if host is None else host)
+        if self._discard_checkpoint:
+            discard_checkpoint(cfg.state.dir)
+        restored = load_checkpoint(
+            cfg.state.dir,
+            fresh,
+            table,
+            self._fingerprint(step),
+            fallback_to_previous=cfg.state.fallback_to_previous,
+        )
+        if restored is not None:
+            self._say(f"restored {len(table.processed_seq)} streams from {restored.path}")
+        return step, table, step.put_slab(fresh if restored is None else restored.slab)
 
     def _where(self) -> str:
         backend = jax.default_backend()
@@ -330,12 +346,19 @@ class Daemon:
             idle_timeout_s=cfg.ingest.idle_timeout_s,
             frame_timeout_s=cfg.ingest.frame_timeout_s,
         )
-        tcp = TcpSource(parse_address(cfg.ingest.tcp), limits=limits) if cfg.ingest.tcp else None
-        if tcp is not None:
+        sec = self.security
+        tcp = None
+        if cfg.ingest.tcp:
+            address = parse_address(cfg.ingest.tcp)
+            tcp = TcpSource(address, limits=limits, tls=sec.tls, identities=sec.identities)
             sources.append(tcp)
         if cfg.ingest.udp:
             address = parse_address(cfg.ingest.udp)
-            sources.append(UdpSource(address, buffer=cfg.ingest.udp_buffer, same_port_as=tcp))
+            sources.append(
+                UdpSource(
+                    address, buffer=cfg.ingest.udp_buffer, same_port_as=tcp, allow=sec.udp_allow
+                )
+            )
         if cfg.synthetic.streams:
             sources.append(
                 SyntheticSource(
@@ -358,6 +381,12 @@ class Daemon:
                     events=events,
                     on_subscribers=self.metrics.subscribers.set,
                     cache=cache,
+                    limits=ConnectionLimits(
+                        max_connections=out.max_subscribers,
+                        max_per_address=out.max_subscribers_per_address,
+                    ),
+                    max_pending_bytes=out.subscriber_max_pending_bytes,
+                    socket_buffer_bytes=out.subscriber_socket_buffer_bytes,
                 )
             )
         if out.jsonl:

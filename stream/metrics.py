@@ -66,7 +66,16 @@ __all__ = [
 SOURCES = ("tcp", "json", "udp", "synthetic")
 SINKS = ("tcp", "jsonl", "stdout")
 LISTENERS = ("ingest.tcp", "output.tcp", "metrics.listen")
-LIMIT_REASONS = ("max_connections", "max_per_address", "idle_timeout", "frame_timeout")
+LIMIT_REASONS = (
+    "max_connections",
+    "max_per_address",
+    "idle_timeout",
+    "frame_timeout",
+    "header_timeout",
+    "accept_error",
+    "unauthorized",
+    "tls_handshake",
+)
 DROP_REASONS = ("overload",)
 STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
 PHASES = ("warmup", "runtime")

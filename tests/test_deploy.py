@@ -35,6 +35,7 @@ from stream.metrics import (
     Metrics,
 )
 from stream.protocol import REASONS
+from stream.security import exposed, unprotected
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -231,6 +232,111 @@ def test_configmap_matches_the_container_config() -> None:
     embedded = configmap["data"]["enactive-stream.toml"]
     container = (DEPLOY / "container" / "enactive-stream.toml").read_text()
     assert tomllib.loads(embedded) == tomllib.loads(container)
+
+
+# --- security -------------------------------------------------------------------------------
+
+
+def _unit_env() -> dict[str, str]:
+    return dict(re.findall(r"^Environment=(ENACTIVE_\w+)=(\S+)$", UNIT.read_text(), re.MULTILINE))
+
+
+@pytest.mark.parametrize("path", TOMLS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_configs_binding_beyond_loopback_configure_tls_and_auth(path: Path) -> None:
+    """What `run` checks at start (`stream.security.prepare`), without the files: every
+    listener beyond loopback is protected, and never by `security.insecure`."""
+    env = _unit_env() if path.parent.name == "systemd" else {}
+    cfg = load_config(path, env=env)
+    assert cfg.security.insecure is False
+    assert unprotected(cfg) == []
+    keys = {key for key, _ in exposed(cfg)}
+    if keys & {"ingest.tcp", "output.tcp", "metrics.listen"}:
+        assert cfg.security.tls_cert_file and cfg.security.tls_key_file
+        assert cfg.security.auth_file
+    if "ingest.udp" in keys:
+        assert cfg.ingest.udp_allow
+    assert "ingest.tcp" in keys  # the shipped configurations serve sensors on the network
+
+
+def test_kubernetes_mounts_the_secrets_the_config_names() -> None:
+    yaml = _yaml()
+    cfg = load_config(DEPLOY / "container" / "enactive-stream.toml", env={})
+    sts = yaml.safe_load((KUBERNETES / "statefulset.yaml").read_text())
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounted = {m["mountPath"]: m for m in container["volumeMounts"] if m["name"] in secrets}
+    # kubernetes.io/tls Secrets hold tls.crt and tls.key; the auth Secret identities.toml.
+    expected = {
+        cfg.security.tls_cert_file: ("enactive-stream-tls", "tls.crt"),
+        cfg.security.tls_key_file: ("enactive-stream-tls", "tls.key"),
+        cfg.security.auth_file: ("enactive-stream-auth", "identities.toml"),
+    }
+    for path, (secret, name) in expected.items():
+        directory, _, filename = path.rpartition("/")
+        assert filename == name, path
+        mount = mounted.get(directory)
+        assert mount is not None, f"{path}: {directory} is not a Secret mount"
+        assert mount.get("readOnly") is True
+        assert secrets[mount["name"]]["secretName"] == secret
+    for secret in secrets.values():
+        assert secret["defaultMode"] & 0o007 == 0, secret  # nothing for "other"
+    assert "kubectl create secret tls enactive-stream-tls" in OPERATIONS.read_text()
+
+
+def test_systemd_unit_passes_the_files_the_config_names_as_credentials() -> None:
+    cfg = load_config(DEPLOY / "systemd" / "enactive-stream.toml", env=_unit_env())
+    credentials = dict(
+        re.findall(r"^LoadCredential=([^:\s]+):(\S+)$", UNIT.read_text(), re.MULTILINE)
+    )
+    prefix = "/run/credentials/enactive-stream.service/"
+    for path in (cfg.security.tls_cert_file, cfg.security.tls_key_file, cfg.security.auth_file):
+        assert path.startswith(prefix), path
+        assert path.removeprefix(prefix) in credentials, path
+
+
+def test_container_run_command_mounts_the_secrets() -> None:
+    cfg = load_config(DEPLOY / "container" / "enactive-stream.toml", env={})
+    text = CONTAINERFILE.read_text()
+    for path in (cfg.security.tls_cert_file, cfg.security.tls_key_file, cfg.security.auth_file):
+        assert f":{path.rpartition('/')[0]}:ro" in text, path
+
+
+def test_networkpolicy_admits_sensors_and_prometheus_only() -> None:
+    yaml = _yaml()
+    (policy,) = [
+        d
+        for d in yaml.safe_load_all((KUBERNETES / "networkpolicy.yaml").read_text())
+        if d is not None
+    ]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    sts = yaml.safe_load((KUBERNETES / "statefulset.yaml").read_text())
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: (p["containerPort"], p.get("protocol", "TCP")) for p in container["ports"]}
+    allowed: dict[tuple[str, str], list[dict]] = {}
+    for rule in spec["ingress"]:
+        assert rule["from"], "a rule without peers admits everyone"
+        for port in rule["ports"]:
+            name, protocol = port["port"], port.get("protocol", "TCP")
+            assert ports[name][1] == protocol, port  # a named port of the container
+            allowed.setdefault((name, protocol), []).extend(rule["from"])
+    assert set(allowed) == {
+        ("ingest-tcp", "TCP"),
+        ("ingest-udp", "UDP"),
+        ("moments", "TCP"),
+        ("metrics", "TCP"),
+    }
+    sensor_peers = allowed[("ingest-tcp", "TCP")]
+    assert sensor_peers == allowed[("ingest-udp", "UDP")]
+    assert all("ipBlock" not in peer for peer in sensor_peers)  # labelled pods/namespaces
+    for peer in allowed[("metrics", "TCP")]:
+        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+        assert peer["namespaceSelector"]["matchLabels"]
 
 
 # --- metric names -------------------------------------------------------------------------

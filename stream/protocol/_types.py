@@ -53,6 +53,7 @@ REASONS = (
     "bad_json",
     "too_many_streams",
     "seq_jump",
+    "forbidden",
 )
 
 

@@ -17,18 +17,27 @@ loses replies. A binary connection is closed when its framing is lost. After the
 half-closes, the connection answers what it read, then closes: a sender that reads until
 then has every reply. Nothing one connection does affects another, and no connection
 error reaches the server.
+
+With a TLS context the listener speaks TLS (a failed handshake is counted as
+`tls_handshake`). With identities (`stream.security`), a connection must authenticate
+before its first frame: by its client certificate's CN, or by a first line
+`AUTH <token>` (its `A` is neither `{` nor a binary frame's `E`; the language rule above
+holds for what follows); otherwise it is told `ERR unauthorized` and closed (counted as
+`unauthorized`). Its frames of stream ids outside the identity's `write` prefixes are
+rejected as `forbidden`, counted and answered like every rejection.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..buffers import Overflow
@@ -50,6 +59,15 @@ from ..protocol import (
     LineReader,
     encode_error_line,
     encode_reply,
+)
+from ..security import (
+    AUTH_TIMEOUT_S,
+    UNAUTHORIZED_REPLY,
+    AuthLine,
+    Identities,
+    Identity,
+    accept_tls,
+    peer_identity,
 )
 
 __all__ = ["TcpSource", "serve_tcp"]
@@ -77,9 +95,18 @@ class TcpSource:
     labels: tuple[str, ...] = ("tcp", "json")
     overflow: Overflow = "block"
 
-    def __init__(self, address: tuple[str, int], *, limits: ConnectionLimits = NO_LIMITS) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        limits: ConnectionLimits = NO_LIMITS,
+        tls: ssl.SSLContext | None = None,
+        identities: Identities | None = None,
+    ) -> None:
         self.address = address
         self.limits = limits
+        self.tls = tls
+        self.identities = identities
         self.port: int | None = None  # once bound
 
     async def run(
@@ -88,7 +115,12 @@ class TcpSource:
         async with anyio.create_task_group() as tg:
             self.port = await tg.start(
                 lambda task_status: serve_tcp(
-                    ingest, self.address, limits=self.limits, task_status=task_status
+                    ingest,
+                    self.address,
+                    limits=self.limits,
+                    tls=self.tls,
+                    identities=self.identities,
+                    task_status=task_status,
                 )
             )
             task_status.started(self.port)
@@ -102,6 +134,8 @@ async def serve_tcp(
     address: tuple[str, int],
     *,
     limits: ConnectionLimits = NO_LIMITS,
+    tls: ssl.SSLContext | None = None,
+    identities: Identities | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sensor connections on `address` and feed their frames into `ingest`.
@@ -115,11 +149,15 @@ async def serve_tcp(
     - `address`: `(host, port)` to listen on; port 0 picks a free port.
     - `limits`: connections at most (in all, per client address), idle and frame
         timeouts; what they refuse or close is counted (`PipelineEvents.limited`).
+    - `tls`: serve TLS with this context (`stream.security.server_context`); None: plain.
+    - `identities`: require each connection to authenticate as one of these, and accept
+        only the stream ids its `write` prefixes allow; None: anyone may write anything.
     - `task_status`: `started(port)` with the bound port once listening.
     """
     host, port = address
     listener = await listen_tcp(LISTENER, host, port)
     connections: set[_Connection] = set()
+    handshakes: set[anyio.CancelScope] = set()
     gate = ConnectionGate(limits)
 
     async def handle(stream: SocketStream) -> None:
@@ -130,14 +168,35 @@ async def serve_tcp(
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             return
-        connection = _Connection(stream, ingest, limits)
-        connections.add(connection)
         try:
-            await connection.run()
-        except Exception:  # a connection's failure is its own, never the server's
-            log.warning("TCP connection failed", exc_info=True)
+            secured: ByteStream | None = stream
+            if tls is not None:
+                secured = None  # unless the handshake completes
+                with anyio.CancelScope() as handshake:
+                    handshakes.add(handshake)
+                    if ingest.accepting:
+                        secured = await accept_tls(stream, tls)
+                    else:
+                        handshake.cancel()
+                handshakes.discard(handshake)
+                if secured is None:
+                    if not handshake.cancel_called:  # (not the daemon stopping)
+                        ingest.events.limited(LISTENER, "tls_handshake")
+                    await anyio.aclose_forcefully(stream)
+                    return
+            assert secured is not None
+            certified = None
+            if identities is not None and tls is not None:
+                certified = peer_identity(secured, identities)
+            connection = _Connection(secured, ingest, limits, identities, certified)
+            connections.add(connection)
+            try:
+                await connection.run()
+            except Exception:  # a connection's failure is its own, never the server's
+                log.warning("TCP connection failed", exc_info=True)
+            finally:
+                connections.discard(connection)
         finally:
-            connections.discard(connection)
             gate.leave(peer)
 
     try:
@@ -147,6 +206,8 @@ async def serve_tcp(
             task_status.started(listener.extra(SocketAttribute.local_port))
             await ingest.stopped.wait()
             await listener.aclose()  # ends the accept loops
+            for handshake in list(handshakes):
+                handshake.cancel()
             for connection in list(connections):
                 connection.stop_reading()  # each finishes the frames in hand, then ends
     finally:
@@ -155,12 +216,23 @@ async def serve_tcp(
 
 
 class _Connection:
-    """One sensor connection: read, decode, hand over, reply."""
+    """One sensor connection: authenticate, read, decode, check permissions, hand over,
+    reply."""
 
-    def __init__(self, stream: SocketStream, ingest: Ingest, limits: ConnectionLimits) -> None:
+    def __init__(
+        self,
+        stream: ByteStream,
+        ingest: Ingest,
+        limits: ConnectionLimits,
+        identities: Identities | None = None,
+        certified: Identity | None = None,
+    ) -> None:
         self.stream = stream
         self.ingest = ingest
         self.limits = limits
+        self.identities = identities
+        self.certified = certified
+        self.identity: Identity | None = None  # once authenticated
         self.reader: FrameReader | LineReader | None = None
         self._partial_since: float | None = None  # when a frame begun is still incomplete
         self._read_scope: anyio.CancelScope | None = None
@@ -198,6 +270,9 @@ class _Connection:
                 return await self.stream.receive(READ_BYTES)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return None
+            except ssl.SSLError as e:  # a TLS client that broke the protocol: its own loss
+                log.debug("TLS connection failed: %s", e)
+                return None
             finally:
                 self._read_scope = None
         if not self._stopped:  # the deadline, not stop_reading(), ended the read
@@ -207,7 +282,9 @@ class _Connection:
 
     async def run(self) -> None:
         async with self.stream:
-            data = await self._receive()
+            data = await (self._receive() if self.identities is None else self._authenticate())
+            while data == b"":  # the AUTH line was all of the read
+                data = await self._receive()
             if data is None:
                 return
             send, receive = anyio.create_memory_object_stream[bytes](REPLY_QUEUE)
@@ -219,6 +296,40 @@ class _Connection:
                     else:
                         await self._read_binary(data, send)
                 tg.cancel_scope.deadline = anyio.current_time() + REPLY_DRAIN_S
+
+    async def _authenticate(self) -> bytes | None:
+        # What follows a good `AUTH` line (or everything, for a certified connection that
+        # sent none); None once refused or gone.
+        assert self.identities is not None
+        auth = AuthLine(self.identities, self.certified)
+        outcome: tuple[Identity | None, bytes] | None = None
+        with anyio.move_on_after(AUTH_TIMEOUT_S):
+            while outcome is None:
+                data = await self._receive()
+                if data is None:
+                    return None
+                outcome = auth.feed(data)
+        identity, rest = outcome or (None, b"")
+        if identity is None:
+            self.ingest.events.limited(LISTENER, "unauthorized")
+            log.debug("TCP connection refused: unauthorized")
+            await self._refuse()
+            return None
+        self.identity = None if identity.writes_all else identity
+        return rest
+
+    async def _refuse(self) -> None:
+        # Say why, then read (and drop) what the client still sends for a moment: closing
+        # with unread bytes would reset the connection and could lose the line.
+        with anyio.move_on_after(REPLY_DRAIN_S, shield=True):
+            try:
+                await self.stream.send(UNAUTHORIZED_REPLY)
+                while await self.stream.receive(READ_BYTES):
+                    pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            except OSError:  # (a TLS error, a reset)
+                pass
 
     async def _read_binary(
         self, data: bytes | None, replies: MemoryObjectSendStream[bytes]
@@ -261,6 +372,8 @@ class _Connection:
     ) -> None:
         ingest = self.ingest
         ingest.received(label, sum(map(frames_in, items)))
+        if self.identity is not None:
+            items = _permitted(items, self.identity)
         for item in items:
             if isinstance(item, FrameRejected):
                 ingest.rejected(label, item.reason)
@@ -289,5 +402,36 @@ class _Connection:
             try:
                 async for line in replies:
                     await self.stream.send(line)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError):
                 pass  # the client went away; its replies go with it
+
+
+def _permitted(
+    items: Sequence[Frame | FrameRejected | FrameRun], identity: Identity
+) -> list[Frame | FrameRejected | FrameRun]:
+    """`items` with each frame whose stream id `identity` may not write replaced by its
+    `forbidden` rejection (a run holding such a frame is taken apart; order is kept)."""
+    may = identity.may_write
+    out: list[Frame | FrameRejected | FrameRun] = []
+    for item in items:
+        if isinstance(item, FrameRun):
+            if all(map(may, item.stream_ids)):
+                out.append(item)
+                continue
+            frames = item.frames()
+        elif isinstance(item, Frame):
+            frames = [item]
+        else:
+            out.append(item)
+            continue
+        out += [f if may(f.stream_id) else _forbidden(f, identity) for f in frames]
+    return out
+
+
+def _forbidden(frame: Frame, identity: Identity) -> FrameRejected:
+    return FrameRejected(
+        "forbidden",
+        f"identity {identity.name!r} may not write {frame.stream_id!r}",
+        stream_id=frame.stream_id,
+        seq=frame.seq,
+    )

@@ -5,7 +5,9 @@ source label is `udp`. A UDP sender cannot be slowed down, so datagrams go into 
 bounded drop-oldest ring (`Ingest.ring`) whose pump decodes them into the ingest; when the
 ring is full the oldest datagram is dropped and counted as `overload`; so are the
 datagrams the kernel drops when its receive buffer overflows (Linux reports them).
-Rejections are counted, never answered.
+Rejections are counted, never answered. With an allow-list (`ingest.udp_allow`,
+`stream.security.AddressFilter`) a datagram from a source address outside it is rejected
+as `forbidden` as it is read, before the ring.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 from anyio.abc import TaskStatus
@@ -47,7 +49,8 @@ class UdpSource:
 
     **Arguments:** `address`, `(host, port)` to bind; `buffer`, frames the drop-oldest
     ring holds, >= 1; `same_port_as`, a TCP source on the same host whose bound port to
-    take when `address`'s port is 0 ("the same port number", also for ephemeral ports).
+    take when `address`'s port is 0 ("the same port number", also for ephemeral ports);
+    `allow`, whether a datagram's source address may send (None: every source).
     """
 
     name = "udp"
@@ -55,11 +58,17 @@ class UdpSource:
     overflow: Overflow = "drop_oldest"
 
     def __init__(
-        self, address: tuple[str, int], *, buffer: int, same_port_as: TcpSource | None = None
+        self,
+        address: tuple[str, int],
+        *,
+        buffer: int,
+        same_port_as: TcpSource | None = None,
+        allow: Callable[[str], bool] | None = None,
     ) -> None:
         self.address = address
         self.buffer = buffer
         self.same_port_as = same_port_as
+        self.allow = allow
 
     async def run(
         self, ingest: Ingest, *, task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED
@@ -68,7 +77,9 @@ class UdpSource:
         tcp = self.same_port_as
         if port == 0 and tcp is not None and tcp.port is not None and tcp.address[0] == host:
             port = tcp.port
-        await serve_udp(ingest, (host, port), buffer=self.buffer, task_status=task_status)
+        await serve_udp(
+            ingest, (host, port), buffer=self.buffer, allow=self.allow, task_status=task_status
+        )
 
     def commit(self, positions: Sequence[object]) -> None:
         pass
@@ -79,6 +90,7 @@ async def serve_udp(
     address: tuple[str, int],
     *,
     buffer: int,
+    allow: Callable[[str], bool] | None = None,
     task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Receive frames as datagrams on `address` and feed them into `ingest`.
@@ -91,6 +103,8 @@ async def serve_udp(
     - `ingest`: the pipeline's doorway.
     - `address`: `(host, port)` to bind; port 0 picks a free port.
     - `buffer`: datagrams the drop-oldest ring holds, >= 1.
+    - `allow`: called with each datagram's source address (host only); a datagram it
+        refuses is counted as received and rejected (`forbidden`). None: every source.
     - `task_status`: `started(port)` with the bound port once bound.
     """
     if buffer < 1:
@@ -114,7 +128,7 @@ async def serve_udp(
             with anyio.CancelScope() as receiving:
                 tg.start_soon(_cancel_when_not_accepting, ingest, receiving)
                 task_status.started(sock.getsockname()[1])
-                await _receive(sock, ingest, ring)
+                await _receive(sock, ingest, ring, allow)
             ring.close()  # the pump hands over what the ring holds, then ends
 
 
@@ -149,7 +163,10 @@ async def _cancel_when_not_accepting(ingest: Ingest, scope: anyio.CancelScope) -
 
 
 async def _receive(
-    sock: socket.socket, ingest: Ingest, ring: WeightedBuffer[tuple[bytes, int]]
+    sock: socket.socket,
+    ingest: Ingest,
+    ring: WeightedBuffer[tuple[bytes, int]],
+    allow: Callable[[str], bool] | None,
 ) -> None:
     # Reading the socket directly (rather than through a transport with its own queue)
     # leaves the kernel's receive buffer as the only buffer before the counted ring, and
@@ -166,7 +183,7 @@ async def _receive(
         received_ns = time.monotonic_ns()
         for _ in range(READ_BATCH):
             try:
-                size, cmsgs, _, _ = sock.recvmsg_into([buffer], ancillary)
+                size, cmsgs, _, sender = sock.recvmsg_into([buffer], ancillary)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionError:  # an ICMP error echoed back for an unrelated send
@@ -180,4 +197,7 @@ async def _receive(
                         ingest.received("udp", lost)
                         ingest.dropped("overload", lost)
             ingest.received("udp")
+            if allow is not None and not allow(sender[0]):
+                ingest.rejected("udp", "forbidden")
+                continue
             ring.put_nowait((bytes(buffer[:size]), received_ns))

@@ -42,8 +42,9 @@ from stream.streams import StreamTable
 DIMS = Dims(3, 2, 4, 1)
 SMALL = Dims(2, 1, 0, 1)
 
-# The codec produces every reason but these three, which belong to the pipeline.
-CODEC_REASONS = set(REASONS) - {"duplicate_seq", "stale_seq", "too_many_streams", "seq_jump"}
+# The codec produces every reason but these, which belong to the pipeline and the listener.
+PIPELINE_REASONS = {"duplicate_seq", "stale_seq", "too_many_streams", "seq_jump", "forbidden"}
+CODEC_REASONS = set(REASONS) - PIPELINE_REASONS
 
 
 def rejected(reason: str, call, *args, **kwargs) -> FrameRejected:

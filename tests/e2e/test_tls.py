@@ -1,0 +1,255 @@
+"""TLS, identities and the exposure policy, through the real daemon process (loopback only).
+
+One daemon serves the TLS tests: TLS with client certificates required (CA made here with
+`cryptography`), an auth file, and `ingest.udp_allow` that leaves out 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream.protocol import ReplyReader, encode_frame, encode_json_frame
+
+from .daemon import DaemonProcess, payload
+
+pytestmark = pytest.mark.timeout(300)
+
+TOKEN = "e2e-fleet-a-token-0123456789abcdef"
+AUTH = f"""\
+[identities.fleet-a]
+token = "{TOKEN}"
+write = ["arm-"]
+
+[identities.robot]
+certificate_cn = "robot-7"
+write = ["robot-7."]
+"""
+REJECTED = "enactive_frames_rejected_total"
+LIMITED = "enactive_connections_limited_total"
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """ca.pem; server.pem/.key for 127.0.0.1; client certificates robot-7.pem/.key and
+    tester.pem/.key (a CN no identity names), PEM files signed by the CA."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "e2e CA")])
+    paths: dict[str, Path] = {}
+
+    def issue(cn: str, key: ec.EllipticCurvePrivateKey, ca: bool = False) -> bytes:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name if ca else subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+            )
+        else:
+            san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def save(name: str, data: bytes) -> None:
+        paths[name] = directory / name
+        paths[name].write_bytes(data)
+
+    save("ca.pem", issue("e2e CA", ca_key, ca=True))
+    for name in ("server", "robot-7", "tester"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        save(f"{name}.pem", issue(name, key))
+        save(
+            f"{name}.key",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+    return paths
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, compilation_cache: str) -> Iterator[tuple]:
+    tmp = tmp_path_factory.mktemp("tls")
+    pki = make_pki(tmp)
+    (tmp / "identities.toml").write_text(AUTH)
+    extra = f"""
+[security]
+tls_cert_file = "{pki["server.pem"]}"
+tls_key_file = "{pki["server.key"]}"
+tls_client_ca_file = "{pki["ca.pem"]}"
+auth_file = "{tmp / "identities.toml"}"
+"""
+    env = {"ENACTIVE_INGEST_UDP_ALLOW": '["10.0.0.0/8"]'}  # not 127.0.0.1, where tests send
+    d = DaemonProcess(tmp, compilation_cache, extra=extra, env=env).start()
+    yield d, pki
+    d.kill()
+
+
+def tls_connect(d: DaemonProcess, pki: dict[str, Path], cert: str | None) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+    if cert is not None:
+        context.load_cert_chain(pki[f"{cert}.pem"], pki[f"{cert}.key"])
+    raw = socket.create_connection(("127.0.0.1", d.ports["tcp"]), timeout=10)
+    sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    d._sockets.append(sock)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, limit_s: float = 10.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 16)
+        except (ConnectionError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def count(d: DaemonProcess, name: str, **labels: str) -> float:
+    return d.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_plain_tcp_to_the_tls_port_fails_and_is_counted(secured: tuple) -> None:
+    d, _ = secured
+    before = count(d, LIMITED, listener="ingest.tcp", reason="tls_handshake")
+    sock = d.connect()
+    sock.sendall(encode_frame("arm-1", 1, 0.0, **payload(np.random.default_rng(0))))
+    assert b"ESR1" not in read_until_closed(sock)
+    labels = {"listener": "ingest.tcp", "reason": "tls_handshake"}
+    assert d.wait_metric(LIMITED, labels, before + 1) == before + 1
+
+
+def test_token_writes_its_prefix_and_other_streams_are_forbidden(secured: tuple) -> None:
+    d, pki = secured
+    rng = np.random.default_rng(1)
+    processed = count(d, "enactive_frames_processed_total")
+    forbidden = count(d, REJECTED, source="tcp", reason="forbidden")
+    # Client certificates are required: this one's CN names no identity, the token does.
+    sock = tls_connect(d, pki, "tester")
+    frames = [
+        encode_frame("arm-1", 1, 0.0, reply=True, start=True, **payload(rng)),
+        encode_frame("leg-1", 1, 0.0, reply=True, start=True, **payload(rng)),
+        encode_frame("arm-1", 2, 0.0, reply=True, **payload(rng)),
+        encode_frame("robot-7.x", 1, 0.0, reply=True, start=True, **payload(rng)),
+    ]
+    sock.sendall(b"AUTH " + TOKEN.encode() + b"\n" + b"".join(frames))
+    reader, replies = ReplyReader(), []
+    deadline = time.monotonic() + 10
+    while len(replies) < 2 and time.monotonic() < deadline:
+        replies += reader.feed(sock.recv(1 << 16))
+    assert [(r.reason, r.stream_id, r.seq) for r in replies] == [
+        ("forbidden", "leg-1", 1),
+        ("forbidden", "robot-7.x", 1),
+    ]
+    assert d.wait_metric("enactive_frames_processed_total", {}, processed + 2) == processed + 2
+    assert count(d, REJECTED, source="tcp", reason="forbidden") == forbidden + 2
+    # JSON lines after the AUTH line: answered with JSON error lines.
+    js = tls_connect(d, pki, "tester")
+    js.sendall(b"AUTH " + TOKEN.encode() + b"\r\n" + encode_json_frame("leg-2", 1, 0.0, start=True))
+    line = js.recv(1 << 16)
+    assert line.startswith(b'{"error":"forbidden"') and b'"stream":"leg-2"' in line
+
+
+def test_bad_token_gets_err_unauthorized_and_is_counted(secured: tuple) -> None:
+    d, pki = secured
+    before = count(d, LIMITED, listener="ingest.tcp", reason="unauthorized")
+    sock = tls_connect(d, pki, "tester")
+    sock.sendall(b"AUTH not-the-token-0123456789abc\n" + encode_frame("arm-1", 9, 0.0))
+    assert read_until_closed(sock) == b"ERR unauthorized\n"
+    labels = {"listener": "ingest.tcp", "reason": "unauthorized"}
+    assert d.wait_metric(LIMITED, labels, before + 1) == before + 1
+
+
+def test_client_certificate_identity_writes_without_a_token(secured: tuple) -> None:
+    d, pki = secured
+    rng = np.random.default_rng(2)
+    processed = count(d, "enactive_frames_processed_total")
+    sock = tls_connect(d, pki, "robot-7")
+    sock.sendall(
+        encode_frame("robot-7.arm", 1, 0.0, reply=True, start=True, **payload(rng))
+        + encode_frame("arm-9", 1, 0.0, reply=True, start=True, **payload(rng))
+    )
+    (reply,) = ReplyReader().feed(sock.recv(1 << 16))
+    assert (reply.reason, reply.stream_id) == ("forbidden", "arm-9")
+    assert d.wait_metric("enactive_frames_processed_total", {}, processed + 1) == processed + 1
+
+
+def test_udp_from_outside_udp_allow_is_forbidden(secured: tuple) -> None:
+    d, _ = secured
+    before = count(d, REJECTED, source="udp", reason="forbidden")
+    udp = d.udp()
+    frame = encode_frame("arm-u", 1, 0.0, start=True, **payload(np.random.default_rng(3)))
+    for _ in range(3):
+        udp.sendto(frame, ("127.0.0.1", d.ports["udp"]))
+    labels = {"source": "udp", "reason": "forbidden"}
+    assert d.wait_metric(REJECTED, labels, before + 3) == before + 3
+
+
+# --- the exposure policy at start --------------------------------------------------------------
+
+# "127.1" is a name the policy does not resolve, so it counts as beyond loopback, while the
+# resolver maps it to 127.0.0.1: these tests never open a port beyond loopback.
+
+
+def test_exposed_listener_without_tls_and_auth_refuses_to_start(
+    tmp_path: Path, compilation_cache: str
+) -> None:
+    config = DaemonProcess(tmp_path, compilation_cache).config
+    r = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "run", "--config", str(config),
+         "--set", "ingest.tcp=127.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("enactive-stream: error: ingest.tcp = 127.1:0: bound beyond")
+    assert "security.insecure = true" in lines[0]
+
+
+def test_insecure_starts_and_warns_naming_the_listeners(
+    tmp_path: Path, compilation_cache: str
+) -> None:
+    d = DaemonProcess(tmp_path, compilation_cache, extra="\n[security]\ninsecure = true\n")
+    d.config.write_text(d.config.read_text().replace('udp = "127.0.0.1:0"', 'udp = "127.1:0"'))
+    d.start()
+    try:
+        warnings = [line for line in d.output().splitlines() if " WARNING " in line]
+        assert any(
+            "security.insecure = true: ingest.udp = 127.1:0 accepts anyone" in w for w in warnings
+        ), d.output()
+        assert d.stop() == 0
+    finally:
+        d.kill()
