@@ -146,6 +146,7 @@ class Batcher:
         self._held_count = 0
         self._changed = anyio.Event()
         self._space = anyio.Event()
+        self._took = anyio.Event()
         self._ended = False
 
     # -- state ------------------------------------------------------------------------
@@ -234,6 +235,7 @@ class Batcher:
     def end(self) -> None:
         """No more frames will come: flush what is left, then `next_batch` returns None."""
         self._ended = True
+        self._took.set()
         self.wake()
 
     # -- collecting ---------------------------------------------------------------------
@@ -279,8 +281,15 @@ class Batcher:
         oldest = self._pieces[0].received_ns
         return (oldest + self.max_wait_ns - self._clock()) / 1e9
 
+    async def wait_take(self) -> None:
+        """Return once the next batch has been handed out (or the input has ended)."""
+        if not self._ended:
+            await self._took.wait()
+
     def take(self) -> Batch:
         """Hand out the current batch now and start the next one from held-back frames."""
+        self._took.set()
+        self._took = anyio.Event()
         batch = Batch.of(self._pieces, self._admitted)
         self._pieces, self._admitted, self._ids, self._count = [], [], set(), 0
         for stream_id in list(self._held):

@@ -238,6 +238,7 @@ class IngestConfig:
     udp_buffer: int = _f(8192, _QUEUE)
     session_start: str = _f("reset", _Str(SESSION_POLICIES))
     max_seq_jump: int = _f(1 << 32, _Int(0, (1 << 64) - 1))
+    new_streams_per_batch: int = _f(64, _Int(0, 1 << 20))
     max_connections: int = _f(4096, _Int(0, 1 << 20))
     max_connections_per_address: int = _f(1024, _Int(0, 1 << 20))
     idle_timeout_s: float = _f(600.0, _Float(0, 86400))

@@ -18,8 +18,9 @@ Overload policies:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 
@@ -55,6 +56,10 @@ class Ingest:
         reports every frame that arrives, whether it then decodes, is rejected or is
         dropped, so that received = processed + rejected + dropped.
     - `admission`: the sequence check; None admits everything (tests of a source alone).
+    - `lane`: where frames of streams new to the daemon wait (with every later frame of
+        theirs while one is there, so a stream's order holds) until `pump_new_streams`
+        lets them into the pipeline, a few per batch: a flood of new stream ids cannot
+        crowd out the streams already known. None: no separate lane.
     """
 
     def __init__(
@@ -65,9 +70,12 @@ class Ingest:
         max_frame_bytes: int,
         events: PipelineEvents,
         admission: Admission | None = None,
+        lane: WeightedBuffer[Frame] | None = None,
     ) -> None:
         self.buffer = buffer
         self.admission = admission
+        self.lane = lane if admission is not None else None
+        self._in_lane: collections.Counter[str] = collections.Counter()
         self.dims = dims
         self.max_frame_bytes = max_frame_bytes
         self.events = events
@@ -100,36 +108,99 @@ class Ingest:
         **Returns:** the rejections of its frames at admission (already counted), in
         order; empty when every frame was admitted."""
         weight = frames_in(item)
-        while not self.buffer.fits(weight):
-            await self.buffer.wait_room()
+        target = self._target(item)
+        while not target.fits(weight):
+            await target.wait_room()
         return self._admit(item)
 
     def put_nowait(self, item: Item) -> Sequence[FrameRejected] | None:
         """Hand a frame or run over if there is room now: its rejections, as for `put`;
         None (nothing admitted, nothing counted) when there is no room."""
-        if not self.buffer.fits(frames_in(item)):
+        if not self._target(item).fits(frames_in(item)):
             return None
         return self._admit(item)
+
+    def _target(self, item: Item) -> WeightedBuffer[Any]:
+        """The buffer `item` will go to (a run partly new: the lane, the scarcer one)."""
+        lane = self.lane
+        if lane is None:
+            return self.buffer
+        if type(item) is FrameRun:  # the hot path: checks in C, no call per frame
+            assert self.admission is not None
+            ids, in_lane = item.stream_ids, self._in_lane
+            known = self.admission.table.admitted_seq
+            fresh = in_lane and not in_lane.keys().isdisjoint(ids)
+            return lane if fresh or not all(map(known.__contains__, ids)) else self.buffer
+        return lane if self._is_new(item.stream_id) else self.buffer  # type: ignore[union-attr]
+
+    def _is_new(self, stream_id: str) -> bool:
+        assert self.admission is not None
+        return stream_id in self._in_lane or stream_id not in self.admission.table.admitted_seq
 
     def _admit(self, item: Item) -> Sequence[FrameRejected]:
         admission, buffer = self.admission, self.buffer
         if type(item) is FrameRun:
-            if admission is None or admission.run(item):
+            if admission is None or (
+                (not self._in_lane or self._in_lane.keys().isdisjoint(item.stream_ids))
+                and admission.run(item)  # known streams only: none is new
+            ):
                 buffer.push(item, len(item))
                 return _NONE
             rejected = []
             for frame in item.frames():
-                why = admission.frame(frame)
-                if why is None:
-                    buffer.push(frame)
-                else:
+                why = self._admit_frame(frame)
+                if why is not None:
                     rejected.append(why)
             return rejected
-        why = None if admission is None else admission.frame(item)  # type: ignore[arg-type]
+        why = self._admit_frame(item)  # type: ignore[arg-type]
+        return _NONE if why is None else (why,)
+
+    def _admit_frame(self, frame: Frame) -> FrameRejected | None:
+        admission = self.admission
+        if admission is None:
+            self.buffer.push(frame)
+            return None
+        new = self.lane is not None and self._is_new(frame.stream_id)
+        why = admission.frame(frame)
         if why is None:
-            buffer.push(item)
-            return _NONE
-        return (why,)
+            if new:
+                assert self.lane is not None
+                self.lane.push(frame)
+                self._in_lane[frame.stream_id] += 1
+            else:
+                self.buffer.push(frame)
+        return why
+
+    async def pump_new_streams(self, per_batch: int, batch_taken: Callable[[], Any]) -> None:
+        """Move frames from the lane into the pipeline, at most `per_batch` before each
+        batch the batcher takes (`await batch_taken()`), until the lane is closed and
+        empty. A stream's frames keep their order: while one of its frames is in the
+        lane, its later ones follow it there."""
+        lane, buffer, in_lane = self.lane, self.buffer, self._in_lane
+        if lane is None:
+            return
+        while True:
+            moved = 0
+            while moved < per_batch:
+                try:
+                    frame = lane.get_nowait()
+                except anyio.WouldBlock:
+                    break
+                except anyio.EndOfStream:
+                    return
+                while not buffer.fits(1):
+                    await buffer.wait_room()
+                buffer.push(frame)
+                in_lane[frame.stream_id] -= 1
+                if not in_lane[frame.stream_id]:
+                    del in_lane[frame.stream_id]
+                moved += 1
+            if moved == per_batch:
+                await batch_taken()  # this much per batch; the rest waits its turn
+            else:
+                await lane.wait_readable()
+                if lane.closed and not len(lane):
+                    return
 
     def ring(self, size: int) -> WeightedBuffer[T]:
         """A `drop_oldest` ring of `size` items for a source that cannot be slowed down;

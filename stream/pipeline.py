@@ -38,7 +38,7 @@ from .events import Events, PipelineEvents
 from .executor import Executor, Stepped
 from .ingest import Ingest, Item
 from .integrator import integrate
-from .protocol import Dims, MomentSizes
+from .protocol import Dims, Frame, MomentSizes
 from .sinks import Sink
 from .sources import Source
 from .streams import StreamTable
@@ -63,6 +63,9 @@ class PipelineSettings:
     - `session_start`: what a frame that starts a new session of its stream does to the
         stream's state: `"reset"` (a fresh state) or `"continue"`.
     - `stream_ttl_s`: streams idle this long are forgotten (0: never).
+    - `new_streams_per_batch`: frames of streams new to the daemon let in per batch, from
+        a lane of their own (a quarter of `ingest_queue`), so a flood of new ids cannot
+        crowd out known streams (0: no separate lane).
     """
 
     dims: Dims
@@ -73,6 +76,7 @@ class PipelineSettings:
     slo_p99_s: float | None = None
     session_start: str = "reset"
     stream_ttl_s: float = 0.0
+    new_streams_per_batch: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -131,12 +135,19 @@ class Pipeline:
             events = Events([events, self.adaptive])
         self.events = events
         self.commits = CommitLog(lambda label, positions: by_label[label].commit(positions))
+        self.new_streams_per_batch = settings.new_streams_per_batch
+        self.lane: WeightedBuffer[Frame] | None = (
+            WeightedBuffer(max(settings.ingest_queue // 4, 1))
+            if settings.new_streams_per_batch
+            else None
+        )
         self.ingest = Ingest(
             self.buffer,
             dims=settings.dims,
             max_frame_bytes=settings.max_frame_bytes,
             events=events,
             admission=Admission(table, events, self.commits),
+            lane=self.lane,
         )
         self.executor = Executor(
             step,
@@ -187,6 +198,8 @@ class Pipeline:
                 stages.start_soon(self.batcher.collect, self.buffer)
                 stages.start_soon(self.executor.run, self.batcher, self.stepped_send)
                 stages.start_soon(self._integrate)
+                if self.lane is not None:
+                    stages.start_soon(self._admit_new_streams)
                 try:
                     async with anyio.create_task_group() as feeding:
                         for source in self.sources:
@@ -199,8 +212,19 @@ class Pipeline:
                         # after the grace period is cancelled.
                         feeding.cancel_scope.deadline = anyio.current_time() + SOURCE_GRACE_S
                 finally:
-                    self.buffer.close()
+                    if self.lane is not None:
+                        self.lane.close()  # the lane drains, then the buffer closes
+                    else:
+                        self.buffer.close()
             sink_group.cancel_scope.cancel()
+
+    async def _admit_new_streams(self) -> None:
+        try:
+            await self.ingest.pump_new_streams(
+                self.new_streams_per_batch, self.batcher.wait_take
+            )
+        finally:
+            self.buffer.close()
 
     async def _integrate(self) -> None:
         await integrate(

@@ -180,6 +180,7 @@ def run_pipeline(
     buckets: Sequence[int] = (1, 2, 4),
     max_known: int = 64,
     session_start: str = "reset",
+    new_per_batch: int = 0,
 ) -> tuple[Collect, ListSource, Counts, FakeStep]:
     step = FakeStep(buckets, capacity)
     table = StreamTable(capacity, max_known)
@@ -203,6 +204,7 @@ def run_pipeline(
             max_wait_s=0.0005,
             checkpoint_interval_s=0.0,
             session_start=session_start,
+            new_streams_per_batch=new_per_batch,
         ),
         checkpoint=checkpoint,
     )
@@ -264,8 +266,8 @@ def expected(frames: list[Frame]) -> tuple[dict[str, list[int]], dict[str, int]]
     return kept, rejected
 
 
-def check(frames: list[Frame], items: list[Item], capacity: int) -> None:
-    sink, source, counts, _ = run_pipeline(items, capacity=capacity)
+def check(frames: list[Frame], items: list[Item], capacity: int, new_per_batch: int = 0) -> None:
+    sink, source, counts, _ = run_pipeline(items, capacity=capacity, new_per_batch=new_per_batch)
     kept, rejected = expected(frames)
     got: dict[str, list[tuple[int, float, float]]] = {}
     for batch in sink.batches:
@@ -291,7 +293,7 @@ def check(frames: list[Frame], items: list[Item], capacity: int) -> None:
 
 
 @st.composite
-def workloads(draw: st.DrawFn) -> tuple[list[Frame], list[bool], int]:
+def workloads(draw: st.DrawFn) -> tuple[list[Frame], list[bool], int, int]:
     streams = draw(st.integers(1, 6))
     n = draw(st.integers(1, 40))
     picks = draw(st.lists(st.integers(0, streams - 1), min_size=n, max_size=n))
@@ -303,16 +305,17 @@ def workloads(draw: st.DrawFn) -> tuple[list[Frame], list[bool], int]:
         frames.append(frame(stream, last[stream]))
     cuts = draw(st.lists(st.booleans(), min_size=n, max_size=n))
     capacity = draw(st.integers(4, 8))  # fewer slots than streams: evictions and restores
-    return frames, cuts, capacity
+    new_per_batch = draw(st.sampled_from([0, 1, 2, 64]))  # new streams' lane (0: none)
+    return frames, cuts, capacity, new_per_batch
 
 
 @settings(max_examples=150, deadline=None)
 @given(workloads())
 def test_pipeline_orders_steps_and_commits_exactly(
-    workload: tuple[list[Frame], list[bool], int],
+    workload: tuple[list[Frame], list[bool], int, int],
 ) -> None:
-    frames, cuts, capacity = workload
-    check(frames, as_items(frames, cuts), capacity)
+    frames, cuts, capacity, new_per_batch = workload
+    check(frames, as_items(frames, cuts), capacity, new_per_batch)
 
 
 def test_padding_rows_reach_the_step_and_leave_state_alone() -> None:
@@ -362,3 +365,22 @@ def test_a_restarted_sensor_starts_a_session_its_state_resets_or_continues(
     assert [count for _, count, _ in got] == counts
     assert [bool(flags & FLAG_SESSION_START) for _, _, flags in got] == [0, 0, 0, 1, 0]
     assert len(source.committed) == 5
+
+
+def test_new_streams_wait_in_their_lane_known_ones_go_ahead() -> None:
+    # Two known streams, then a flood of 40 new ones and the known streams' next frames:
+    # with one new stream let in per batch, the known streams' frames are not stuck
+    # behind the flood.
+    warm = [frame(0, 1), frame(1, 1)]
+    flood = [frame(s, 1) for s in range(10, 50)]
+    later = [frame(0, 2), frame(1, 2)]
+    frames = warm + flood + later
+    sink, _, _, _ = run_pipeline(
+        as_items(frames, [True] * len(frames)), capacity=64, buckets=(1, 2, 4, 64), new_per_batch=1
+    )
+    order = [
+        (sid, int(seq)) for b in sink.batches for sid, seq in zip(b.stream_ids, b.seq, strict=True)
+    ]
+    assert sorted(order) == sorted((f.stream_id, f.seq) for f in frames)  # all, once
+    flood_done = max(order.index((f"s{s}", 1)) for s in range(10, 50))
+    assert order.index(("s0", 2)) < flood_done and order.index(("s1", 2)) < flood_done
