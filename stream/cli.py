@@ -268,8 +268,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .security import check_policy
 
     config = load_config(args.file)
+    check_policy(config)  # the exposure policy `run` applies (the files are read by `run`)
     print(f"{args.file}: ok")
     if args.show:
         print(config.to_toml())

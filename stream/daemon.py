@@ -177,7 +177,12 @@ class Daemon:
             async with anyio.create_task_group() as outer:
                 if cfg.metrics.listen:
                     self.ports["metrics"] = await outer.start(
-                        partial(serve_http, progress=self.progress),
+                        partial(
+                            serve_http,
+                            progress=self.progress,
+                            tls=self.security.metrics_tls,
+                            identities=self.security.identities,
+                        ),
                         parse_address(cfg.metrics.listen),
                         metrics,
                         self._is_ready,
@@ -302,6 +307,7 @@ class Daemon:
                 slo_p99_s=cfg.batching.slo_p99_ms / 1000.0 if cfg.batching.adaptive else None,
                 session_start=cfg.ingest.session_start,
                 stream_ttl_s=cfg.state.stream_ttl_s,
+                new_streams_per_batch=cfg.ingest.new_streams_per_batch,
             ),
             checkpoint=checkpoint,
             on_adapt=adapted,
@@ -387,6 +393,8 @@ class Daemon:
                     ),
                     max_pending_bytes=out.subscriber_max_pending_bytes,
                     socket_buffer_bytes=out.subscriber_socket_buffer_bytes,
+                    tls=self.security.tls,
+                    identities=self.security.identities,
                 )
             )
         if out.jsonl:

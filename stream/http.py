@@ -16,12 +16,21 @@ The probes stay answerable while hundreds of hostile connections are open:
 - when every slot is busy answering, `probe_reserve` (8) more slots serve `/healthz` and
     `/readyz` only; anything else over the caps is answered 503 at once.
 
+With a TLS context it serves HTTPS only: the handshake is part of the request head, so it
+falls under the same deadline and can be displaced like a slow head; a client that fails
+it (plain HTTP, an untrusted certificate) is closed without an answer (`tls_handshake`).
+With identities (`stream.security`), `/metrics` answers only a request that names an
+identity with `metrics = true` — by `Authorization: Bearer <token>`, else by the client
+certificate's CN — and anything else 401 with `WWW-Authenticate: Bearer` (`unauthorized`);
+`/healthz` and `/readyz` reveal nothing and stay open, for probes that cannot send tokens.
+
 Each is counted in `enactive_connections_limited_total{listener="metrics.listen"}`
-(`header_timeout`, `max_connections`, `accept_error`).
+(`header_timeout`, `max_connections`, `accept_error`, `tls_handshake`, `unauthorized`).
 
 | request          | response                                                       |
 |------------------|----------------------------------------------------------------|
 | `GET /metrics`   | 200, `text/plain; version=0.0.4`, the Prometheus exposition    |
+|                  | (401 without an identity allowed to scrape, with identities)   |
 | `GET /healthz`   | 200 `ok` while the event loop serves (liveness)                |
 | `GET /readyz`    | 200 `ready` when `readiness()` is true, else 503 and what it   |
 |                  | is doing (`progress()`, e.g. `compiling: 3/8 buckets`)         |
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol, cast
@@ -42,6 +52,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute, SocketListener
 
 from .net import accept_forever, listen_tcp
+from .security import Identities, accept_tls, bearer_token, peer_identity
 
 __all__ = ["MAX_HEAD_BYTES", "METRICS_CONTENT_TYPE", "serve_http"]
 
@@ -55,6 +66,7 @@ _PROBES = ("/healthz", "/readyz")  # the paths the reserve slots serve
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -87,6 +99,8 @@ async def serve_http(
     readiness: Callable[[], bool],
     *,
     progress: Callable[[], str] | None = None,
+    tls: ssl.SSLContext | None = None,
+    identities: Identities | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     read_timeout: float = 10.0,
     header_timeout: float = 5.0,
@@ -105,10 +119,14 @@ async def serve_http(
     - `progress`: called per `/readyz` request that is not ready; one line for the 503
         body saying why (`starting`, `compiling: 3/8 buckets`, `draining`). Default, or
         when it raises: `not ready`.
+    - `tls`: serve HTTPS with this context (`stream.security.Security.metrics_tls`);
+        None: plain HTTP.
+    - `identities`: answer `/metrics` only to an identity with `metrics = true`, named by
+        a bearer token or (with `tls`) a client certificate; None: to anyone.
     - `task_status`: receives the bound port (int) once listening, for `tg.start()`.
     - `read_timeout`: seconds a connection may take from accept to response sent.
     - `header_timeout`: seconds a connection may take from accept to the end of its
-        request head; a slower one is closed (`header_timeout`).
+        request head, TLS handshake included; a slower one is closed (`header_timeout`).
     - `max_connections`: connections served at once. One more takes the place of the
         oldest still reading its request head, which is answered 503 (`max_connections`).
     - `probe_reserve`: connections over `max_connections`, when none can be displaced,
@@ -127,6 +145,8 @@ async def serve_http(
         _Slots(max_connections, probe_reserve),
         read_timeout=read_timeout,
         header_timeout=header_timeout,
+        tls=tls,
+        identities=identities,
     )
 
     def accept_failed(error: Exception) -> None:
@@ -203,13 +223,16 @@ class _Server:
     slots: _Slots
     read_timeout: float
     header_timeout: float
+    tls: ssl.SSLContext | None = None
+    identities: Identities | None = None
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
             slot = self.slots.take()
             if slot is None:
                 self.metrics.limited(_LISTENER, "max_connections")
-                await _busy(stream)
+                if self.tls is None:  # (over TLS there is no session to say it in)
+                    await _busy(stream)
                 return
             try:
                 with anyio.move_on_after(self.read_timeout):
@@ -219,28 +242,40 @@ class _Server:
             finally:
                 self.slots.release(slot)
 
-    async def _serve_one(self, stream: anyio.abc.SocketStream, slot: _Slot) -> None:
+    async def _serve_one(self, stream: anyio.abc.ByteStream, slot: _Slot) -> None:
         head: bytes | None = None
         head_only = False
+        extra = ""
+        secured: anyio.abc.ByteStream | None = stream if self.tls is None else None
         try:
             slot.head.deadline = anyio.current_time() + self.header_timeout
             try:
-                with slot.head:
-                    head = await _read_head(stream)
+                with slot.head:  # the TLS handshake is part of reading the head
+                    if self.tls is not None:
+                        secured = await accept_tls(stream, self.tls)
+                        if secured is None:
+                            self.metrics.limited(_LISTENER, "tls_handshake")
+                            return
+                    assert secured is not None
+                    head = await _read_head(secured)
             finally:
                 self.slots.head_read(slot)
-            if head is None:  # too slow, or displaced by a newcomer
+            if head is None or secured is None:  # too slow, or displaced by a newcomer
                 self.metrics.limited(
                     _LISTENER, "max_connections" if slot.evicted else "header_timeout"
                 )
-                if slot.evicted:
-                    await _busy(stream)
+                if slot.evicted and secured is not None:
+                    await _busy(secured)
                 return
             method, path = _parse_head(head)
             head_only = method == "HEAD"
             if slot.probe_only and path not in _PROBES:
                 self.metrics.limited(_LISTENER, "max_connections")
                 status, ctype, body = 503, _TEXT, b"busy\n"
+            elif path == "/metrics" and not self._may_scrape(secured, head):
+                self.metrics.limited(_LISTENER, "unauthorized")
+                status, ctype, body = 401, _TEXT, b"unauthorized\n"
+                extra = 'WWW-Authenticate: Bearer realm="metrics"\r\n'
             else:
                 status, ctype, body = _route(
                     method, path, self.metrics, self.readiness, self.progress
@@ -249,15 +284,30 @@ class _Server:
             status, ctype, body = bad.status, _TEXT, f"{_REASONS[bad.status].lower()}\n".encode()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return  # the client went away before finishing its request
-        await _answer(stream, status, ctype, body, head_only=head_only)
+        if secured is not None:
+            await _answer(secured, status, ctype, body, head_only=head_only, headers=extra)
+
+    def _may_scrape(self, stream: anyio.abc.ByteStream, head: bytes) -> bool:
+        """Whether the request names an identity with `metrics = true` (always, without
+        identities): its bearer token, else its client certificate."""
+        if self.identities is None:
+            return True
+        token = bearer_token(head)
+        if token is not None:
+            identity = self.identities.by_token(token) if token else None
+        elif self.tls is not None:
+            identity = peer_identity(stream, self.identities)
+        else:
+            identity = None
+        return identity is not None and identity.metrics
 
 
-async def _busy(stream: anyio.abc.SocketStream) -> None:
+async def _busy(stream: anyio.abc.ByteStream) -> None:
     with anyio.move_on_after(1.0):
         await _answer(stream, 503, _TEXT, b"busy\n", head_only=False)
 
 
-async def _read_head(stream: anyio.abc.SocketStream) -> bytes:
+async def _read_head(stream: anyio.abc.ByteStream) -> bytes:
     buf = b""
     while True:
         for end in (b"\r\n\r\n", b"\n\n"):
@@ -320,18 +370,20 @@ def _not_ready(progress: Callable[[], str] | None) -> bytes:
 
 
 async def _answer(
-    stream: anyio.abc.SocketStream,
+    stream: anyio.abc.ByteStream,
     status: int,
     ctype: str,
     body: bytes,
     *,
     head_only: bool,
+    headers: str = "",
 ) -> None:
     head = (
         f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
         f"Content-Type: {ctype}\r\n"
         f"Content-Length: {len(body)}\r\n"
         + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+        + headers
         + "Connection: close\r\n\r\n"
     ).encode("ascii")
     try:

@@ -2,20 +2,24 @@
 
 - **TLS**: `server_context` builds the listeners' `ssl.SSLContext` from `[security]`
   (TLS ≥ 1.2; with `tls_client_ca_file`, a client certificate signed by that CA is
-  required); `accept_tls` runs the server side of a handshake on one accepted connection.
+  required — optional, but verified when presented, on the metrics listener, whose
+  probes present none); `accept_tls` runs the server side of a handshake on one accepted
+  connection.
 - **Identities**: `load_identities` reads `security.auth_file`, a TOML file of
-  `[identities.<name>]` tables, each with a `token` and/or a `certificate_cn` and the
-  stream-id prefixes it may `write` and `read` (`"*"`: all). A connection authenticates by
-  its client certificate's subject CN, or by a first line `AUTH <token>\\n` (`AuthLine`,
-  sans I/O); tokens are compared in constant time.
-- **Policy**: `prepare(config)`, at start, refuses (`ConfigError`, one line) a listener
-  bound beyond loopback without its protection — TLS and an auth file for the TCP
-  listeners, `ingest.udp_allow` for UDP (`AddressFilter`) — unless `security.insecure`,
-  which is logged as a WARNING at every start.
+  `[identities.<name>]` tables, each with a `token` and/or a `certificate_cn`, the
+  stream-id prefixes it may `write` and `read` (`"*"`: all), and `metrics = true` if it
+  may scrape `/metrics`. A connection authenticates by its client certificate's subject
+  CN, or by a first line `AUTH <token>\\n` (`AuthLine`, sans I/O), an HTTP request by
+  `Authorization: Bearer <token>`; tokens are compared in constant time.
+- **Policy**: `check_policy(config)` refuses (`ConfigError`, one line) a listener bound
+  beyond loopback without its protection — TLS and an auth file for the TCP listeners
+  (`ingest.tcp`, `output.tcp`, `metrics.listen`), `ingest.udp_allow` for UDP
+  (`AddressFilter`) — unless `security.insecure`; `prepare(config)`, at start, checks it,
+  logs a WARNING at every start when `security.insecure` lets a listener through, and
+  builds what the listeners enforce (`Security`).
 
-The sensor ingest (`stream.sources.tcp`, `stream.sources.udp`) enforces all of it; the
-subscriber and metrics listeners are configured by the same keys and will use this module
-too (`NOT_YET_ENFORCED`).
+The sensor ingest (`stream.sources.tcp`, `stream.sources.udp`), the subscriber listener
+(`stream.sinks.subscribers`) and the metrics listener (`stream.http`) enforce all of it.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ __all__ = [
     "AUTH_PREFIX",
     "AUTH_TIMEOUT_S",
     "HANDSHAKE_TIMEOUT_S",
-    "NOT_YET_ENFORCED",
     "UNAUTHORIZED_REPLY",
     "AddressFilter",
     "AuthLine",
@@ -50,7 +53,9 @@ __all__ = [
     "Identity",
     "Security",
     "accept_tls",
+    "bearer_token",
     "certificate_cn",
+    "check_policy",
     "exposed",
     "is_loopback",
     "load_identities",
@@ -74,11 +79,8 @@ HANDSHAKE_TIMEOUT_S = 10.0
 """How long a client has to complete the TLS handshake."""
 MIN_TOKEN_CHARS = 16
 """Tokens shorter than this are refused at load (`secrets.token_urlsafe(32)` gives 43)."""
-NOT_YET_ENFORCED = ("output.tcp", "metrics.listen")
-"""Listeners `[security]` covers by configuration whose servers do not use it yet: bound
-beyond loopback they are named in a WARNING at start."""
 _ALL = "*"
-_IDENTITY_KEYS = ("token", "certificate_cn", "write", "read")
+_IDENTITY_KEYS = ("token", "certificate_cn", "write", "read", "metrics")
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 _MAX_CACHED_ADDRESSES = 65536
 
@@ -88,16 +90,23 @@ _MAX_CACHED_ADDRESSES = 65536
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Identity:
-    """One client identity from the auth file: its `name`, and the stream-id prefixes it
-    may `write` (send frames to) and `read` (subscribe to); `"*"` in either means all."""
+    """One client identity from the auth file: its `name`, the stream-id prefixes it may
+    `write` (send frames to) and `read` (subscribe to; `"*"` in either means all), and
+    whether it may scrape `/metrics` (`metrics`)."""
 
     name: str
     write: tuple[str, ...]
     read: tuple[str, ...]
+    metrics: bool = False
 
     @property
     def writes_all(self) -> bool:
         return _ALL in self.write
+
+    @property
+    def reads(self) -> tuple[str, ...] | None:
+        """The prefixes of the stream ids it may read, sorted; None: all of them."""
+        return None if _ALL in self.read else tuple(sorted(set(self.read)))
 
     def may_write(self, stream_id: str) -> bool:
         """Whether frames of `stream_id` from this identity are accepted."""
@@ -181,7 +190,14 @@ def load_identities(path: str, key: str = "security.auth_file") -> Identities:
             raise ConfigError(
                 f"{at}.{unknown[0]}: unknown key; valid keys: {', '.join(_IDENTITY_KEYS)}"
             )
-        identity = Identity(name, _prefixes(table, "write", at), _prefixes(table, "read", at))
+        metrics = table.get("metrics", False)
+        if not isinstance(metrics, bool):
+            raise ConfigError(
+                f"{at}.metrics = {metrics!r}: must be true (may scrape /metrics) or false"
+            )
+        identity = Identity(
+            name, _prefixes(table, "write", at), _prefixes(table, "read", at), metrics
+        )
         token, cn = table.get("token"), table.get("certificate_cn")
         if token is None and cn is None:
             raise ConfigError(f"{at}: needs a token or a certificate_cn (or both)")
@@ -255,10 +271,17 @@ class AuthLine:
 # --- TLS -----------------------------------------------------------------------------------
 
 
-def server_context(cert_file: str, key_file: str = "", client_ca_file: str = "") -> ssl.SSLContext:
+def server_context(
+    cert_file: str,
+    key_file: str = "",
+    client_ca_file: str = "",
+    *,
+    client_certificate_required: bool = True,
+) -> ssl.SSLContext:
     """A server-side TLS context: TLS 1.2 or later, the certificate chain of `cert_file`
     with the private key of `key_file` (`""`: in `cert_file`), and, with
-    `client_ca_file`, client certificates signed by that CA required.
+    `client_ca_file`, client certificates signed by that CA required (or, with
+    `client_certificate_required=False`, verified when presented).
 
     **Raises:** `ConfigError` naming the `security.*` key of a file that cannot be read or
     is not what it should be.
@@ -289,7 +312,9 @@ def server_context(cert_file: str, key_file: str = "", client_ca_file: str = "")
                 f"security.tls_client_ca_file = {client_ca_file}: not a PEM CA certificate "
                 f"({_ssl_reason(e)})"
             ) from None
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if client_certificate_required else ssl.CERT_OPTIONAL
+        )
     return context
 
 
@@ -349,6 +374,18 @@ def peer_identity(stream: ByteStream, identities: Identities) -> Identity | None
     return identities.by_certificate(stream.extra(TLSAttribute.peer_certificate, None))
 
 
+def bearer_token(head: bytes) -> bytes | None:
+    """The token of an HTTP request head's `Authorization: Bearer <token>` header (the
+    scheme's case is ignored), `b""` for another or a malformed `Authorization` header,
+    None without one."""
+    for line in head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return None
+
+
 # --- addresses -----------------------------------------------------------------------------
 
 
@@ -399,11 +436,14 @@ class AddressFilter:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Security:
     """What the listeners enforce: the TLS context (None: plain TCP), the identities (None:
-    no authentication) and the UDP source filter (None: every source)."""
+    no authentication) and the UDP source filter (None: every source). `metrics_tls` is
+    the metrics listener's context: `tls`, but with client certificates optional (Kubernetes
+    probes and health checks present none); `/metrics` itself still needs an identity."""
 
     tls: ssl.SSLContext | None = None
     identities: Identities | None = None
     udp_allow: AddressFilter | None = None
+    metrics_tls: ssl.SSLContext | None = None
 
 
 def _listeners(config: Config) -> list[tuple[str, str]]:
@@ -436,14 +476,15 @@ def unprotected(config: Config) -> list[tuple[str, str]]:
     ]
 
 
-def prepare(config: Config) -> Security:
-    """Check the security policy and build what the listeners enforce (at start).
+def check_policy(config: Config) -> list[tuple[str, str]]:
+    """The exposure policy, without reading any file (what `check-config` checks, and
+    `run` before it reads them): the listeners `security.insecure` lets through
+    (`unprotected`), empty when none.
 
     **Raises:** `ConfigError` (one line) when a listener is bound beyond loopback without
     its protection — TLS (`security.tls_cert_file`) and `security.auth_file` for a TCP
-    listener, `ingest.udp_allow` for UDP — and `security.insecure` is false; when
-    `security.tls_key_file` or `tls_client_ca_file` is set without `tls_cert_file`; or
-    when a file cannot be read or is invalid.
+    listener, `ingest.udp_allow` for UDP — and `security.insecure` is false; or when
+    `security.tls_key_file` or `tls_client_ca_file` is set without `tls_cert_file`.
     """
     sec = config.security
     for key, value in (
@@ -455,17 +496,35 @@ def prepare(config: Config) -> Security:
     open_ = unprotected(config)
     if open_ and not sec.insecure:
         raise ConfigError(_refusal(open_))
+    return open_
+
+
+def prepare(config: Config) -> Security:
+    """Check the security policy (`check_policy`) and build what the listeners enforce
+    (at start).
+
+    **Raises:** `ConfigError` (one line) as `check_policy` does, or when a file cannot be
+    read or is invalid.
+    """
+    sec = config.security
+    open_ = check_policy(config)
     identities = load_identities(sec.auth_file) if sec.auth_file else None
     if identities is not None and identities.certificate_cns and not sec.tls_client_ca_file:
         raise ConfigError(
             f"security.auth_file = {sec.auth_file}: identities with a certificate_cn need "
             "security.tls_client_ca_file (client certificates are not verified without it)"
         )
-    tls = (
-        server_context(sec.tls_cert_file, sec.tls_key_file, sec.tls_client_ca_file)
-        if sec.tls_cert_file
-        else None
-    )
+    tls = metrics_tls = None
+    if sec.tls_cert_file:
+        tls = server_context(sec.tls_cert_file, sec.tls_key_file, sec.tls_client_ca_file)
+        metrics_tls = tls
+        if sec.tls_client_ca_file:
+            metrics_tls = server_context(
+                sec.tls_cert_file,
+                sec.tls_key_file,
+                sec.tls_client_ca_file,
+                client_certificate_required=False,
+            )
     allow = AddressFilter(config.ingest.udp_allow) if config.ingest.udp_allow else None
     if open_:
         log.warning(
@@ -476,15 +535,7 @@ def prepare(config: Config) -> Security:
             "it" if len(open_) == 1 else "them",
             "TLS or authentication" if any(k != "ingest.udp" for k, _ in open_) else "a filter",
         )
-    pending = [(k, a) for k, a in exposed(config) if k in NOT_YET_ENFORCED and (k, a) not in open_]
-    if pending:
-        log.warning(
-            "%s: bound beyond loopback and not using TLS or authentication yet; restrict "
-            "who can reach %s (firewall, Kubernetes NetworkPolicy)",
-            _named(pending),
-            "it" if len(pending) == 1 else "them",
-        )
-    return Security(tls, identities, allow)
+    return Security(tls, identities, allow, metrics_tls)
 
 
 def _named(listeners: list[tuple[str, str]]) -> str:

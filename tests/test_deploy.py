@@ -35,7 +35,7 @@ from stream.metrics import (
     Metrics,
 )
 from stream.protocol import REASONS
-from stream.security import exposed, unprotected
+from stream.security import check_policy, exposed, unprotected
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -249,6 +249,7 @@ def test_configs_binding_beyond_loopback_configure_tls_and_auth(path: Path) -> N
     cfg = load_config(path, env=env)
     assert cfg.security.insecure is False
     assert unprotected(cfg) == []
+    assert check_policy(cfg) == []  # what check-config and run apply: no refusal, no warning
     keys = {key for key, _ in exposed(cfg)}
     if keys & {"ingest.tcp", "output.tcp", "metrics.listen"}:
         assert cfg.security.tls_cert_file and cfg.security.tls_key_file
@@ -507,11 +508,23 @@ def test_alert_runbooks_exist() -> None:
 # --- tools ----------------------------------------------------------------------------------
 
 
-def test_promtool_checks_rules_and_config() -> None:
+def test_promtool_checks_rules_and_config(tmp_path: Path) -> None:
     promtool = _tool("promtool")
+    # The config names the CA and token files of a real install, which promtool opens: a
+    # copy points them at stand-ins here, next to copies of the rule files it loads.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "ca.crt").write_text("")
+    (secrets / "token").write_text("token\n")
+    for rules in (RULES, ALERTS):
+        shutil.copy(rules, tmp_path / rules.name)
+    text = PROMETHEUS.read_text()
+    assert text.count(SCRAPE_SECRETS) == 4
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace(SCRAPE_SECRETS, f"{secrets}/"))
     for argv in (
         [promtool, "check", "rules", str(RULES), str(ALERTS)],
-        [promtool, "check", "config", str(PROMETHEUS)],
+        [promtool, "check", "config", str(config)],
         [promtool, "test", "rules", str(ALERTS_TEST)],
     ):
         result = _run(argv)
@@ -573,6 +586,33 @@ def test_yaml_parses(path: Path) -> None:
     assert documents
 
 
+SCRAPE_SECRETS = "/etc/prometheus/enactive-stream/"
+"""Where `prometheus.yml` reads the daemon's CA (`ca.crt`) and its scrape token (`token`)."""
+
+
+def test_prometheus_scrapes_over_https_with_a_token() -> None:
+    yaml = _yaml()
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "enactive-stream"]
+    assert job["scheme"] == "https"
+    assert job["tls_config"]["ca_file"] == SCRAPE_SECRETS + "ca.crt"
+    assert not job["tls_config"].get("insecure_skip_verify", False)
+    assert job["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": SCRAPE_SECRETS + "token",
+    }
+    for path in TOMLS:  # every shipped configuration serves /metrics over TLS with identities
+        env = _unit_env() if path.parent.name == "systemd" else {}
+        cfg = load_config(path, env=env)
+        assert cfg.metrics.listen and cfg.security.tls_cert_file and cfg.security.auth_file
+    sts = yaml.safe_load((KUBERNETES / "statefulset.yaml").read_text())
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
+    operations = OPERATIONS.read_text()
+    for needed in ("credentials_file", "metrics = true", SCRAPE_SECRETS + "token"):
+        assert needed in operations, needed
+
+
 def test_kustomization_lists_every_manifest() -> None:
     yaml = _yaml()
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
@@ -595,6 +635,10 @@ def test_kubernetes_probes_and_ports() -> None:
     (container,) = pod["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # TLS is configured
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe
+        assert container[probe]["httpGet"]["port"] == "metrics", probe
     assert pod["terminationGracePeriodSeconds"] == 30
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -627,7 +671,13 @@ def test_containerfile_essentials() -> None:
     assert re.search(r"^EXPOSE 7400/tcp 7400/udp 7401/tcp 9400/tcp$", text, re.MULTILINE)
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.MULTILINE)
     assert re.search(r"^USER \d+", text, re.MULTILINE), "run as a numeric non-root user"
-    assert "/healthz" in text.split("HEALTHCHECK", 1)[1]
+    healthcheck = text.split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0]
+    assert "/healthz" in healthcheck
+    # The metrics listener speaks HTTPS; the slim image has no curl, Python asks, unverified
+    # (from inside the container 127.0.0.1 is not a name in the certificate).
+    assert "https://127.0.0.1:9400/healthz" in healthcheck
+    assert "ssl._create_unverified_context()" in healthcheck and "curl" not in healthcheck
+    assert '"python", "-c"' in healthcheck
     for copied in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.MULTILINE):
         for source in copied.split():
             assert (ROOT / source).exists(), f"COPY source {source} does not exist"

@@ -1,9 +1,12 @@
 """Which subscribers want which moments: subscribers grouped by glob, matched once per id.
 
-`SubscriberServer` keeps one `Glob` per distinct glob, holding its subscriber groups (one
-per format). Per batch, `Router.route` finds the rows each distinct glob wants in one
-pass over the batch's stream ids, so the server encodes each distinct (format, glob)
-selection once, whatever the number of subscribers.
+`SubscriberServer` keeps one `Glob` per distinct (glob, read prefixes), holding its
+subscriber groups (one per format). The read prefixes are those of the subscriber's
+identity (`stream.security`; None: it may read everything): a `Glob` matches the stream
+ids that match the glob *and* start with one of them, in the one regular expression, so
+the permission costs nothing per row. Per batch, `Router.route` finds the rows each
+distinct `Glob` wants in one pass over the batch's stream ids, so the server encodes each
+distinct (format, glob, read prefixes) selection once, whatever the number of subscribers.
 
 The pass costs a few C-level operations per row, whatever the number of globs: a memo
 shared by every glob maps each stream id seen to the globs it matches, so a glob that
@@ -12,8 +15,8 @@ the first time is tested against every glob once; a glob added is tested against
 id of the memo once (so subscribing with a new glob costs up to `MEMO_LIMIT` matches).
 The memo holds at most `MEMO_LIMIT` ids and is cleared when full. A glob nobody uses any
 more stays (matched, and ignored) so that it costs nothing to subscribe to it again, until
-such globs outnumber the used ones and `DEAD_SLACK`: then they are forgotten. `*` matches
-everything and is never looked up.
+such globs outnumber the used ones and `DEAD_SLACK`: then they are forgotten. `*` without read
+prefixes matches everything and is never looked up.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import itertools
 import re
 from typing import Generic, TypeVar
 
-__all__ = ["DEAD_SLACK", "EVERYTHING", "MEMO_LIMIT", "Glob", "Router"]
+__all__ = ["DEAD_SLACK", "EVERYTHING", "MEMO_LIMIT", "Glob", "Read", "Router"]
 
 T = TypeVar("T")
 
@@ -35,15 +38,23 @@ DEAD_SLACK = 64
 """Unused globs kept beyond as many as are in use, before they are forgotten."""
 
 
+Read = tuple[str, ...] | None
+"""Stream-id prefixes a subscriber may read, sorted and distinct; None: every id."""
+
+
 class Glob(Generic[T]):
-    """One distinct glob: its matcher, its `users` (subscribers) and their `groups` (kept
-    by the owner: one per format)."""
+    """One distinct (glob, read prefixes): its matcher, its `users` (subscribers) and their
+    `groups` (kept by the owner: one per format)."""
 
-    __slots__ = ("groups", "match", "pattern", "users")
+    __slots__ = ("groups", "match", "pattern", "read", "users")
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, read: Read = None) -> None:
         self.pattern = pattern
-        self.match = re.compile(fnmatch.translate(pattern)).match
+        self.read = read
+        regex = fnmatch.translate(pattern)
+        if read is not None:  # a look-ahead: the id starts with one of the prefixes
+            regex = f"(?={'|'.join(map(re.escape, read))})" + regex if read else "(?!)"
+        self.match = re.compile(regex).match
         self.users = 0
         self.groups: list[T] = []
 
@@ -61,7 +72,7 @@ class Router(Generic[T]):
             raise ValueError(f"memo_limit={memo_limit}, expected >= 1")
         self._limit = memo_limit
         self.everything = Glob[T](EVERYTHING)
-        self._globs: dict[str, Glob[T]] = {}  # but `*`; used or not
+        self._globs: dict[tuple[str, Read], Glob[T]] = {}  # but `*`; used or not
         self._memo: dict[str, tuple[Glob[T], ...]] = {}  # id -> the globs it matches
         self._used = 0  # globs with users
 
@@ -75,12 +86,15 @@ class Router(Generic[T]):
         """Distinct globs known now (used or not), `*` aside."""
         return len(self._globs)
 
-    def use(self, pattern: str) -> Glob[T]:
-        """The `Glob` of `pattern`, with one more user."""
-        if pattern == EVERYTHING:
+    def use(self, pattern: str, read: Read = None) -> Glob[T]:
+        """The `Glob` of `pattern` limited to the ids starting with one of `read` (None:
+        no limit; normalised here: sorted, distinct), with one more user."""
+        if read is not None:
+            read = tuple(sorted(set(read)))
+        if pattern == EVERYTHING and read is None:
             glob = self.everything
         else:
-            glob = self._globs.get(pattern) or self._add(pattern)
+            glob = self._globs.get((pattern, read)) or self._add(pattern, read)
             self._used += glob.users == 0
         glob.users += 1
         return glob
@@ -97,8 +111,8 @@ class Router(Generic[T]):
                 if globs:
                     self._memo[stream_id] = tuple(g for g in globs if g.users)
 
-    def _add(self, pattern: str) -> Glob[T]:
-        glob = self._globs[pattern] = Glob[T](pattern)
+    def _add(self, pattern: str, read: Read) -> Glob[T]:
+        glob = self._globs[pattern, read] = Glob[T](pattern, read)
         match = glob.match
         for stream_id, globs in self._memo.items():
             if match(stream_id):

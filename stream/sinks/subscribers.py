@@ -7,9 +7,18 @@ line is answered `ERR <why>\\n` and the connection closed; so is a connection ov
 listener's limits (`ERR too many subscribers`; counted in `limited("output.tcp", ...)`:
 `max_connections`, `max_per_address`, and `header_timeout` for no `SUB` line in time).
 
-Subscribers with the same glob share its `Glob` (`routing`), and those with the same
-(format, glob) form a group: `offer()` finds each distinct glob's rows in one pass over the
-batch and encodes each group's selection once, for all its subscribers.
+With a TLS context the listener speaks TLS (a failed handshake is closed and counted
+`tls_handshake`; over the connection limits a TLS client is closed without a word). With
+identities (`stream.security`) a subscriber authenticates before its `SUB` line: by its
+client certificate's CN, or by a first line `AUTH <token>\\n` (`AuthLine`, as the sensor
+ingest); a bad or missing one, or an identity that may read nothing, is answered
+`ERR unauthorized` and closed (counted `unauthorized`). Both lines must arrive within the
+handshake timeout. A subscriber then receives only the moments of stream ids that match
+its glob and start with one of its identity's `read` prefixes.
+
+Subscribers with the same (glob, read prefixes) share its `Glob` (`routing`), and those
+with the same format there form a group: `offer()` finds each distinct glob's rows in one
+pass over the batch and encodes each group's selection once, for all its subscribers.
 
 Each subscriber has its own `WeightedBuffer` (weight = moments, overflow `drop_newest`)
 drained by its writer task, so a slow subscriber only loses its own moments (counted
@@ -26,13 +35,14 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
 from typing import cast
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..buffers import WeightedBuffer
@@ -46,8 +56,9 @@ from ..net import (
     peer_address,
 )
 from ..protocol import MomentBatch
+from ..security import AuthLine, Identities, accept_tls, peer_identity
 from .base import DISCONNECTED, SLOW_SUBSCRIBER, Chunk, EncodingCache, Format, encode
-from .routing import Glob, Router
+from .routing import Glob, Read, Router
 
 __all__ = ["SubscriberServer"]
 
@@ -65,6 +76,8 @@ FLUSH_S = 1.0
 REFUSE_S = 1.0
 """How long a refused client has to read its `ERR` line and close."""
 TOO_MANY = "too many subscribers"
+UNAUTHORIZED = "unauthorized"
+_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError)
 
 
 class _Group:
@@ -108,7 +121,11 @@ class SubscriberServer:
         goes to a subscriber that holds nothing.
     - `socket_buffer_bytes`: `SO_SNDBUF` of each subscriber socket (the kernel doubles
         it, capped by `net.core.wmem_max`); 0: the kernel's default.
-    - `handshake_timeout`: seconds a client has to send its `SUB` line.
+    - `tls`: serve TLS with this context (`stream.security.server_context`); None: plain.
+    - `identities`: require each subscriber to authenticate as one of these, and send it
+        only the stream ids its `read` prefixes allow; None: anyone may read everything.
+    - `handshake_timeout`: seconds a client has to complete its TLS handshake, and
+        seconds it has to send its `AUTH` and `SUB` lines.
     - `stall_timeout`: seconds a subscriber's buffer may stay full before it is cut off.
     - `clock`: seconds, for `stall_timeout`.
     """
@@ -126,6 +143,8 @@ class SubscriberServer:
         limits: ConnectionLimits = NO_LIMITS,
         max_pending_bytes: int = 8 << 20,
         socket_buffer_bytes: int = 256 << 10,
+        tls: ssl.SSLContext | None = None,
+        identities: Identities | None = None,
         handshake_timeout: float = 10.0,
         stall_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
@@ -144,6 +163,8 @@ class SubscriberServer:
         self._on_subscribers = on_subscribers
         self._cache = cache or EncodingCache()
         self._gate = ConnectionGate(limits)
+        self._tls = tls
+        self._identities = identities
         self._handshake_timeout = handshake_timeout
         self._stall_timeout = stall_timeout
         self._clock = clock
@@ -252,21 +273,34 @@ class SubscriberServer:
         refused = self._gate.enter(peer)
         if refused is not None:
             self._events.limited(LISTENER, refused)
+            if self._tls is not None:  # (no TLS session to say it in)
+                await anyio.aclose_forcefully(stream)
+                return
             async with stream:
                 await _refuse(stream, TOO_MANY)
             return
         try:
-            async with stream:
-                await self._subscribe(stream)
+            secured: ByteStream = stream
+            if self._tls is not None:
+                tls = None
+                with anyio.move_on_after(self._handshake_timeout):
+                    tls = await accept_tls(stream, self._tls)
+                if tls is None:
+                    self._events.limited(LISTENER, "tls_handshake")
+                    await anyio.aclose_forcefully(stream)
+                    return
+                secured = tls
+            async with secured:
+                await self._subscribe(secured)
         except Exception:  # a subscriber's failure is its own, never the server's
             log.warning("subscriber connection failed", exc_info=True)
         finally:
             self._gate.leave(peer)
 
-    async def _subscribe(self, stream: SocketStream) -> None:
+    async def _subscribe(self, stream: ByteStream) -> None:
         _set_send_buffer(stream, self.socket_buffer_bytes)
         receive = BufferedByteReceiveStream(stream)
-        wanted, error = await self._handshake(receive)
+        wanted, error = await self._handshake(stream, receive)
         if wanted is None:
             await _refuse(stream, error)
             return
@@ -281,8 +315,8 @@ class SubscriberServer:
             if sub.cut_off:  # reset: the kernel drops what it still holds for it
                 _set_linger_zero(stream)
 
-    def _join(self, fmt: Format, pattern: str) -> _Subscriber:
-        glob = self._router.use(pattern)
+    def _join(self, fmt: Format, pattern: str, read: Read) -> _Subscriber:
+        glob = self._router.use(pattern, read)
         group = next((g for g in glob.groups if g.fmt == fmt), None)
         if group is None:
             group = _Group(fmt, glob)
@@ -304,19 +338,35 @@ class SubscriberServer:
         self._on_subscribers(len(self._subscribers))
 
     async def _handshake(
-        self, receive: BufferedByteReceiveStream
-    ) -> tuple[tuple[Format, str] | None, str]:
+        self, stream: ByteStream, receive: BufferedByteReceiveStream
+    ) -> tuple[tuple[Format, str, Read] | None, str]:
+        # `(format, glob, read prefixes)` of an authenticated `SUB` line, or (None, why).
+        read: Read = None
         try:
             with anyio.fail_after(self._handshake_timeout):
                 line = await receive.receive_until(b"\n", MAX_SUB_LINE)
+                if self._identities is not None:
+                    certified = None
+                    if self._tls is not None:
+                        certified = peer_identity(stream, self._identities)
+                    outcome = AuthLine(self._identities, certified).feed(line + b"\n")
+                    identity, rest = outcome or (None, b"")
+                    if identity is None or not identity.read:
+                        self._events.limited(LISTENER, "unauthorized")
+                        log.debug("subscriber refused: unauthorized")
+                        return None, UNAUTHORIZED
+                    read = identity.reads
+                    if not rest:  # that was the AUTH line: the SUB line follows
+                        line = await receive.receive_until(b"\n", MAX_SUB_LINE)
         except TimeoutError:
             self._events.limited(LISTENER, "header_timeout")
             return None, f"no SUB line within {self._handshake_timeout:g} s"
         except anyio.DelimiterNotFound:
             return None, f"SUB line longer than {MAX_SUB_LINE} bytes"
-        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+        except (anyio.IncompleteRead, *_GONE):
             return None, "connection closed before a SUB line"
-        return _parse_sub(line)
+        wanted, why = _parse_sub(line)
+        return (None, why) if wanted is None else ((*wanted, read), "")
 
     async def _watch_hangup(
         self, receive: BufferedByteReceiveStream, scope: anyio.CancelScope
@@ -325,16 +375,16 @@ class SubscriberServer:
         try:
             while True:
                 await receive.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        except _GONE:
             pass
         scope.cancel()
 
-    async def _write(self, stream: SocketStream, sub: _Subscriber) -> None:
+    async def _write(self, stream: ByteStream, sub: _Subscriber) -> None:
         try:
             while True:
                 await sub.buffer.wait_readable()
                 await self._send_some(stream, sub)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError):
             self._cut_off(sub)
         except anyio.get_cancelled_exc_class():
             if not sub.cut_off:  # shutting down or hung up: deliver what is held
@@ -342,11 +392,11 @@ class SubscriberServer:
                     try:
                         while len(sub.buffer):
                             await self._send_some(stream, sub)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError):
                         pass
             raise
 
-    async def _send_some(self, stream: SocketStream, sub: _Subscriber) -> None:
+    async def _send_some(self, stream: ByteStream, sub: _Subscriber) -> None:
         # Past this check `send()` writes before it can be cancelled, so nothing taken off
         # the queue is lost to a cancellation, nor sent twice by the shutdown flush.
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -369,20 +419,21 @@ _DROPPED = Chunk()
 """What a full buffer is offered (and drops) instead of an encoding nobody will read."""
 
 
-async def _refuse(stream: SocketStream, why: str) -> None:
+async def _refuse(stream: ByteStream, why: str) -> None:
     """Answer `ERR <why>`, then wait (at most `REFUSE_S`) for the client to close, so that
     closing does not reset the connection before the client has read the answer."""
     with anyio.move_on_after(REFUSE_S):
         try:
             await stream.send(f"ERR {why}\n".encode())
-            await stream.send_eof()
+            if isinstance(stream, SocketStream):  # (TLS cannot half-close)
+                await stream.send_eof()
             for _ in range(MAX_SUB_LINE):  # whatever it sends meanwhile, up to a bound
                 await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        except _GONE:
             pass
 
 
-def _set_send_buffer(stream: SocketStream, size: int) -> None:
+def _set_send_buffer(stream: ByteStream, size: int) -> None:
     if size:
         try:
             sock = stream.extra(SocketAttribute.raw_socket)
@@ -391,7 +442,7 @@ def _set_send_buffer(stream: SocketStream, size: int) -> None:
             log.debug("could not set SO_SNDBUF=%d on a subscriber socket", size, exc_info=True)
 
 
-def _set_linger_zero(stream: SocketStream) -> None:
+def _set_linger_zero(stream: ByteStream) -> None:
     try:
         sock = stream.extra(SocketAttribute.raw_socket)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

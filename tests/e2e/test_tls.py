@@ -1,7 +1,8 @@
 """TLS, identities and the exposure policy, through the real daemon process (loopback only).
 
 One daemon serves the TLS tests: TLS with client certificates required (CA made here with
-`cryptography`), an auth file, and `ingest.udp_allow` that leaves out 127.0.0.1.
+`cryptography`; optional on the metrics listener), an auth file, and `ingest.udp_allow`
+that leaves out 127.0.0.1. Its `/metrics` is read over HTTPS with a bearer token.
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stream.protocol import ReplyReader, encode_frame, encode_json_frame
+from stream.protocol import MomentReader, ReplyReader, encode_frame, encode_json_frame
 
 from .daemon import DaemonProcess, payload
 
 pytestmark = pytest.mark.timeout(300)
 
 TOKEN = "e2e-fleet-a-token-0123456789abcdef"
+READER = "e2e-arm-reader-token-0123456789abcdef"
+SCRAPER = "e2e-prometheus-token-0123456789abcdef"
 AUTH = f"""\
 [identities.fleet-a]
 token = "{TOKEN}"
@@ -34,6 +39,14 @@ write = ["arm-"]
 [identities.robot]
 certificate_cn = "robot-7"
 write = ["robot-7."]
+
+[identities.arm-reader]
+token = "{READER}"
+read = ["arm-"]
+
+[identities.prometheus]
+token = "{SCRAPER}"
+metrics = true
 """
 REJECTED = "enactive_frames_rejected_total"
 LIMITED = "enactive_connections_limited_total"
@@ -106,16 +119,41 @@ tls_client_ca_file = "{pki["ca.pem"]}"
 auth_file = "{tmp / "identities.toml"}"
 """
     env = {"ENACTIVE_INGEST_UDP_ALLOW": '["10.0.0.0/8"]'}  # not 127.0.0.1, where tests send
-    d = DaemonProcess(tmp, compilation_cache, extra=extra, env=env).start()
+    d = SecuredDaemon(tmp, compilation_cache, extra=extra, env=env)
+    d.ca = pki["ca.pem"]
+    d.start()
     yield d, pki
     d.kill()
 
 
-def tls_connect(d: DaemonProcess, pki: dict[str, Path], cert: str | None) -> ssl.SSLSocket:
+class SecuredDaemon(DaemonProcess):
+    """Reads `/metrics` over HTTPS, as Prometheus does: the CA, and a bearer token."""
+
+    ca: Path
+
+    def https(self, path: str, token: str | None = SCRAPER) -> tuple[int, dict, str]:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        request = urllib.request.Request(f"https://127.0.0.1:{self.ports['metrics']}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as r:
+                return r.status, dict(r.headers), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read().decode()
+
+    def http(self, path: str) -> tuple[int, str]:
+        status, _, body = self.https(path)
+        return status, body
+
+
+def tls_connect(
+    d: DaemonProcess, pki: dict[str, Path], cert: str | None, port: str = "tcp"
+) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=str(pki["ca.pem"]))
     if cert is not None:
         context.load_cert_chain(pki[f"{cert}.pem"], pki[f"{cert}.key"])
-    raw = socket.create_connection(("127.0.0.1", d.ports["tcp"]), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", d.ports[port]), timeout=10)
     sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
     d._sockets.append(sock)
     return sock
@@ -215,6 +253,67 @@ def test_udp_from_outside_udp_allow_is_forbidden(secured: tuple) -> None:
     assert d.wait_metric(REJECTED, labels, before + 3) == before + 3
 
 
+# --- the subscriber and metrics listeners ------------------------------------------------------
+
+
+def test_unauthenticated_subscriber_is_refused_and_counted(secured: tuple) -> None:
+    d, pki = secured
+    labels = {"listener": "output.tcp", "reason": "unauthorized"}
+    before = count(d, LIMITED, **labels)
+    sock = tls_connect(d, pki, "tester", port="output")  # a CN no identity names, no token
+    sock.sendall(b"SUB binary *\n")
+    assert read_until_closed(sock) == b"ERR unauthorized\n"
+    assert d.wait_metric(LIMITED, labels, before + 1) == before + 1
+
+
+def test_subscriber_reads_only_its_identitys_prefixes(secured: tuple) -> None:
+    d, pki = secured
+    rng = np.random.default_rng(4)
+    subscribers = count(d, "enactive_subscribers")
+    sub = tls_connect(d, pki, "tester", port="output")
+    sub.sendall(b"AUTH " + READER.encode() + b"\nSUB binary *\n")
+    assert d.wait_metric("enactive_subscribers", {}, subscribers + 1) == subscribers + 1
+    processed = count(d, "enactive_frames_processed_total")
+    robot = tls_connect(d, pki, "robot-7")
+    robot.sendall(b"".join(
+        encode_frame("robot-7.sub", i, 0.0, start=i == 1, **payload(rng)) for i in (1, 2, 3)
+    ))  # fmt: skip
+    assert d.wait_metric("enactive_frames_processed_total", {}, processed + 3) == processed + 3
+    arm = tls_connect(d, pki, "tester")
+    arm.sendall(b"AUTH " + TOKEN.encode() + b"\n" + b"".join(
+        encode_frame("arm-sub", i, 0.0, start=i == 1, **payload(rng)) for i in (1, 2, 3)
+    ))  # fmt: skip
+    reader, got = MomentReader(), []
+    deadline = time.monotonic() + 30
+    while len(got) < 3 and time.monotonic() < deadline:
+        got += reader.feed(sub.recv(1 << 16))
+    assert [(m.stream_id, m.seq) for m in got] == [("arm-sub", 1), ("arm-sub", 2), ("arm-sub", 3)]
+
+
+def test_metrics_over_https_need_a_token_and_probes_stay_open(secured: tuple) -> None:
+    d, _ = secured
+    unauthorized = {"listener": "metrics.listen", "reason": "unauthorized"}
+    before = count(d, LIMITED, **unauthorized)
+    for token in (None, READER):  # none, and an identity without metrics = true
+        status, headers, _ = d.https("/metrics", token=token)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, body = d.https("/metrics")
+    assert status == 200 and "enactive_ready 1.0" in body
+    assert count(d, LIMITED, **unauthorized) == before + 2
+    # The probes, with neither a token nor a client certificate.
+    assert d.https("/healthz", token=None)[::2] == (200, "ok\n")
+    assert d.https("/readyz", token=None)[::2] == (200, "ready\n")
+
+
+def test_plain_http_to_the_https_port_fails_and_is_counted(secured: tuple) -> None:
+    d, _ = secured
+    labels = {"listener": "metrics.listen", "reason": "tls_handshake"}
+    before = count(d, LIMITED, **labels)
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{d.ports['metrics']}/healthz", timeout=5)
+    assert d.wait_metric(LIMITED, labels, before + 1) == before + 1
+
+
 # --- the exposure policy at start --------------------------------------------------------------
 
 # "127.1" is a name the policy does not resolve, so it counts as beyond loopback, while the
@@ -253,3 +352,28 @@ def test_insecure_starts_and_warns_naming_the_listeners(
         assert d.stop() == 0
     finally:
         d.kill()
+
+
+@pytest.mark.parametrize("key", ["output.tcp", "metrics.listen"])
+def test_check_config_applies_the_policy_of_run(
+    tmp_path: Path, compilation_cache: str, key: str
+) -> None:
+    d = DaemonProcess(tmp_path, compilation_cache)
+    section, name = key.split(".")
+    text = d.config.read_text()
+    old = f'[{section}]\n{name} = "127.0.0.1:0"'
+    assert old in text
+    d.config.write_text(text.replace(old, f'[{section}]\n{name} = "127.1:0"'))
+    lines = []
+    for command in (["check-config", str(d.config)], ["run", "--config", str(d.config)]):
+        r = subprocess.run(
+            [sys.executable, "-m", "stream.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+        lines.append(r.stderr.strip())
+    assert lines[0] == lines[1]
+    assert lines[0].startswith(f"enactive-stream: error: {key} = 127.1:0: bound beyond loopback")

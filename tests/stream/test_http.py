@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import stream.http
 from stream.http import MAX_HEAD_BYTES, serve_http
 from stream.metrics import Metrics
+from stream.security import load_identities
 
 
 @asynccontextmanager
@@ -54,8 +56,10 @@ async def raw(port: int, request: bytes, *, eof: bool = True) -> bytes:
                     return b"".join(chunks)
 
 
-async def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    reply = await raw(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+async def get(
+    port: int, path: str, method: str = "GET", headers: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    reply = await raw(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
     head, _, body = reply.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -179,6 +183,45 @@ async def test_silent_client_is_cut_off_after_the_read_timeout() -> None:
         with anyio.fail_after(2):
             assert await raw(port, b"", eof=False) == b""  # the server closed on us
         assert (await get(port, "/healthz"))[0] == 200
+
+
+SCRAPER = "prometheus-token-0123456789abcdef"
+READER = "reader-token-0123456789abcdef012"
+AUTH_FILE = f"""\
+[identities.prometheus]
+token = "{SCRAPER}"
+metrics = true
+
+[identities.reader]
+token = "{READER}"
+read = ["*"]
+"""
+
+
+async def test_metrics_needs_a_bearer_token_of_a_metrics_identity(tmp_path: Path) -> None:
+    (tmp_path / "identities.toml").write_text(AUTH_FILE)
+    m = Metrics(CollectorRegistry(), buckets=(1, 8))
+    async with server(
+        metrics=m, identities=load_identities(str(tmp_path / "identities.toml"))
+    ) as port:
+        for headers in (
+            "",
+            "Authorization: Bearer not-the-token-0123456789\r\n",
+            f"Authorization: Basic {SCRAPER}\r\n",
+            f"Authorization: Bearer {READER}\r\n",  # an identity without metrics = true
+        ):
+            status, got, body = await get(port, "/metrics", headers=headers)
+            assert (status, body) == (401, b"unauthorized\n"), headers
+            assert got["www-authenticate"].startswith("Bearer")
+        assert limited(m, "unauthorized") == 4
+        status, got, body = await get(
+            port, "/metrics", headers=f"authorization: bearer {SCRAPER}\r\n"
+        )
+        assert status == 200 and b"enactive_ready" in body
+        # The probes reveal nothing and stay open.
+        assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")
+        assert (await get(port, "/readyz"))[::2] == (200, b"ready\n")
+    assert limited(m, "unauthorized") == 4
 
 
 def limited(m: Metrics, reason: str) -> float:

@@ -11,21 +11,28 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
 import numpy as np
 import pytest
 from anyio.abc import ByteStream
+from prometheus_client import CollectorRegistry
 
 from stream.buffers import WeightedBuffer
 from stream.config import ConfigError, load_config
 from stream.events import Listener
+from stream.http import serve_http
 from stream.ingest import Ingest, Item
+from stream.metrics import Metrics
 from stream.protocol import (
     Dims,
     Frame,
     FrameRun,
+    Moment,
+    MomentBatch,
+    MomentSizes,
     ReplyReader,
     encode_frame,
     encode_json_frame,
@@ -36,12 +43,15 @@ from stream.security import (
     AddressFilter,
     AuthLine,
     Identities,
+    bearer_token,
+    check_policy,
     is_loopback,
     load_identities,
     prepare,
     server_context,
     unprotected,
 )
+from stream.sinks import SubscriberServer
 from stream.sources import serve_tcp, serve_udp
 
 DIMS = Dims(4, 3, 2, 2)
@@ -57,6 +67,8 @@ read = ["*"]
 [identities.robot]
 certificate_cn = "robot-7"
 write = ["robot-7."]
+read = ["robot-7.", "arm-"]
+metrics = true
 
 [identities.admin]
 token = "{OTHER_TOKEN}"
@@ -197,6 +209,9 @@ def test_identity_permissions_are_prefixes(tmp_path: Path) -> None:
     admin = ids.by_token(OTHER_TOKEN.encode())
     assert admin is not None and admin.writes_all and admin.may_write("x")
     assert not admin.may_read("x")  # read defaults to nothing
+    assert fleet.reads is None and admin.reads == () and not admin.metrics and not fleet.metrics
+    robot = ids.by_certificate({"subject": ((("commonName", "robot-7"),),)})
+    assert robot is not None and robot.metrics and robot.reads == ("arm-", "robot-7.")
 
 
 @pytest.mark.parametrize(
@@ -209,6 +224,7 @@ def test_identity_permissions_are_prefixes(tmp_path: Path) -> None:
         (f'[identities.a]\ntoken = "{TOKEN}"\ncolour = 1\n', "identities.a.colour: unknown key"),
         (f'[identities.a]\ntoken = "{TOKEN}"\nwrite = "arm-"\n', "identities.a.write = 'arm-'"),
         (f'[identities.a]\ntoken = "{TOKEN}"\nread = ["a*"]\n', "identities.a.read: prefix 'a*'"),
+        (f'[identities.a]\ntoken = "{TOKEN}"\nmetrics = "yes"\n', "identities.a.metrics = 'yes'"),
         (
             f'[identities.a]\ntoken = "{TOKEN}"\n[identities.b]\ntoken = "{TOKEN}"\n',
             "identities.b.token: the same as identities.a",
@@ -380,11 +396,29 @@ def test_tls_auth_and_udp_allow_protect_every_exposed_listener(
     assert security.tls.minimum_version == ssl.TLSVersion.TLSv1_2
     assert security.identities is not None and len(security.identities) == 3
     assert security.udp_allow is not None and security.udp_allow("10.9.9.9")
-    # The metrics listener does not use TLS yet: said at start.
-    (record,) = caplog.records
-    assert "metrics.listen = 0.0.0.0:9400: bound beyond loopback and not using TLS" in (
-        record.getMessage()
-    )
+    # Every listener uses it: nothing to warn about. The metrics listener's probes present
+    # no client certificate: optional there, verified when presented.
+    assert not caplog.records
+    assert security.metrics_tls is not None
+    assert security.metrics_tls.verify_mode == ssl.CERT_OPTIONAL
+
+
+def test_check_policy_reads_no_file_and_refuses_like_prepare(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    protected = {
+        "output.tcp": "0.0.0.0:7401",
+        "metrics.listen": "0.0.0.0:9400",
+        "security.tls_cert_file": missing,
+        "security.auth_file": missing,
+    }
+    assert check_policy(load_config(env=HOME, overrides=protected)) == []
+    for key in ("output.tcp", "metrics.listen"):  # neither is let through without TLS now
+        cfg = load_config(env=HOME, overrides={key: "0.0.0.0:7401"})
+        with pytest.raises(ConfigError, match=rf"^{key} = 0.0.0.0:7401: bound beyond") as e:
+            check_policy(cfg)
+        with pytest.raises(ConfigError) as again:
+            prepare(cfg)
+        assert str(again.value) == str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -655,3 +689,158 @@ async def test_udp_from_outside_the_allow_list_is_forbidden(
                 await rec.until(lambda: bool(rec.reasons))
         tg.cancel_scope.cancel()
     assert rec.reasons == ([] if allowed else [("udp", "forbidden")])
+
+
+# --- the subscriber listener enforcing it ----------------------------------------------------
+
+
+def test_bearer_token() -> None:
+    assert bearer_token(b"GET / HTTP/1.1\r\nAuthorization: Bearer abc \r\nHost: x") == b"abc"
+    assert bearer_token(b"GET / HTTP/1.1\nauthorization:bearer  abc") == b"abc"
+    assert bearer_token(b"GET / HTTP/1.1\r\nAuthorization: Basic abc") == b""
+    assert bearer_token(b"GET / HTTP/1.1\r\nAuthorization: Bearer") == b""
+    assert bearer_token(b"GET /Authorization: Bearer abc HTTP/1.1\r\nHost: x") is None
+
+
+def moments(*stream_ids: str) -> MomentBatch:
+    sizes = MomentSizes(4, 3, 2, 2)
+    values = np.zeros(sizes.total, dtype=np.float32)
+    return MomentBatch.of([Moment(s, 1, 0.0, 0, 0, sizes, values) for s in stream_ids])
+
+
+@contextlib.asynccontextmanager
+async def subscriber_server(
+    tmp_path: Path, tls: ssl.SSLContext
+) -> AsyncIterator[tuple[Recorder, SubscriberServer, int, list[int]]]:
+    rec, counts = Recorder(), [0]
+
+    def on_subscribers(n: int) -> None:
+        counts[0] = n
+        rec._touch()
+
+    sink = SubscriberServer(
+        (HOST, 0),
+        buffer=16,
+        events=rec,  # type: ignore[arg-type]
+        on_subscribers=on_subscribers,
+        tls=tls,
+        identities=identities(tmp_path),
+    )
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        yield rec, sink, port, counts
+        tg.cancel_scope.cancel()
+
+
+async def test_subscribers_over_tls_authenticate_and_read_their_prefixes_only(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    tls = server_context(str(pki["server.pem"]), str(pki["server.key"]), str(pki["ca.pem"]))
+    async with subscriber_server(tmp_path, tls) as (rec, sink, port, subscribed):
+        # Plain TCP to the TLS port: closed, counted.
+        async with await anyio.connect_tcp(HOST, port) as link:
+            await link.send(b"SUB binary *\n")
+            data, closed = await read_until(link, lambda d: False)
+        assert closed and not data.startswith(b"ERR")
+        await rec.until(lambda: rec.limits == [("output.tcp", "tls_handshake")])
+        # A bad token decides even with a good certificate: refused, counted.
+        link = await anyio.connect_tcp(
+            HOST, port, ssl_context=client_context(pki, "client"), tls_standard_compatible=False
+        )
+        async with link:
+            await link.send(b"AUTH not-the-token-0123456789\nSUB binary *\n")
+            assert await read_until(link, lambda d: False) == (UNAUTHORIZED_REPLY, True)
+        await rec.until(lambda: len(rec.limits) == 2)
+        assert rec.limits[1] == ("output.tcp", "unauthorized")
+        # The certificate's identity (robot: read robot-7., arm-) subscribing to everything.
+        link = await anyio.connect_tcp(
+            HOST, port, ssl_context=client_context(pki, "client"), tls_standard_compatible=False
+        )
+        async with link:
+            await link.send(b"SUB json *\n")
+            await rec.until(lambda: subscribed[0] == 1)
+            sink.offer(moments("arm-1", "leg-1", "robot-7.x", "robot-8.x", "xarm-1"))
+            data, _ = await read_until(link, lambda d: d.count(b"\n") >= 2)
+        assert [json.loads(line)["stream"] for line in data.splitlines()] == ["arm-1", "robot-7.x"]
+    assert len(rec.limits) == 2
+
+
+# --- the metrics listener enforcing it -------------------------------------------------------
+
+
+async def https(
+    port: int, path: str, pki: dict[str, Path], *, cert: str | None = None, headers: str = ""
+) -> tuple[int, bytes]:
+    link = await anyio.connect_tcp(
+        HOST, port, ssl_context=client_context(pki, cert), tls_standard_compatible=False
+    )
+    async with link:
+        await link.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        data, _ = await read_until(link, lambda d: False)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), data
+    if head.startswith(b"HTTP/1.1 401 "):
+        assert b"\r\nWWW-Authenticate: Bearer" in head
+    return int(head.split(b" ")[1]), body
+
+
+async def test_metrics_over_https_need_an_identity_and_probes_stay_open(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    tls = server_context(
+        str(pki["server.pem"]),
+        str(pki["server.key"]),
+        str(pki["ca.pem"]),
+        client_certificate_required=False,
+    )
+    m = Metrics(CollectorRegistry(), buckets=(1, 8))
+
+    def limited(reason: str) -> float:
+        labels = {"listener": "metrics.listen", "reason": reason}
+        return m.registry.get_sample_value("enactive_connections_limited_total", labels) or 0.0
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            partial(
+                serve_http,
+                metrics=m,
+                readiness=lambda: True,
+                tls=tls,
+                identities=identities(tmp_path),
+                header_timeout=0.5,
+            ),
+            (HOST, 0),
+        )
+        # Plain HTTP to the HTTPS port: no answer, counted.
+        async with await anyio.connect_tcp(HOST, port) as link:
+            await link.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+            data, closed = await read_until(link, lambda d: False)
+        assert closed and b"HTTP/1.1" not in data
+        assert limited("tls_handshake") == 1
+        # The probes: open, without a client certificate.
+        assert await https(port, "/healthz", pki) == (200, b"ok\n")
+        assert await https(port, "/readyz", pki) == (200, b"ready\n")
+        # /metrics: an identity with metrics = true, by certificate (robot) or token.
+        assert (await https(port, "/metrics", pki))[0] == 401
+        bearer = f"Authorization: Bearer {OTHER_TOKEN}\r\n"  # admin: no metrics = true
+        assert (await https(port, "/metrics", pki, cert="client", headers=bearer))[0] == 401
+        assert limited("unauthorized") == 2
+        status, body = await https(port, "/metrics", pki, cert="client")
+        assert status == 200 and b"enactive_ready" in body
+        # A certificate from another CA is refused in the handshake.
+        with contextlib.suppress(ssl.SSLError, anyio.BrokenResourceError, OSError):
+            link = await anyio.connect_tcp(
+                HOST, port, ssl_context=client_context(pki, "rogue"), tls_standard_compatible=False
+            )
+            async with link:  # (TLS 1.3: the client learns it when it reads)
+                await link.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+                assert (await read_until(link, lambda d: False))[0] == b""
+        assert limited("tls_handshake") == 2
+        # A handshake that never completes falls under the header deadline.
+        async with await anyio.connect_tcp(HOST, port) as link:
+            await link.send(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+            started = anyio.current_time()
+            _, closed = await read_until(link, lambda d: False)
+        assert closed and anyio.current_time() - started < 2.0
+        assert limited("header_timeout") == 1
+        tg.cancel_scope.cancel()

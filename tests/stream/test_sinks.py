@@ -28,6 +28,7 @@ from stream.protocol import (
     encode_moment,
     moment_to_json,
 )
+from stream.security import UNAUTHORIZED_REPLY, load_identities
 from stream.sinks import EncodingCache, JsonlSink, StdoutSink, SubscriberServer
 from stream.sinks.routing import DEAD_SLACK, Router
 
@@ -213,6 +214,66 @@ async def test_silent_client_gets_err_after_the_handshake_timeout(counts: Counts
         assert answer.startswith(b"ERR no SUB line")
         assert counts.limits == {("output.tcp", "header_timeout"): 1}
         tg.cancel_scope.cancel()
+
+
+TOKEN = "arm-reader-token-0123456789abcdef"
+AUTH_FILE = f"""\
+[identities.arm-reader]
+token = "{TOKEN}"
+read = ["arm-"]
+
+[identities.sensor]
+token = "sensor-only-token-0123456789abcdef"
+write = ["*"]
+"""
+
+
+@pytest.fixture
+async def guarded(counts: Counts, tmp_path: Path) -> AsyncIterator[tuple[SubscriberServer, int]]:
+    (tmp_path / "identities.toml").write_text(AUTH_FILE)
+    identities = load_identities(str(tmp_path / "identities.toml"))
+    sink = server(counts, identities=identities)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(sink.run)
+        yield sink, port
+        tg.cancel_scope.cancel()
+
+
+async def test_an_authenticated_subscriber_reads_only_its_prefixes(
+    guarded: tuple[SubscriberServer, int], counts: Counts
+):
+    sink, port = guarded
+    line = b"AUTH " + TOKEN.encode() + b"\r\nSUB binary *\n"  # both lines in one write
+    async with await subscribe(port, line, counts) as link:
+        sink.offer(
+            MomentBatch.of(
+                [moment("arm-1", 1), moment("leg-1", 1), moment("arm-2", 1), moment("xarm-", 1)]
+            )
+        )
+        sink.offer(one("leg-2", 2))
+        sink.offer(one("arm-3", 3))
+        got = await read_moments(link, 3)
+    assert [(m.stream_id, m.seq) for m in got] == [("arm-1", 1), ("arm-2", 1), ("arm-3", 3)]
+    assert counts.limits == {}
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"SUB binary arm-*\n",  # no AUTH line
+        b"AUTH not-the-token-0123456789abcdef\nSUB binary arm-*\n",
+        b"AUTH sensor-only-token-0123456789abcdef\nSUB binary arm-*\n",  # may read nothing
+    ],
+)
+async def test_an_unauthenticated_subscriber_is_refused_and_counted(
+    guarded: tuple[SubscriberServer, int], counts: Counts, first: bytes
+):
+    _, port = guarded
+    async with await anyio.connect_tcp(HOST, port) as link:
+        await link.send(first)
+        assert await read_to_end(link) == UNAUTHORIZED_REPLY
+    assert counts.limits == {("output.tcp", "unauthorized"): 1}
+    assert counts.subscribers == 0
 
 
 async def test_full_buffer_drops_without_blocking_and_counts(counts: Counts):
@@ -541,6 +602,22 @@ def test_router_memo_is_bounded_and_shared_by_every_glob():
     router.route([f"other-{i}" for i in range(1000)])
     assert router.remembered <= 100
     assert router.route(ids[45:55]) == {arms: [0, 1, 2, 3, 4], legs: [5, 6, 7, 8, 9]}
+
+
+def test_router_intersects_a_glob_with_read_prefixes():
+    router = Router[str]()
+    ids = ["arm-1", "leg-1", "fleet-a.x", "arm-2", "x-arm"]
+    arms_only = router.use("*", ("arm-",))
+    assert arms_only is not router.everything
+    assert router.use("*", ("arm-", "arm-")) is arms_only  # normalised: one Glob, two users
+    assert router.use("*", None) is router.everything
+    two = router.use("*", ("fleet-a.", "arm-"))
+    assert router.use("*", ("arm-", "fleet-a.")) is two
+    narrow = router.use("*-1", ("arm-",))
+    nothing = router.use("*", ())
+    assert router.route(ids) == {arms_only: [0, 3], two: [0, 2, 3], narrow: [0]}
+    assert nothing not in router.route(ids)
+    assert router.globs == 4  # one per distinct (glob, read prefixes)
 
 
 def test_router_forgets_globs_nobody_uses():
