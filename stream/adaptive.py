@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .batcher import Batcher
-from .events import Listener
+from .events import BatchTimes, Listener
 
 __all__ = ["AdaptiveBatching"]
 
@@ -85,19 +85,12 @@ class AdaptiveBatching(Listener):
         self.batcher.set_max_batch(self.max_batch)
         self._on_apply(self.max_wait_s, self.max_batch)
 
-    def moments(
-        self,
-        bucket: int,
-        device_s: float,
-        integrate_s: float,
-        emit_s: float,
-        end_to_end_s: np.ndarray,
-    ) -> None:
+    def moments(self, t: BatchTimes) -> None:
         """Feed one batch: its device time (from leaving the batcher to its records on the
         host), its fill and its end-to-end latencies; decides every `window` batches."""
-        self._device.append(device_s)
-        self._fill.append(len(end_to_end_s) / self.max_batch)
-        self._latencies.append(end_to_end_s)
+        self._device.append(t.device_s)
+        self._fill.append(len(t.end_to_end_s) / self.max_batch)
+        self._latencies.append(t.end_to_end_s)
         if len(self._latencies) < self.window:
             return
         p99 = float(np.percentile(np.concatenate(self._latencies), 99))

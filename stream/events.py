@@ -9,12 +9,31 @@ knows is a type error, not a silently ignored string.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Events", "Listener", "PipelineEvents"]
+__all__ = ["BatchTimes", "Events", "Listener", "PipelineEvents"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchTimes:
+    """One batch's timings, reported once its moments were offered to the sinks.
+
+    - `bucket`: the rows the batch was padded to.
+    - `device_s`: from leaving the batcher to its records being on the host.
+    - `integrate_s`: from there to the moments' emission; `emit_s`: offering them.
+    - `end_to_end_s`: float64 `(n,)`, per moment, from its frame's receipt to emission
+        (`n` frames were processed).
+    """
+
+    bucket: int
+    device_s: float
+    integrate_s: float
+    emit_s: float
+    end_to_end_s: np.ndarray
 
 
 class PipelineEvents(Protocol):
@@ -63,17 +82,8 @@ class PipelineEvents(Protocol):
         """A checkpoint could not be written (retried at the next interval)."""
 
     # -- integrator and sinks --------------------------------------------------------------
-    def moments(
-        self,
-        bucket: int,
-        device_s: float,
-        integrate_s: float,
-        emit_s: float,
-        end_to_end_s: np.ndarray,
-    ) -> None:
-        """One batch's moments were offered to the sinks. `device_s`: from leaving the
-        batcher to records on the host; `integrate_s`: from there to emission; `emit_s`:
-        offering them; `end_to_end_s`: per moment, receipt to emission."""
+    def moments(self, t: BatchTimes) -> None:
+        """One batch's moments were offered to the sinks, with its timings."""
 
     def emitted(self, sink: str, n: int) -> None:
         """`n` moments were delivered by `sink`."""
@@ -118,14 +128,7 @@ class Listener:
     def checkpoint_failed(self, message: str) -> None:
         pass
 
-    def moments(
-        self,
-        bucket: int,
-        device_s: float,
-        integrate_s: float,
-        emit_s: float,
-        end_to_end_s: np.ndarray,
-    ) -> None:
+    def moments(self, t: BatchTimes) -> None:
         pass
 
     def emitted(self, sink: str, n: int) -> None:
@@ -183,16 +186,9 @@ class Events:
         for each in self.listeners:
             each.checkpoint_failed(message)
 
-    def moments(
-        self,
-        bucket: int,
-        device_s: float,
-        integrate_s: float,
-        emit_s: float,
-        end_to_end_s: np.ndarray,
-    ) -> None:
+    def moments(self, t: BatchTimes) -> None:
         for each in self.listeners:
-            each.moments(bucket, device_s, integrate_s, emit_s, end_to_end_s)
+            each.moments(t)
 
     def emitted(self, sink: str, n: int) -> None:
         for each in self.listeners:

@@ -11,7 +11,7 @@ import anyio
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .events import PipelineEvents
+from .events import BatchTimes, PipelineEvents
 from .executor import Stepped
 from .protocol import (
     ALL_PRESENT,
@@ -78,9 +78,11 @@ async def integrate(
                 sink.offer(moments)
             t1 = time.monotonic_ns()
             events.moments(
-                len(records),
-                (ready - item.taken_ns) / 1e9,
-                (t0 - ready) / 1e9,
-                (t1 - t0) / 1e9,
-                latency / 1e9,
+                BatchTimes(
+                    len(records),
+                    (ready - item.taken_ns) / 1e9,
+                    (t0 - ready) / 1e9,
+                    (t1 - t0) / 1e9,
+                    latency / 1e9,
+                )
             )

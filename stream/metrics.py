@@ -40,7 +40,7 @@ from .histogram import BatchHistogram
 from .protocol import REASONS
 
 if TYPE_CHECKING:
-    from .events import PipelineEvents
+    from .events import BatchTimes, PipelineEvents
 
 __all__ = [
     "BATCH_FILL_BUCKETS",
@@ -406,22 +406,15 @@ class Metrics:
         """Counts one checkpoint that could not be written (`message` is for the log)."""
         self.checkpoint_errors.inc()
 
-    def moments(
-        self,
-        bucket: int,
-        device_s: float,
-        integrate_s: float,
-        emit_s: float,
-        end_to_end_s: np.ndarray,
-    ) -> None:
-        """Records one batch's stage times (seconds) and its moments' end-to-end latencies
-        (float64 `(n,)`, seconds, one per moment: `n` frames were processed)."""
+    def moments(self, t: BatchTimes) -> None:
+        """Records one batch's stage times and its moments' end-to-end latencies (one per
+        processed frame)."""
         stage = self.stage_latency
-        stage.observe(device_s, "device")
-        stage.observe(integrate_s, "integrate")
-        stage.observe(emit_s, "emit")
-        self.end_to_end.observe(end_to_end_s)
-        self.frames_processed.inc(int(np.size(end_to_end_s)))
+        stage.observe(t.device_s, "device")
+        stage.observe(t.integrate_s, "integrate")
+        stage.observe(t.emit_s, "emit")
+        self.end_to_end.observe(t.end_to_end_s)
+        self.frames_processed.inc(int(np.size(t.end_to_end_s)))
 
     def emitted(self, sink: str, n: int) -> None:
         """Counts `n` moments delivered by `sink`."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from processors import CompilationCounter
 
-from .events import Listener
+from .events import BatchTimes, Listener
 from .metrics import Metrics
 from .streams import StreamTable
 
@@ -34,18 +34,11 @@ class StatusLine(Listener):
         self._last_processed = 0.0
         self._last_t = time.monotonic()
 
-    def moments(
-        self,
-        bucket: int,
-        device_s: float,
-        integrate_s: float,
-        emit_s: float,
-        end_to_end_s: np.ndarray,
-    ) -> None:
+    def moments(self, t: BatchTimes) -> None:
         """Keep one batch's end-to-end latencies (float seconds) for this interval."""
         if self._kept < _KEEP:
-            self._latencies.append(end_to_end_s)
-            self._kept += len(end_to_end_s)
+            self._latencies.append(t.end_to_end_s)
+            self._kept += len(t.end_to_end_s)
 
     def _total(self, name: str) -> float:
         total = 0.0

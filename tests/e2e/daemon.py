@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +212,24 @@ def payload(rng: np.random.Generator) -> dict[str, np.ndarray]:
         "tactile": rng.standard_normal(DIMS.tactile).astype(np.float32),
         "motor": rng.standard_normal(DIMS.motor).astype(np.float32),
     }
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll `predicate` until it holds (a readiness check, not a sleep); `TimeoutError`
+    naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def sockets() -> Iterator[list[socket.socket]]:
+    """A list to put sockets in; every one is closed at the end."""
+    held: list[socket.socket] = []
+    try:
+        yield held
+    finally:
+        for sock in held:
+            sock.close()

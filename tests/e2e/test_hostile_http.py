@@ -5,11 +5,9 @@ Loopback only; every loop is bounded in count and time; each test prints its fig
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +15,12 @@ import pytest
 
 from stream.protocol import encode_frame
 
-from .daemon import DaemonProcess, payload
+from .daemon import DaemonProcess, payload, sockets, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 FD_LIMIT = 256
 LIMITED = "enactive_connections_limited_total"
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def limited(d: DaemonProcess, reason: str) -> float:
@@ -51,16 +41,6 @@ def send_frames(d: DaemonProcess, n: int) -> None:
     for seq in range(1, n + 1):
         conn.sendall(encode_frame("hostile", seq, 0.0, **payload(rng)))
     d.wait_metric("enactive_frames_processed_total", {}, n)
-
-
-@contextlib.contextmanager
-def sockets() -> Iterator[list[socket.socket]]:
-    held: list[socket.socket] = []
-    try:
-        yield held
-    finally:
-        for s in held:
-            s.close()
 
 
 def test_out_of_file_descriptors_the_daemon_survives_and_answers_again(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 
 from stream.protocol import encode_frame, encode_moment
 
-from .daemon import DaemonProcess, payload
+from .daemon import DaemonProcess, payload, sockets, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,16 +36,6 @@ def daemon(tmp_path: Path, compilation_cache: str) -> Iterator[DaemonProcess]:
     d = DaemonProcess(tmp_path, compilation_cache, env=LIMITS).start()
     yield d
     d.kill()
-
-
-@contextlib.contextmanager
-def sockets() -> Iterator[list[socket.socket]]:
-    held: list[socket.socket] = []
-    try:
-        yield held
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def subscriber(d: DaemonProcess, source: str, held: list[socket.socket]) -> socket.socket:
@@ -68,14 +58,6 @@ def answer(sock: socket.socket) -> bytes:
         while len(data) < 4096 and (more := sock.recv(4096)):
             data += more
     return data
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def count(d: DaemonProcess, name: str, **labels: str) -> float:

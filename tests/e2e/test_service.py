@@ -8,10 +8,9 @@ import re
 import signal
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -23,19 +22,11 @@ from stream.daemon import Daemon
 from stream.notify import Notifier
 from stream.protocol import encode_frame
 
-from .daemon import CONFIG, DaemonProcess, payload
+from .daemon import CONFIG, DaemonProcess, payload, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 JAX_NOISE = ("Unable to initialize backend", "Resetting cache at")
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def send_frames(conn: socket.socket, seqs: range) -> None:

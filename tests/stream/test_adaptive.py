@@ -7,6 +7,7 @@ import numpy as np
 
 from stream.adaptive import AdaptiveBatching
 from stream.batcher import Batcher
+from stream.events import BatchTimes
 
 BUCKETS = (1, 8, 64, 256)
 
@@ -21,7 +22,7 @@ def feed(
 ) -> None:
     for _ in range(batches):
         rows = max(1, int(fill * c.max_batch))
-        c.moments(c.max_batch, device_s, 0.0, 0.0, np.full(rows, latency_s))
+        c.moments(BatchTimes(c.max_batch, device_s, 0.0, 0.0, np.full(rows, latency_s)))
 
 
 def test_a_step_too_slow_for_the_slo_drops_a_bucket_and_halves_the_deadline() -> None:

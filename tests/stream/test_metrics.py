@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import EMBEDDED_DEFAULT_OVERRIDES, load_config
-from stream.events import PipelineEvents
+from stream.events import BatchTimes, PipelineEvents
 from stream.metrics import (
     DROP_REASONS,
     LATENCY_BUCKETS,
@@ -371,8 +371,8 @@ def test_events(registry: CollectorRegistry, metrics: Metrics) -> None:
     metrics.dropped("overload", 2)
     metrics.batch(8, 2, np.array([1e-5, 0.003]), np.array([0.0004, 0.0004]))
     metrics.batch(8, 8, np.full(8, 10.0), np.full(8, 0.002))
-    metrics.moments(8, 0.0012, 0.0003, 0.00002, np.array([0.0009, 0.004]))
-    metrics.moments(8, 0.0012, 0.0003, 0.00002, np.array([0.006, 0.007, 0.008]))
+    metrics.moments(BatchTimes(8, 0.0012, 0.0003, 0.00002, np.array([0.0009, 0.004])))
+    metrics.moments(BatchTimes(8, 0.0012, 0.0003, 0.00002, np.array([0.006, 0.007, 0.008])))
     metrics.emitted("tcp", 3)
     metrics.sink_dropped("tcp", "slow_subscriber", 1)
     assert get("enactive_frames_received_total", {"source": "tcp"}) == 5
