@@ -222,8 +222,22 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     except OSError as e:
         print_error(f"{_connect_failure(args.host, args.port, e)} (is `enactive-stream run` up?)")
         return 1
+    if args.tls or args.ca or args.cert:
+        import ssl
+
+        try:
+            context = ssl.create_default_context(cafile=args.ca)
+            if args.cert:
+                context.load_cert_chain(args.cert, args.key)
+            sock = context.wrap_socket(sock, server_hostname=args.host)
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            print_error(f"TLS with {args.host}:{args.port}: {e} (check --ca, --cert, --key)")
+            return 1
     with sock:
-        sock.sendall(f"SUB {'json' if args.format == 'json' else 'binary'} {args.glob}\n".encode())
+        hello = f"AUTH {args.token}\n" if args.token else ""
+        fmt = "json" if args.format == "json" else "binary"
+        sock.sendall(f"{hello}SUB {fmt} {args.glob}\n".encode())
         reader, pending, shown = MomentReader(), b"", 0
         out = sys.stdout.buffer
         while args.count == 0 or shown < args.count:
@@ -428,6 +442,15 @@ def _parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=0.0,
         help="give up (exit 1) after this many seconds without a moment (0: wait forever)",
+    )
+    subscribe.add_argument("--tls", action="store_true", help="speak TLS (implied by --ca, --cert)")
+    subscribe.add_argument(
+        "--ca", metavar="FILE", help="CA certificate(s) to verify the daemon with"
+    )
+    subscribe.add_argument("--cert", metavar="FILE", help="client certificate (PEM)")
+    subscribe.add_argument("--key", metavar="FILE", help="its private key (default: in --cert)")
+    subscribe.add_argument(
+        "--token", help="authenticate with this token (an AUTH line before the SUB line)"
     )
     subscribe.set_defaults(fn=_cmd_subscribe, cmd_parser=subscribe)
 

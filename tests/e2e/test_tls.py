@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
 import subprocess
@@ -288,6 +289,54 @@ def test_subscriber_reads_only_its_identitys_prefixes(secured: tuple) -> None:
     while len(got) < 3 and time.monotonic() < deadline:
         got += reader.feed(sub.recv(1 << 16))
     assert [(m.stream_id, m.seq) for m in got] == [("arm-sub", 1), ("arm-sub", 2), ("arm-sub", 3)]
+
+
+def test_the_subscribe_command_speaks_tls_and_authenticates(secured: tuple) -> None:
+    d, pki = secured
+    rng = np.random.default_rng(5)
+    subscribers = count(d, "enactive_subscribers")
+    cli = subprocess.Popen(
+        [
+            sys.executable, "-m", "stream.cli", "subscribe", "*",
+            "--port", str(d.ports["output"]), "--count", "2", "--timeout", "30",
+            "--ca", str(pki["ca.pem"]), "--cert", str(pki["tester.pem"]),
+            "--key", str(pki["tester.key"]), "--token", READER,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert d.wait_metric("enactive_subscribers", {}, subscribers + 1) == subscribers + 1
+        robot = tls_connect(d, pki, "robot-7")  # not readable for this identity
+        robot.sendall(encode_frame("robot-7.cli", 1, 0.0, start=True, **payload(rng)))
+        arm = tls_connect(d, pki, "tester")
+        arm.sendall(b"AUTH " + TOKEN.encode() + b"\n" + b"".join(
+            encode_frame("arm-cli", i, 0.0, start=i == 1, **payload(rng)) for i in (1, 2)
+        ))  # fmt: skip
+        out, err = cli.communicate(timeout=60)
+    finally:
+        cli.kill()
+    assert cli.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(m["stream"], m["seq"]) for m in lines] == [("arm-cli", 1), ("arm-cli", 2)]
+
+
+def test_the_subscribe_command_without_credentials_says_so_in_one_line(secured: tuple) -> None:
+    d, pki = secured
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "stream.cli", "subscribe", "*",
+            "--port", str(d.ports["output"]), "--timeout", "10",
+            "--ca", str(pki["ca.pem"]), "--cert", str(pki["tester.pem"]),
+            "--key", str(pki["tester.key"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip() == "enactive-stream: error: ERR unauthorized"
 
 
 def test_metrics_over_https_need_a_token_and_probes_stay_open(secured: tuple) -> None:
