@@ -97,7 +97,6 @@ class Executor:
         self._events = events
         self._commits = commits
         self._limiter = anyio.CapacityLimiter(1)
-        self._dirty = False
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         self.pending = 0  # batches dispatched whose records the integrator has not taken
         self._batcher: Batcher | None = None
@@ -190,7 +189,6 @@ class Executor:
                         if stream_id in table.restored:
                             table.restored.discard(stream_id)
                             restored[i] = True
-                self._dirty = True
                 if self._dirty_since is None:
                     self._dirty_since = taken
                 events.batch(len(x), n, batch.queue_ns / 1e9, (taken - batch.received_ns) / 1e9)
@@ -203,7 +201,7 @@ class Executor:
         """The next batch. While none comes, a checkpoint that falls due is written all
         the same, so effects never stay unsaved for long while the daemon is idle."""
         while True:
-            if self._checkpoint is None or not (self._dirty or len(self._commits)):
+            if self._checkpoint is None or not (self._unsaved or len(self._commits)):
                 return await batcher.next_batch()
             wait_s = (self._next_checkpoint - time.monotonic_ns()) / 1e9
             with anyio.move_on_after(max(wait_s, 0.0)):
@@ -212,6 +210,11 @@ class Executor:
             # try again one interval later).
             self._next_checkpoint = time.monotonic_ns() + self._interval_ns
             await self.checkpoint()
+
+    @property
+    def _unsaved(self) -> bool:
+        """Some effect on state is in no checkpoint taken yet."""
+        return self._dirty_since is not None
 
     def unsaved_age_s(self) -> float:
         """Seconds since the oldest effect on state that no durable checkpoint holds yet
@@ -246,8 +249,8 @@ class Executor:
         if self._writing is not None and not self._writing.is_set():
             if not final:
                 return  # one write at a time: try again after the next batch
-            await self._writing.wait()  # its outcome decides `_dirty`
-        if not self._dirty and not len(self._commits):
+            await self._writing.wait()  # its outcome decides what is unsaved
+        if not self._unsaved and not len(self._commits):
             return
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         if self._ttl_ns:
@@ -258,9 +261,7 @@ class Executor:
         table = self.table.snapshot()
         cut = self._commits.cut(table.processed_seq)
         snapshot = self.step.snapshot(self.slab, list(table.slot_of.values()))
-        self._dirty = False
-        if self._dirty_since is not None:
-            self._writing_since, self._dirty_since = self._dirty_since, None
+        self._writing_since, self._dirty_since = self._dirty_since, None
         if final:
             await self._write(snapshot, table, cut, t0, final=True)
         else:
@@ -282,8 +283,7 @@ class Executor:
         try:
             await anyio.to_thread.run_sync(lambda: checkpoint(snapshot.to_host(), table))
         except OSError as e:
-            self._dirty = True  # nothing was saved: the next interval tries again
-            if self._writing_since is not None:
+            if self._writing_since is not None:  # nothing was saved: the next one tries again
                 since = [t for t in (self._dirty_since, self._writing_since) if t is not None]
                 self._dirty_since, self._writing_since = min(since), None
             self._commits.retry(cut)
