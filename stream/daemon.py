@@ -58,21 +58,9 @@ from .status import StatusLine
 from .streams import StreamTable
 from .xla import xla_backend_started, xla_cpu_threads
 
-__all__ = ["Daemon", "sink_names", "source_labels"]
+__all__ = ["Daemon", "sink_names"]
 
 log = logging.getLogger(__name__)
-
-
-def source_labels(config: Config) -> tuple[str, ...]:
-    """The `source` label values the configured sources carry."""
-    labels: list[str] = []
-    if config.ingest.tcp:
-        labels += TcpSource.labels
-    if config.ingest.udp:
-        labels += UdpSource.labels
-    if config.synthetic.streams:
-        labels += SyntheticSource.labels
-    return tuple(labels)
 
 
 def sink_names(config: Config) -> tuple[str, ...]:
@@ -123,6 +111,7 @@ class Daemon:
         # Who may connect, checked before anything slow: a listener beyond loopback without
         # TLS and authentication refuses the start (ConfigError), unless security.insecure.
         self.security = prepare_security(config)
+        self.sources = self._sources()
         self._discard_checkpoint = discard_checkpoint
         self._started = time.monotonic()
         self._status = status or log.info
@@ -145,7 +134,7 @@ class Daemon:
         self.metrics = metrics or Metrics(
             buckets=config.batching.buckets,
             backend=backend,
-            sources=source_labels(config),
+            sources=tuple(label for source in self.sources for label in source.labels),
             sinks=sink_names(config),
         )
         self._ready_file = ready_file
@@ -295,7 +284,7 @@ class Daemon:
             step,
             table,
             slab,
-            sources=self._sources(),
+            sources=self.sources,
             sinks=self._sinks(events),
             events=events,
             settings=PipelineSettings(
