@@ -29,6 +29,7 @@ rejected as `forbidden`, counted and answered like every rejection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import ssl
@@ -160,6 +161,9 @@ async def serve_tcp(
     handshakes: set[anyio.CancelScope] = set()
     gate = ConnectionGate(limits)
 
+    def accept_failed(error: Exception) -> None:  # out of descriptors, say: counted
+        ingest.events.limited(LISTENER, "accept_error")
+
     async def handle(stream: SocketStream) -> None:
         peer = peer_address(stream)
         refused = gate.enter(peer)
@@ -202,7 +206,13 @@ async def serve_tcp(
     try:
         async with anyio.create_task_group() as tg:
             for each in listener.listeners:
-                tg.start_soon(accept_forever, cast(SocketListener, each), tg, handle, "TCP")
+                tg.start_soon(
+                    functools.partial(accept_forever, on_error=accept_failed),
+                    cast(SocketListener, each),
+                    tg,
+                    handle,
+                    "TCP",
+                )
             task_status.started(listener.extra(SocketAttribute.local_port))
             await ingest.stopped.wait()
             await listener.aclose()  # ends the accept loops

@@ -23,8 +23,8 @@ FD_LIMIT = 256
 LIMITED = "enactive_connections_limited_total"
 
 
-def limited(d: DaemonProcess, reason: str) -> float:
-    labels = (("listener", "metrics.listen"), ("reason", reason))
+def limited(d: DaemonProcess, reason: str, listener: str = "metrics.listen") -> float:
+    labels = (("listener", listener), ("reason", reason))
     return d.metrics().get((LIMITED, labels), 0.0)
 
 
@@ -73,9 +73,12 @@ def test_out_of_file_descriptors_the_daemon_survives_and_answers_again(
         assert d.http("/healthz") == (200, "ok\n")
         errors = limited(d, "accept_error")
         assert errors >= 1
+        sensor_errors = limited(d, "accept_error", "ingest.tcp")
+        assert sensor_errors >= 1  # the sensor port ran out first, and counted it too
         print(
             f"fd limit {FD_LIMIT}, {FD_LIMIT + 100} idle sensor connections: HTTP accept "
-            f"failed {errors:.0f} times (counted), the waiting healthz answered "
+            f"failed {errors:.0f} times, the sensor port's {sensor_errors:.0f} "
+            f"(counted), the waiting healthz answered "
             f"{recovered * 1e3:.0f} ms after the flood closed, metrics in {took * 1e3:.0f} ms"
         )
         assert d.stop() == 0, d.output()[-3000:]
