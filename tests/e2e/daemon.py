@@ -21,17 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream.protocol import Dims, Moment, MomentReader
 
 DIMS = Dims(8, 6, 4, 3)
-CONFIG = """\
-[ingest]
-tcp = "127.0.0.1:0"
-udp = "127.0.0.1:0"
-[output]
-tcp = "127.0.0.1:0"
-[metrics]
-listen = "127.0.0.1:0"
-[batching]
-buckets = [1, 8, 64]
-max_wait_ms = 2
+MODEL = """\
 [model]
 state_dim = 8
 proprio_dim = 6
@@ -42,7 +32,23 @@ protention_horizon = 2
 hidden_dim = 8
 som_grid = [3, 3]
 attention_heads = 2
-[state]
+"""
+"""The small model every e2e daemon runs (`DIMS`), as a `[model]` section."""
+CONFIG = (
+    """\
+[ingest]
+tcp = "127.0.0.1:0"
+udp = "127.0.0.1:0"
+[output]
+tcp = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[batching]
+buckets = [1, 8, 64]
+max_wait_ms = 2
+"""
+    + MODEL
+    + """[state]
 dir = "{state}"
 checkpoint_interval_s = 60
 max_streams = 512
@@ -51,6 +57,7 @@ compilation_cache_dir = "{cache}"
 [log]
 status_interval_s = 0
 """
+)
 
 
 class DaemonProcess:

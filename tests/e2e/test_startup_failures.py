@@ -25,11 +25,14 @@ import processors
 from stream.checkpoint import save_checkpoint
 from stream.streams import StreamTable
 
+from .daemon import MODEL
+
 pytestmark = pytest.mark.timeout(120)
 
 CLI = [sys.executable, "-m", "stream.cli"]
 
-CONFIG = """\
+CONFIG = (
+    """\
 [ingest]
 tcp = "127.0.0.1:0"
 udp = ""
@@ -39,17 +42,9 @@ tcp = ""
 listen = ""
 [batching]
 buckets = [1, 2]
-[model]
-state_dim = 8
-proprio_dim = 6
-tactile_dim = 4
-motor_dim = 3
-retention_depth = 3
-protention_horizon = 2
-hidden_dim = 8
-som_grid = [3, 3]
-attention_heads = 2
-[state]
+"""
+    + MODEL
+    + """[state]
 dir = "{state}"
 max_streams = 2
 max_known_streams = 4
@@ -59,6 +54,7 @@ compilation_cache_dir = "{cache}"
 level = "warning"
 status_interval_s = 0
 """
+)
 
 
 def _config(tmp_path: Path, cache: str, **changes: str) -> Path:
