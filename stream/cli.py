@@ -16,9 +16,14 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .failures import print_error, startup_cause
+
+if TYPE_CHECKING:
+    import ssl
+
+    from .send import SendError
 
 __all__ = ["main"]
 
@@ -179,9 +184,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    from .protocol import Dims
-    from .send import send
+    import ssl
 
+    from .protocol import Dims
+    from .send import SendError, send
+
+    tls = bool(args.tls or args.ca or args.cert)
+    if args.transport == "udp" and (tls or args.key or args.token is not None):
+        return _usage_error(
+            f"--transport udp carries no TLS and no token: use --transport tcp or json, or "
+            f"drop --tls, --ca, --cert, --key and --token (see {PROG} send --help)"
+        )
+    context = None
+    if tls:
+        context, cause = _client_context(args.ca, args.cert, args.key)
+        if context is None:
+            print_error(f"{cause} (check --ca, --cert, --key)")
+            return 1
     dims = Dims(args.state_dim, args.proprio_dim, args.tactile_dim, args.motor_dim)
     try:
         report = send(
@@ -195,10 +214,21 @@ def _cmd_send(args: argparse.Namespace) -> int:
             seed=args.seed,
             connections=args.connections,
             prefix=args.prefix,
+            tls=context,
+            token=args.token,
         )
+    except ssl.SSLError as e:  # (before ValueError: a certificate error is both)
+        print_error(
+            f"TLS with {args.host}:{args.port}: {e} (check --ca, --cert, --key; send needs "
+            "a daemon speaking TLS 1.3)"
+        )
+        return 1
     except ValueError as e:
         print_error(f"{e} (see {PROG} send --help)")
         return 2
+    except SendError as e:
+        print_error(_send_failure(e, tls=tls, credentials=bool(args.token or args.cert)))
+        return 1
     except OSError as e:
         print_error(f"{_connect_failure(args.host, args.port, e)} (is `enactive-stream run` up?)")
         return 1
@@ -207,6 +237,37 @@ def _cmd_send(args: argparse.Namespace) -> int:
     else:
         print(f"enactive-stream: {report.summary()}")
     return 1 if report.rejected or (args.transport != "udp" and not report.complete) else 0
+
+
+def _client_context(
+    ca: str | None, cert: str | None, key: str | None
+) -> tuple[ssl.SSLContext | None, str]:
+    """`send`'s TLS client context from `--ca`, `--cert`, `--key` (TLS 1.3 at least), and
+    `""`; or None, and why a file cannot be used."""
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        return None, f"--ca {ca}: {e.strerror or e}"
+    context.minimum_version = ssl.TLSVersion.TLSv1_3  # (to half-close: stream.tls_client)
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as e:
+            return None, f"--cert {cert}, --key {key or '(in --cert)'}: {e.strerror or e}"
+    return context, ""
+
+
+def _send_failure(e: SendError, *, tls: bool, credentials: bool) -> str:
+    """The line for a `SendError`: the cause, and what to check."""
+    if e.refused is not None and not credentials:
+        return f"the daemon requires authentication: {e.refused} (--token, or --cert and --key)"
+    if e.refused is not None:
+        return f"{e} (check --token, --cert and --key)"
+    if not tls:
+        return f"{e} (does it require TLS? --tls, --ca)"
+    return f"{e} (does it require a client certificate, --cert and --key? is it stopping?)"
 
 
 def _connect_failure(host: str, port: int, e: OSError) -> str:
@@ -422,6 +483,15 @@ def _parser() -> argparse.ArgumentParser:
             f"--{name}-dim", type=_count, default=default, help=f"{name} values per frame"
         )
     send.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    send.add_argument(
+        "--tls", action="store_true", help="speak TLS 1.3 (implied by --ca, --cert; TCP only)"
+    )
+    send.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify the daemon with")
+    send.add_argument("--cert", metavar="FILE", help="client certificate (PEM)")
+    send.add_argument("--key", metavar="FILE", help="its private key (default: in --cert)")
+    send.add_argument(
+        "--token", help="authenticate with this token (an AUTH line before the first frame)"
+    )
     send.set_defaults(fn=_cmd_send, cmd_parser=send)
 
     subscribe = sub.add_parser("subscribe", help="print the moments of matching streams")

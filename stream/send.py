@@ -12,6 +12,11 @@ often `send` is run against the same daemon. Over TCP it asks for replies (`FRAM
 a JSON connection always gets them), reads them, and, after its last frame, half-closes
 and reads until the daemon closes: the report then counts every frame the daemon
 rejected, by reason. UDP gets no replies.
+
+With an `ssl.SSLContext` every TCP connection speaks TLS (`TLSClientStream`, which can
+half-close; TLS 1.3 only), and with a token it begins with the line `AUTH <token>`.
+A connection the daemon closes before the half-close (refused credentials, a failed
+handshake on its side, a stop) is a `SendError`.
 """
 
 from __future__ import annotations
@@ -22,20 +27,52 @@ import functools
 import itertools
 import json
 import math
+import ssl
 from typing import Any, Literal
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import ByteStream
 
 from .protocol import Dims, ReplyReader, encode_frame, encode_json_frame
+from .security import AUTH_PREFIX
 from .synthetic import SyntheticBodies
+from .tls_client import TLSClientStream
 
-__all__ = ["SendReport", "Transport", "run_sender", "send"]
+__all__ = ["SendError", "SendReport", "Transport", "run_sender", "send"]
 
 Transport = Literal["tcp", "udp", "json"]
 
 CLOSE_TIMEOUT_S = 10.0
 """How long a TCP connection waits, after its last frame, for the daemon to read it all."""
+_ERR = b"ERR "
+"""How the daemon's refusal of a connection begins (`ERR unauthorized`); replies never do."""
+
+
+class SendError(Exception):
+    """The daemon closed a connection before the last frame was sent: it refused the
+    credentials (`refused`: its line, e.g. `ERR unauthorized`), its TLS handshake failed
+    (a plain client at a TLS listener, a missing client certificate), or it is stopping."""
+
+    def __init__(self, message: str, refused: str | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+@dataclasses.dataclass(eq=False)
+class _Link:
+    """One TCP connection to the daemon, and what its reader learned."""
+
+    stream: ByteStream
+    ended: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    eof_sent: bool = False
+    cut: bool = False
+    """Whether a send failed: the daemon closed it."""
+    early: bool = False
+    """Whether the daemon closed it before the half-close."""
+    refused: str | None = None
+    """The daemon's `ERR ...` line, when it refused the connection."""
+    garbled: str | None = None
+    """Why what came back is not replies (not the daemon's ingest port?)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,6 +145,8 @@ async def run_sender(
     seed: int = 0,
     connections: int = 1,
     prefix: str = "sim",
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
 ) -> SendReport:
     """Send `streams` synthetic streams at `rate_hz` frames per second each.
 
@@ -122,6 +161,8 @@ async def run_sender(
     - `seed`: fixes the signals.
     - `connections`: TCP connections to spread the streams over (ignored for UDP).
     - `prefix`: the stream-id prefix.
+    - `tls`: a client context to speak TLS 1.3 with (TCP and JSON); None: plain TCP.
+    - `token`: sent first on every connection (`AUTH <token>`); None: no AUTH line.
 
     **Returns:**
 
@@ -129,7 +170,10 @@ async def run_sender(
 
     **Raises:**
 
-    `ValueError` for an argument out of range; `OSError` when the daemon cannot be reached.
+    `ValueError` for an argument out of range (`tls` or `token` with UDP); `OSError`
+    when the daemon cannot be reached, `ssl.SSLError` (an `OSError`) when the TLS
+    handshake fails; `SendError` when the daemon closed a connection before the last
+    frame, refusing the credentials among other causes.
     """
     if streams < 1 or connections < 1:
         raise ValueError(f"streams={streams}, connections={connections}; both must be >= 1")
@@ -137,6 +181,10 @@ async def run_sender(
         raise ValueError(f"rate_hz={rate_hz} must be > 0 and duration_s={duration_s} >= 0")
     if transport not in ("tcp", "udp", "json"):
         raise ValueError(f"transport={transport!r}, expected 'tcp', 'udp' or 'json'")
+    if transport == "udp" and (tls is not None or token is not None):
+        raise ValueError("UDP carries no TLS and no token; use transport 'tcp' or 'json'")
+    if token is not None and not _is_token(token):
+        raise ValueError("the token must be printable ASCII, without spaces")
     bodies = SyntheticBodies(streams, dims, seed=seed, prefix=prefix, dt=1.0 / rate_hz)
     ticks = max(1, math.ceil(duration_s * rate_hz - 1e-9))
     encode = encode_json_frame if transport == "json" else encode_frame
@@ -159,9 +207,9 @@ async def run_sender(
     rejected: collections.Counter[str] = collections.Counter()
     complete = False
 
-    start = anyio.current_time()
     if transport == "udp":
         async with await anyio.create_connected_udp_socket(host, port) as udp:
+            start = anyio.current_time()
             for k in range(ticks):
                 await anyio.sleep_until(start + k / rate_hz)
                 for record in encoded(k):
@@ -170,32 +218,36 @@ async def run_sender(
             elapsed = anyio.current_time() - start
     else:
         n = min(connections, streams)
-        links = [await anyio.connect_tcp(host, port) for _ in range(n)]
-        closed = [anyio.Event() for _ in links]
+        links: list[_Link] = []
         try:
+            for _ in range(n):
+                links.append(_Link(await _connect(host, port, tls, token)))
+            start = anyio.current_time()
             async with anyio.create_task_group() as readers:
-                for link, done in zip(links, closed, strict=True):
-                    readers.start_soon(_read_replies, link, transport, rejected, done)
+                for link in links:
+                    readers.start_soon(_read_replies, link, transport, rejected)
                 for k in range(ticks):
                     await anyio.sleep_until(start + k / rate_hz)
-                    records = encoded(k)
-                    for c, link in enumerate(links):
-                        chunk = b"".join(records[c::n])
-                        await link.send(chunk)
-                        sent_bytes += len(chunk)
+                    if any(link.ended.is_set() for link in links):
+                        break  # the daemon closed one: _raise_if_cut says why
+                    sent = await _send_tick(links, encoded(k))
+                    if sent is None:
+                        break
+                    sent_bytes += sent
                 elapsed = anyio.current_time() - start
                 # Half-close, then let the readers read until the daemon closes: it has
                 # answered every frame by then.
                 for link in links:
-                    await link.send_eof()
+                    await _half_close(link)
                 with anyio.move_on_after(CLOSE_TIMEOUT_S):
-                    for done in closed:
-                        await done.wait()
+                    for link in links:
+                        await link.ended.wait()
                     complete = True
                 readers.cancel_scope.cancel()
         finally:
             for link in links:
-                await link.aclose()
+                await link.stream.aclose()
+        _raise_if_cut(links)
     return SendReport(
         frames=ticks * streams,
         bytes=sent_bytes,
@@ -207,24 +259,102 @@ async def run_sender(
     )
 
 
+def _is_token(token: str) -> bool:
+    """Whether `token` fits an AUTH line: printable ASCII, at least one character, no spaces."""
+    return token.isascii() and token.isprintable() and token.split() == [token]
+
+
+async def _connect(
+    host: str, port: int, tls: ssl.SSLContext | None, token: str | None
+) -> ByteStream:
+    """A connection to the daemon: TCP, TLS over it with `tls`, its AUTH line sent with
+    `token`.
+
+    **Raises:** `OSError` (`ssl.SSLError`: the handshake failed) or `SendError`.
+    """
+    stream: ByteStream = await anyio.connect_tcp(host, port)
+    try:
+        if tls is not None:
+            stream = await TLSClientStream.connect(stream, tls, host)
+        if token is not None:
+            await stream.send(AUTH_PREFIX + token.encode("ascii") + b"\n")
+    except BaseException as e:
+        await stream.aclose()
+        if isinstance(e, anyio.BrokenResourceError):
+            raise SendError("the daemon closed the connection before the first frame") from e
+        raise
+    return stream
+
+
+async def _send_tick(links: list[_Link], records: list[bytes]) -> int | None:
+    """Send one tick's `records`, stream `i` on link `i % len(links)`: the bytes sent, or
+    None when a link is cut (the daemon closed it; it is marked `cut`)."""
+    sent = 0
+    for c, link in enumerate(links):
+        chunk = b"".join(records[c :: len(links)])
+        try:
+            await link.stream.send(chunk)
+        except anyio.BrokenResourceError:
+            link.cut = True
+            return None
+        sent += len(chunk)
+    return sent
+
+
+async def _half_close(link: _Link) -> None:
+    """Half-close `link` unless the daemon closed it already."""
+    if link.ended.is_set() or link.cut:
+        return
+    link.eof_sent = True
+    try:
+        await link.stream.send_eof()
+    except anyio.BrokenResourceError:
+        pass  # gone: its reader sees the end
+
+
+def _raise_if_cut(links: list[_Link]) -> None:
+    """**Raises:** `SendError` when the daemon refused a connection, answered what is not
+    replies, or closed one before the half-close."""
+    for link in links:
+        if link.refused is not None:
+            raise SendError(
+                f"the daemon refused the credentials: {link.refused}", refused=link.refused
+            )
+        if link.garbled is not None:
+            raise SendError(f"the answer is not the daemon's replies ({link.garbled})")
+    if any(link.early or link.cut for link in links):
+        raise SendError("the daemon closed the connection before the last frame was sent")
+
+
 async def _read_replies(
-    link: SocketStream,
-    transport: Transport,
-    rejected: collections.Counter[str],
-    closed: anyio.Event,
+    link: _Link, transport: Transport, rejected: collections.Counter[str]
 ) -> None:
-    """Count the daemon's replies on `link` by reason until it closes the connection."""
+    """Count the daemon's replies on `link` by reason until it closes the connection;
+    note an `ERR` line (a refused connection) in `link.refused` instead."""
     binary, pending = ReplyReader(), b""
+    head: bytes | None = b""
     try:
         while True:
-            data = await link.receive()
+            data = await link.stream.receive()
+            if head is not None:  # the first bytes: an ERR line, or replies?
+                head += data
+                if len(head) < len(_ERR) and _ERR.startswith(head):
+                    continue
+                if head.startswith(_ERR):
+                    link.refused = head.partition(b"\n")[0].decode("ascii", "replace").strip()
+                    continue  # the daemon closes the connection next
+                data, head = head, None
             if transport == "json":
                 *lines, pending = (pending + data).split(b"\n")
                 rejected.update(json.loads(line)["error"] for line in lines if line.strip())
             else:
                 rejected.update(reply.reason for reply in binary.feed(data))
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-        closed.set()
+        link.early = not link.eof_sent
+    except (ValueError, KeyError, TypeError) as e:  # (JSON lines that are not replies too)
+        link.garbled = str(e)
+    finally:
+        link.ended.set()
 
 
 def send(
@@ -239,6 +369,8 @@ def send(
     seed: int = 0,
     connections: int = 1,
     prefix: str = "sim",
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
 ) -> SendReport:
     """`run_sender` in a fresh event loop (the synchronous entry point for the CLI)."""
     run = functools.partial(
@@ -253,5 +385,7 @@ def send(
         seed=seed,
         connections=connections,
         prefix=prefix,
+        tls=tls,
+        token=token,
     )
     return anyio.run(run)

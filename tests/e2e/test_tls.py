@@ -254,6 +254,151 @@ def test_udp_from_outside_udp_allow_is_forbidden(secured: tuple) -> None:
     assert d.wait_metric(REJECTED, labels, before + 3) == before + 3
 
 
+# --- the send command ----------------------------------------------------------------------------
+
+SEND_DIMS = ["--state-dim", "8", "--proprio-dim", "6", "--tactile-dim", "4", "--motor-dim", "3"]
+
+
+def send_cli(d: DaemonProcess, *flags: str) -> subprocess.CompletedProcess:
+    """`enactive-stream send` to the daemon's TCP ingest, as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", "send", "--port", str(d.ports["tcp"]), *SEND_DIMS,
+         *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def tls_flags(pki: dict[str, Path]) -> list[str]:
+    """Trust the e2e CA; present the client certificate the daemon requires (its CN names
+    no identity: the token decides)."""
+    return ["--ca", str(pki["ca.pem"]), "--cert", str(pki["tester.pem"]),
+            "--key", str(pki["tester.key"])]  # fmt: skip
+
+
+def one_line(r: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "json"])
+def test_the_send_command_speaks_tls_and_authenticates(secured: tuple, transport: str) -> None:
+    d, pki = secured
+    processed = count(d, "enactive_frames_processed_total")
+    r = send_cli(
+        d, *tls_flags(pki), "--token", TOKEN, "--prefix", f"arm-send-{transport}",
+        "--transport", transport, "--streams", "2", "--connections", "2", "--rate", "10",
+        "--duration", "0.5", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["frames"], report["accepted"], report["rejected"]) == (10, 10, {})
+    assert report["complete"] is True
+    assert d.wait_metric("enactive_frames_processed_total", {}, processed + 10) >= processed + 10
+
+
+@pytest.mark.parametrize("transport", ["tcp", "json"])
+def test_the_send_command_reads_every_rejection_over_tls(secured: tuple, transport: str) -> None:
+    d, pki = secured
+    source = "tcp" if transport == "tcp" else "json"
+    forbidden = count(d, REJECTED, source=source, reason="forbidden")
+    # The token's identity may write "arm-" only: every "sim-" frame is rejected, and the
+    # last replies come after the client's half-close (its TLS close_notify).
+    r = send_cli(
+        d, *tls_flags(pki), "--token", TOKEN, "--prefix", "sim", "--transport", transport,
+        "--streams", "3", "--rate", "10", "--duration", "0.3", "--json",
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    report = json.loads(r.stdout)
+    assert report["frames"] == 9 and report["accepted"] == 0
+    assert report["rejected"] == {"forbidden": 9}
+    assert report["complete"] is True
+    labels = {"source": source, "reason": "forbidden"}
+    assert d.wait_metric(REJECTED, labels, forbidden + 9) == forbidden + 9
+
+
+def test_the_send_command_with_a_wrong_token_says_so_in_one_line(secured: tuple) -> None:
+    d, pki = secured
+    labels = {"listener": "ingest.tcp", "reason": "unauthorized"}
+    before = count(d, LIMITED, **labels)
+    r = send_cli(d, *tls_flags(pki), "--token", "not-the-token-0123456789abc", "--duration", "0")
+    assert r.returncode == 1
+    assert one_line(r) == (
+        "enactive-stream: error: the daemon refused the credentials: ERR unauthorized "
+        "(check --token, --cert and --key)"
+    )
+    assert r.stdout == ""
+    assert d.wait_metric(LIMITED, labels, before + 1) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "hint"),
+    [
+        ([], "(does it require TLS? --tls, --ca)"),
+        (["--ca", "CA", "--token", TOKEN], "(does it require a client certificate, --cert and"),
+    ],
+    ids=["plain", "no-client-certificate"],
+)
+def test_the_send_command_cut_off_by_the_tls_daemon_says_so_in_one_line(
+    secured: tuple, flags: list[str], hint: str
+) -> None:
+    d, pki = secured
+    labels = {"listener": "ingest.tcp", "reason": "tls_handshake"}
+    before = count(d, LIMITED, **labels)
+    flags = [str(pki["ca.pem"]) if f == "CA" else f for f in flags]
+    # Ten ticks over 0.9 s: the daemon drops the connection at its first bytes, long
+    # before the last tick.
+    r = send_cli(d, *flags, "--prefix", "arm-cut", "--rate", "10", "--duration", "1")
+    assert r.returncode == 1, r.stdout
+    line = one_line(r)
+    assert line.startswith(
+        "enactive-stream: error: the daemon closed the connection before the last frame was sent"
+    ), line
+    assert hint in line
+    assert d.wait_metric(LIMITED, labels, before + 1) == before + 1
+
+
+def test_the_send_command_with_an_untrusted_daemon_certificate_fails_in_one_line(
+    secured: tuple,
+) -> None:
+    d, _ = secured
+    r = send_cli(d, "--tls", "--token", TOKEN, "--duration", "0")  # the system CAs only
+    assert r.returncode == 1
+    line = one_line(r)
+    assert line.startswith(f"enactive-stream: error: TLS with 127.0.0.1:{d.ports['tcp']}: ")
+    assert "CERTIFICATE_VERIFY_FAILED" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--transport", "udp", "--tls"], 2),
+        (["--transport", "udp", "--token", TOKEN], 2),
+        (["--transport", "udp", "--ca", "ca.pem"], 2),
+        (["--ca", "/nonexistent/ca.pem"], 1),
+        (["--tls", "--cert", "/nonexistent/client.pem"], 1),
+    ],
+)
+def test_the_send_command_refuses_bad_tls_flags_in_one_line(
+    flags: list[str], expected: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream.cli import main
+
+    assert main(["send", "--port", "1", *flags]) == expected
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    if expected == 2:
+        assert lines[0].startswith("enactive-stream: error: --transport udp carries no TLS")
+    else:
+        assert lines[0].startswith("enactive-stream: error: --")
+        assert "/nonexistent/" in lines[0] and "No such file or directory" in lines[0]
+
+
 # --- the subscriber and metrics listeners ------------------------------------------------------
 
 

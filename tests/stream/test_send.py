@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import threading
+from collections.abc import AsyncIterator
 
 import anyio
 import numpy as np
@@ -14,7 +16,7 @@ from stream.buffers import WeightedBuffer
 from stream.events import Listener
 from stream.ingest import Ingest, Item
 from stream.protocol import Dims, Frame, FrameReader, FrameRun
-from stream.send import run_sender, send
+from stream.send import SendError, run_sender, send
 from stream.sources import serve_tcp, serve_udp
 from stream.synthetic import SyntheticBodies
 
@@ -117,6 +119,12 @@ def test_arguments_are_checked():
         send(HOST, 1, streams=0, rate_hz=1.0, duration_s=1.0, transport="tcp", dims=DIMS)
     with pytest.raises(ValueError, match="transport"):
         send(HOST, 1, streams=1, rate_hz=1.0, duration_s=1.0, transport="xml", dims=DIMS)  # type: ignore[arg-type]
+    one = {"streams": 1, "rate_hz": 1.0, "duration_s": 1.0, "dims": DIMS}
+    with pytest.raises(ValueError, match="UDP carries no TLS and no token"):
+        send(HOST, 1, transport="udp", token="a-token-0123456789", **one)  # type: ignore[arg-type]
+    for token in ("", "two words-0123456789", "line\nbreak-0123456789"):
+        with pytest.raises(ValueError, match="printable ASCII, without spaces"):
+            send(HOST, 1, transport="tcp", token=token, **one)  # type: ignore[arg-type]
 
 
 def test_sync_wrapper_sends_to_a_plain_socket_server():
@@ -139,3 +147,44 @@ def test_sync_wrapper_sends_to_a_plain_socket_server():
         thread.join(timeout=5)
     assert report.frames == 10 and len(frames) == 10
     assert sorted((f.stream_id, f.seq) for f in frames)[:2] == [("sim-0000", 1), ("sim-0000", 2)]
+
+
+@contextlib.asynccontextmanager
+async def closing_server(reply: list[bytes]) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A listener that reads a connection's first bytes (into the list), writes `reply`
+    piece by piece and closes it, as the daemon does when it refuses credentials."""
+    got: list[bytes] = []
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            got.append(await stream.receive())
+            for piece in reply:
+                await stream.send(piece)
+                await anyio.sleep(0.01)
+
+    async with await anyio.create_tcp_listener(local_host=HOST, local_port=0) as listener:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, handle)
+            yield listener.extra(anyio.abc.SocketAttribute.local_port), got
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "json"])
+async def test_a_refused_token_is_a_send_error_not_replies(transport: str):
+    async with closing_server([b"E", b"RR unauth", b"orized\n"]) as (port, got):
+        with pytest.raises(SendError, match="refused the credentials: ERR unauthorized") as e:
+            await run_sender(
+                HOST, port, streams=2, rate_hz=20.0, duration_s=0.5, transport=transport,  # type: ignore[arg-type]
+                dims=DIMS, token="a-token-0123456789",
+            )  # fmt: skip
+    assert e.value.refused == "ERR unauthorized"
+    assert got[0].startswith(b"AUTH a-token-0123456789\n")
+
+
+async def test_a_connection_closed_before_the_last_frame_is_a_send_error():
+    async with closing_server([]) as (port, got):  # reads the first bytes, then closes
+        with pytest.raises(SendError, match="closed the connection before the last frame"):
+            await run_sender(
+                HOST, port, streams=1, rate_hz=20.0, duration_s=0.5, transport="tcp", dims=DIMS
+            )
+    assert got[0].startswith(b"ESF1")
