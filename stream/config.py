@@ -243,6 +243,7 @@ class IngestConfig:
     max_connections_per_address: int = _f(1024, _Int(0, 1 << 20))
     idle_timeout_s: float = _f(600.0, _Float(0, 86400))
     frame_timeout_s: float = _f(30.0, _Float(0, 86400))
+    poll_interval_ms: float = _f(1.0, _Float(0, 100))
     udp_allow: tuple[str, ...] = _f((), _Networks())
 
 

@@ -345,7 +345,13 @@ class Daemon:
         tcp = None
         if cfg.ingest.tcp:
             address = parse_address(cfg.ingest.tcp)
-            tcp = TcpSource(address, limits=limits, tls=sec.tls, identities=sec.identities)
+            tcp = TcpSource(
+                address,
+                limits=limits,
+                tls=sec.tls,
+                identities=sec.identities,
+                poll_interval_s=cfg.ingest.poll_interval_ms / 1000.0,
+            )
             sources.append(tcp)
         if cfg.ingest.udp:
             address = parse_address(cfg.ingest.udp)

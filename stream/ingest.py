@@ -108,7 +108,7 @@ class Ingest:
         **Returns:** the rejections of its frames at admission (already counted), in
         order; empty when every frame was admitted."""
         weight = frames_in(item)
-        target = self._target(item)
+        target = self.target(item)
         while not target.fits(weight):
             await target.wait_room()
         return self._admit(item)
@@ -116,12 +116,13 @@ class Ingest:
     def put_nowait(self, item: Item) -> Sequence[FrameRejected] | None:
         """Hand a frame or run over if there is room now: its rejections, as for `put`;
         None (nothing admitted, nothing counted) when there is no room."""
-        if not self._target(item).fits(frames_in(item)):
+        if not self.target(item).fits(frames_in(item)):
             return None
         return self._admit(item)
 
-    def _target(self, item: Item) -> WeightedBuffer[Any]:
-        """The buffer `item` will go to (a run partly new: the lane, the scarcer one)."""
+    def target(self, item: Item) -> WeightedBuffer[Any]:
+        """The buffer `item` would go to now (a run partly new: the lane, the scarcer
+        one): where a source that must wait waits for room."""
         lane = self.lane
         if lane is None:
             return self.buffer

@@ -318,6 +318,46 @@ async def test_tcp_block_policy_loses_nothing_when_the_pipeline_is_full():
             tg.cancel_scope.cancel()
 
 
+async def test_tcp_many_connections_waiting_for_room_lose_nothing_and_keep_order():
+    # 40 sensors, one stream each, against a pipeline that holds 2 frames: each connection
+    # stops being read while it waits for room, then is read again.
+    with Recorder(capacity=2) as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_tcp, rec.ingest, (HOST, 0))
+            links = [await anyio.connect_tcp(HOST, port) for _ in range(40)]
+            for seq in range(1, 11):
+                for i, link in enumerate(links):
+                    await link.send(frame_bytes(f"s{i}", seq))
+            frames = await rec.frames(400, within=20)
+            by_stream: dict[str, list[int]] = {}
+            for f in frames:
+                by_stream.setdefault(f.stream_id, []).append(f.seq)
+            assert by_stream == {f"s{i}": list(range(1, 11)) for i in range(40)}
+            assert rec.counts["tcp"] == 400 and rec.drops == {}
+            await links[0].send(frame_bytes("late", 1))  # and they are read as before
+            assert (await rec.frames(1))[0].stream_id == "late"
+            for link in links:
+                await link.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def test_tcp_frames_read_while_waiting_for_room_are_handed_over_at_stop():
+    with Recorder(capacity=1) as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_tcp, rec.ingest, (HOST, 0))
+            link = await anyio.connect_tcp(HOST, port)
+            await link.send(frame_bytes("s", 1))
+            await rec.until(lambda: rec.counts["tcp"] == 1)  # the pipeline is full now
+            await link.send(b"".join(frame_bytes("s", seq) for seq in range(2, 201)))
+            await rec.until(lambda: rec.counts["tcp"] == 200)  # read, waiting for room
+            rec.ingest.stop()
+            frames = await rec.frames(200)  # what it read is handed over ...
+            assert [f.seq for f in frames] == list(range(1, 201))
+            assert await read_until_closed(link) == b""  # ... then it ends
+            await link.aclose()
+            tg.cancel_scope.cancel()
+
+
 async def test_tcp_stops_reading_and_accepting_once_not_accepting(tcp: tuple[Recorder, int]):
     rec, port = tcp
     link = await anyio.connect_tcp(HOST, port)
@@ -450,12 +490,12 @@ async def test_tcp_connections_over_the_limit_are_refused_and_counted():
             assert rec.limits == [("ingest.tcp", "max_per_address")]
             await first.send(frame_bytes("a", 2))  # the others are untouched
             assert (await rec.frames(1))[0].seq == 2
-            await first.aclose()
-            await rec.until(lambda: True)
+            await first.send_eof()
+            assert await closed_by_peer(first)  # the daemon has closed its side (and let go)
             again = await anyio.connect_tcp(HOST, port)  # room again once one closed
             await again.send(frame_bytes("c", 1))
             assert (await rec.frames(1))[0].stream_id == "c"
-            for link in (second, third, again):
+            for link in (first, second, third, again):
                 await link.aclose()
             tg.cancel_scope.cancel()
 
