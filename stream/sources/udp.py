@@ -41,6 +41,11 @@ SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
 """Linux: attach the socket's count of datagrams the kernel dropped (its receive buffer
 was full) to every datagram received, so that those are counted too."""
 _DROPS = struct.Struct("=I")
+SO_MEMINFO = 55
+"""Linux: the socket's memory counters, `SK_MEMINFO_VARS` u32 values."""
+SK_MEMINFO_DROPS = 8
+"""The index of the drop counter among them."""
+_MEMINFO = struct.Struct(f"={SK_MEMINFO_DROPS + 1}I")
 
 
 class UdpSource:
@@ -157,6 +162,16 @@ async def _bind(address: tuple[str, int]) -> socket.socket:
     return sock
 
 
+def _meminfo_drops(sock: socket.socket) -> int | None:
+    """The kernel's count of datagrams it dropped at `sock` (`SO_MEMINFO`'s
+    `SK_MEMINFO_DROPS`, the counter `SO_RXQ_OVFL` reports), or None where not available."""
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return None
+    return _MEMINFO.unpack_from(info)[SK_MEMINFO_DROPS] if len(info) >= _MEMINFO.size else None
+
+
 async def _cancel_when_not_accepting(ingest: Ingest, scope: anyio.CancelScope) -> None:
     await ingest.stopped.wait()
     scope.cancel()
@@ -175,27 +190,38 @@ async def _receive(
     # Each datagram lands in one reused buffer and is copied out at its own size: `recvmsg`
     # would allocate the largest size for every datagram and shrink it, and under a flood
     # that churn fragments the heap (the RSS held its peak ~30 MiB higher).
-    kernel_drops = 0
+    # The counter rides on the next datagram queued, so when the socket runs dry after a
+    # backlog it is also read directly (`SO_MEMINFO`): drops at the end of a burst are
+    # counted at once.
+    kernel_drops = _meminfo_drops(sock) or 0
+
+    def count_kernel_drops(total: int) -> None:
+        nonlocal kernel_drops
+        lost = (total - kernel_drops) % (1 << 32)
+        if lost:
+            kernel_drops = total
+            ingest.received("udp", lost)
+            ingest.dropped("overload", lost)
+
     ancillary = socket.CMSG_SPACE(_DROPS.size)
     buffer = memoryview(bytearray(MAX_DATAGRAM_BYTES))
     while True:
         await anyio.wait_readable(sock)
         received_ns = time.monotonic_ns()
-        for _ in range(READ_BATCH):
+        for i in range(READ_BATCH):
             try:
                 size, cmsgs, _, sender = sock.recvmsg_into([buffer], ancillary)
             except (BlockingIOError, InterruptedError):
+                # Only a backlog (more than one datagram waiting) can have overflowed.
+                total = _meminfo_drops(sock) if i > 1 else None
+                if total is not None:
+                    count_kernel_drops(total)
                 break
             except ConnectionError:  # an ICMP error echoed back for an unrelated send
                 continue
             for level, kind, value in cmsgs:
                 if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
-                    total = _DROPS.unpack_from(value)[0]
-                    lost = (total - kernel_drops) % (1 << 32)
-                    if lost:
-                        kernel_drops = total
-                        ingest.received("udp", lost)
-                        ingest.dropped("overload", lost)
+                    count_kernel_drops(_DROPS.unpack_from(value)[0])
             ingest.received("udp")
             if allow is not None and not allow(sender[0]):
                 ingest.rejected("udp", "forbidden")
