@@ -372,6 +372,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         changes["baseline"] = False
     if args.adaptive:
         changes["adaptive"] = True
+    if args.fleet:
+        return _cmd_bench_fleet(args, changes)
     try:
         settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
     except ValueError as e:
@@ -401,6 +403,64 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
         return 1
     return _bench_status(result, report_only=args.report_only)
+
+
+def _cmd_bench_fleet(args: argparse.Namespace, changes: dict[str, Any]) -> int:
+    """`bench --fleet`: the kernel phase and the fleet scenarios (docs/benchmarks.md)."""
+    from .bench import BenchError, BenchSettings, format_table
+    from .bench.scenarios import run_fleet_bench
+    from .bench.settings import FleetSettings
+
+    if args.plot:
+        return _usage_error(f"--plot draws the classic run only (see {PROG} bench --help)")
+    fleet: dict[str, Any] = {}
+    for flag, key in (
+        ("fleet_sensors", "sensors"),
+        ("fleet_rate", "rate_hz"),
+        ("fleet_s", "duration_s"),
+        ("runs", "runs"),
+        ("scenarios", "scenarios"),
+    ):
+        if getattr(args, flag) is not None:
+            fleet[key] = getattr(args, flag)
+    changes.pop("runs", None)  # runs per scenario (closed loop: throughput and latency)
+    try:
+        settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
+        sizes = FleetSettings.quick(**fleet) if args.quick else FleetSettings(**fleet)
+    except ValueError as e:
+        return _usage_error(f"{e} (see {PROG} bench --help)")
+    if args.json and (cause := _unwritable(args.json)):
+        return _usage_error(f"--json {args.json}: {cause}")
+    try:
+        result = run_fleet_bench(
+            settings, sizes, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    except BenchError as e:
+        cause, _, output = str(e).partition("\n")
+        if output.strip():
+            sys.stderr.write(output.rstrip() + "\n")
+            cause = f"{cause.rstrip(': ')} (its output above)"
+        print_error(f"bench: {cause}")
+        return 1
+    print(format_table(result))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
+            return 1
+    return 0
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated fleet scenario names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    known = ("default", "tcp-fleet", "udp-fleet", "closed-loop")
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(known)}")
+    return names
 
 
 def _usage_error(cause: str) -> int:
@@ -549,7 +609,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--streams", type=_count, help="client streams (default: 1024)")
     bench.add_argument("--connections", type=_count, help="client TCP connections (default: 2)")
     bench.add_argument(
-        "--runs", type=_count, help="throughput runs, median reported (default: 5; --quick 3)"
+        "--runs",
+        type=_count,
+        help="throughput runs, median reported (default: 5; --quick 3); --fleet: runs per "
+        "scenario (default: 3)",
     )
     bench.add_argument(
         "--duration",
@@ -573,6 +636,31 @@ def _parser() -> argparse.ArgumentParser:
         type=_buckets,
         metavar="B1,B2,…",
         help="the daemon's batch buckets (default: 1,8,32,64,96,128,192,256)",
+    )
+    bench.add_argument(
+        "--fleet",
+        action="store_true",
+        help="the fleet scenarios instead: daemon CPU per frame under default, tcp-fleet, "
+        "udp-fleet and closed-loop loads, against the compiled step (--quick: no closed-loop)",
+    )
+    bench.add_argument(
+        "--fleet-sensors", type=_count, help="--fleet: sensors of tcp-fleet/udp-fleet (1000)"
+    )
+    bench.add_argument(
+        "--fleet-rate", type=_positive, metavar="HZ", help="--fleet: frames/s per sensor (25)"
+    )
+    bench.add_argument(
+        "--fleet-s",
+        type=_positive,
+        metavar="SECONDS",
+        help="--fleet: measured seconds per run, after 1 s of warm-up (10; --quick 3)",
+    )
+    bench.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        metavar="A,B,…",
+        help="--fleet: which of default, tcp-fleet, udp-fleet, closed-loop (all; --quick: "
+        "not closed-loop)",
     )
     bench.set_defaults(fn=_cmd_bench, cmd_parser=bench)
     return parser

@@ -46,6 +46,7 @@ import numpy as np
 
 from stream.protocol import Dims
 
+from .probe import RunProbe
 from .stats import cdf, percentiles
 from .wire import FrameBlock, parse_records, receipt_times, stream_ids
 
@@ -76,6 +77,9 @@ class ClientSpec:
     - `warmup_s`: `latency` only: the leading seconds of the schedule left out of the
         statistics.
     - `timeout_s`: the longest wait for the next byte before giving up.
+    - `daemon_pid`: when > 0, the service's process: its CPU time and `/metrics` are read
+        when the first frame is due, at the end of the warm-up and after the last moment
+        (`stream.bench.probe.RunProbe`), and the result gets `daemon`.
     """
 
     mode: str
@@ -96,6 +100,7 @@ class ClientSpec:
     seed: int = 0
     host: str = "127.0.0.1"
     timeout_s: float = 30.0
+    daemon_pid: int = 0
 
     @property
     def frames(self) -> int:
@@ -121,17 +126,22 @@ def _subscribers(host: str, port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def _subscribe(spec: ClientSpec) -> socket.socket:
-    """Connect and send `SUB binary *`; return once the service counts the subscriber."""
-    sock = socket.create_connection((spec.host, spec.output_port), timeout=spec.timeout_s)
+def subscribe(host: str, output_port: int, metrics_port: int, timeout_s: float) -> socket.socket:
+    """Connect to the subscriber port and send `SUB binary *`; return once the service's
+    `/metrics` counts a subscriber (the caller's: one client at a time)."""
+    sock = socket.create_connection((host, output_port), timeout=timeout_s)
     sock.sendall(b"SUB binary *\n")
-    deadline = time.monotonic() + spec.timeout_s
-    while _subscribers(spec.host, spec.metrics_port) < 1:  # a readiness check
+    deadline = time.monotonic() + timeout_s
+    while _subscribers(host, metrics_port) < 1:  # a readiness check
         if time.monotonic() > deadline:
             sock.close()
-            raise ClientError(f"not subscribed within {spec.timeout_s} s")
+            raise ClientError(f"not subscribed within {timeout_s} s")
         time.sleep(0.01)
     return sock
+
+
+def _subscribe(spec: ClientSpec) -> socket.socket:
+    return subscribe(spec.host, spec.output_port, spec.metrics_port, spec.timeout_s)
 
 
 def _blocks(spec: ClientSpec) -> list[FrameBlock]:
@@ -231,21 +241,49 @@ def _recv(sock: socket.socket, view: memoryview, got: int, total: int) -> int:
 
 
 def _receive_all(
-    sock: socket.socket, buf: bytearray, timeout: float
+    sock: socket.socket,
+    buf: bytearray,
+    timeout: float,
+    until: Callable[[int, float], bool] | None = None,
+    poll_s: float = 0.05,
 ) -> tuple[list[int], list[float]]:
     """Fill `buf` exactly, logging (bytes so far, time) per recv.
 
     `buf` is allocated (and so zeroed, every page touched) before the clock starts:
-    allocating ~100 MB here would hold the GIL for tens of ms while the senders start."""
+    allocating ~100 MB here would hold the GIL for tens of ms while the senders start.
+
+    With `until`, a receipt that may end short of `buf` (UDP loses frames): every `poll_s`
+    without a byte it is called with (bytes so far, seconds since the last byte) and the
+    receipt ends when it returns true; `timeout` seconds without a byte still fail."""
     total = len(buf)
     view = memoryview(buf)
     ends: list[int] = []
     times: list[float] = []
     got = 0
-    sock.settimeout(timeout)
+    if until is None:
+        sock.settimeout(timeout)
+        while got < total:
+            got += _recv(sock, view[got : min(got + RECV_CHUNK, total)], got, total)
+            times.append(time.perf_counter())
+            ends.append(got)
+        return ends, times
+    sock.settimeout(poll_s)
+    last = time.perf_counter()
     while got < total:
-        got += _recv(sock, view[got : min(got + RECV_CHUNK, total)], got, total)
-        times.append(time.perf_counter())
+        try:
+            n = sock.recv_into(view[got : min(got + RECV_CHUNK, total)])
+        except TimeoutError:
+            idle = time.perf_counter() - last
+            if until(got, idle):
+                break
+            if idle > timeout:
+                raise ClientError(f"timed out after {got} of {total} moment bytes") from None
+            continue
+        if n == 0:
+            raise ClientError(f"subscriber connection closed after {got} of {total} moment bytes")
+        got += n
+        last = time.perf_counter()
+        times.append(last)
         ends.append(got)
     return ends, times
 
@@ -280,7 +318,9 @@ def run_client(spec: ClientSpec) -> dict[str, Any]:
     (first byte to last frame sent), `sent_frames_per_s`, `max_send_lag_ms`, and, unless
     `udp`: `elapsed_s` (first byte sent → last moment received), `frames_per_s`; for
     `latency` also `latency_ms` / `server_latency_ms` (`percentiles`, in ms) and
-    `cdf_ms` (`cdf` of the client latency, in ms).
+    `cdf_ms` (`cdf` of the client latency, in ms); with `spec.daemon_pid`, `daemon`:
+    `{"run": …, "measured": …}` (`stream.bench.probe.daemon_delta`: the whole run, and
+    after the warm-up).
 
     **Raises:** `ClientError` when moments are missing or malformed; `OSError` when the
     service is unreachable.
@@ -311,23 +351,35 @@ def run_client(spec: ClientSpec) -> dict[str, Any]:
         threads = [threading.Thread(target=work, args=(fn,), daemon=True) for fn in senders]
         for t in threads:
             t.start()
+        probe = None
+        if spec.daemon_pid > 0:
+            probe = RunProbe(spec.host, spec.metrics_port, spec.daemon_pid)
+            probe.begin()
         # A paced schedule starts just after the barrier; a throughput run right away.
         t0_box.append(time.perf_counter() + (0.0 if spec.mode == "throughput" else 0.005))
+        if probe is not None and spec.warmup_s > 0:
+            probe.start_warm(t0_box[0] + spec.warmup_s)
         barrier.wait()
         out: dict[str, Any] = {"mode": spec.mode, "frames": spec.frames}
         if spec.mode == "throughput":
             assert sub is not None
             done = _receive_count(sub, record_total, spec.timeout_s)
             out["elapsed_s"] = done - t0_box[0]
+            if probe is not None:
+                out["daemon"] = probe.finish()
         elif spec.mode == "latency":
             assert sub is not None
             chunk_ends, chunk_times = _receive_all(sub, buf, spec.timeout_s)
             out["elapsed_s"] = chunk_times[-1] - t0_box[0]
+            if probe is not None:
+                out["daemon"] = probe.finish()
             _latencies(out, buf, chunk_ends, chunk_times, spec, t0_box[0] + spec.warmup_s)
         for t in threads:
             t.join()
         if errors:
             raise errors[0]
+        if probe is not None and "daemon" not in out:  # udp: the last frame sent
+            out["daemon"] = probe.finish()
     finally:
         for s in socks:
             s.close()
@@ -351,16 +403,44 @@ def _latencies(
     spec: ClientSpec,
     measured_from: float,
 ) -> None:
-    fields = parse_records(buf, spec.record_bytes, spec.frames)
-    received = receipt_times(chunk_ends, chunk_times, spec.record_bytes, spec.frames)
+    try:
+        stats = latency_stats(
+            buf, spec.record_bytes, spec.frames, chunk_ends, chunk_times, measured_from
+        )
+    except ClientError:
+        raise ClientError(f"no frame due after the {spec.warmup_s} s warm-up") from None
+    out.update(stats)
+
+
+def latency_stats(
+    buf: bytearray,
+    record_bytes: int,
+    n: int,
+    chunk_ends: Sequence[int],
+    chunk_times: Sequence[float],
+    measured_from: float,
+) -> dict[str, Any]:
+    """Latency of the first `n` records in `buf`, received as the log `chunk_ends` /
+    `chunk_times` says: receipt time − the timestamp each echoes, for the records stamped
+    at `measured_from` or later.
+
+    **Returns:** `measured_frames`, `latency_ms` and `server_latency_ms` (the daemon's own
+    `latency_ns`; `percentiles`, in ms), `cdf_ms` (`cdf` of the client latency, in ms).
+
+    **Raises:** `ClientError` when no record was stamped at `measured_from` or later.
+    """
+    fields = parse_records(buf, record_bytes, n)
+    received = receipt_times(chunk_ends, chunk_times, record_bytes, n)
     measured = fields["timestamp"] >= measured_from
     if not measured.any():
-        raise ClientError(f"no frame due after the {spec.warmup_s} s warm-up")
+        raise ClientError("no frame due after the warm-up")
     latency = (received - fields["timestamp"])[measured]
-    out["measured_frames"] = int(measured.sum())
-    out["latency_ms"] = percentiles(latency, scale=1e3)
-    out["server_latency_ms"] = percentiles(fields["latency_ns"][measured], scale=1e-6)
-    out["cdf_ms"] = cdf(latency, scale=1e3)
+    return {
+        "measured_frames": int(measured.sum()),
+        "latency_ms": percentiles(latency, scale=1e3),
+        "server_latency_ms": percentiles(fields["latency_ns"][measured], scale=1e-6),
+        "cdf_ms": cdf(latency, scale=1e3),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

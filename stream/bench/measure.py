@@ -49,6 +49,10 @@ class Measured:
         self.proc, self.settings, self.dims = proc, settings, dims
         self.record_bytes, self.workdir, self.log = record_bytes, workdir, log
         self.next_seq = 1
+        self.watch_pid = 0
+        """When > 0, every client run also reads this process's CPU time and `/metrics`
+        (`ClientSpec.daemon_pid`): the runs' results then carry `daemon`, and
+        `throughput` and `latency` list them as `daemon_runs`."""
 
     def client(
         self,
@@ -78,6 +82,7 @@ class Measured:
             tick_s=s.tick_s,
             warmup_s=warmup_s,
             timeout_s=s.timeout_s,
+            daemon_pid=self.watch_pid,
         )
         self.next_seq += rounds * repeats
         result = launch_client(spec, self.workdir, on_poll=on_poll)
@@ -93,29 +98,37 @@ class Measured:
         **Returns:** `frames_per_s` (the median), `runs_frames_per_s`, `frames_per_run`.
         """
         self.client("throughput", self.settings.warmup_rounds)
-        rates = []
+        rates, daemon = [], []
         for i in range(runs):
             repeats = math.ceil(rounds / MAX_BLOCK_ROUNDS)
             r = self.client("throughput", math.ceil(rounds / repeats), repeats)
             rates.append(r["frames_per_s"])
+            if "daemon" in r:
+                daemon.append(r["daemon"])
             self.log(f"  {self.proc.name} throughput run {i + 1}/{runs}: {rates[-1]:,.0f} frames/s")
-        return {
+        out: dict[str, Any] = {
             "frames_per_s": median(rates),
             "runs_frames_per_s": rates,
             "frames_per_run": self.settings.streams * rounds,
         }
+        if daemon:
+            out["daemon_runs"] = daemon
+        return out
 
-    def latency(self, max_rate: float) -> list[dict[str, Any]]:
-        """`settings.latency_runs` open-loop runs per `settings.loads` fraction of
-        `max_rate` frames/s, combined by `combine_latency_runs`. Each run offers the load
-        for `latency_warmup_s` + `latency_s` seconds and measures the last `latency_s`.
+    def latency(
+        self, max_rate: float, loads: tuple[float, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        """`settings.latency_runs` open-loop runs per `loads` (default `settings.loads`)
+        fraction of `max_rate` frames/s, combined by `combine_latency_runs`. Each run
+        offers the load for `latency_warmup_s` + `latency_s` seconds and measures the last
+        `latency_s`.
 
         **Returns:** per load: `fraction`, `offered_frames_per_s`, `runs`, `frames`,
         `sent_frames_per_s`, `max_send_lag_ms`, `latency_ms`, `server_latency_ms`,
         `runs_p99_ms`, `cdf_ms`, `stage_mean_ms` (see docs/benchmarks.md).
         """
         s, out = self.settings, []
-        for fraction in s.loads:
+        for fraction in s.loads if loads is None else loads:
             rate = fraction * max_rate
             rounds, repeats = rounds_for(rate * (s.latency_warmup_s + s.latency_s), s.streams)
             before = self.proc.samples()
@@ -129,6 +142,8 @@ class Measured:
                 **combine_latency_runs(runs),
                 "stage_mean_ms": stage_means(before, self.proc.samples()),
             }
+            if all("daemon" in r for r in runs):
+                load["daemon_runs"] = [r["daemon"] for r in runs]
             out.append(load)
             self.log(
                 f"  {self.proc.name} latency at {fraction:g} × max ({rate:,.0f} frames/s): "

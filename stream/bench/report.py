@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_table"]
+__all__ = ["format_fleet_table", "format_table"]
 
 
 def _mib(n: float) -> str:
@@ -116,8 +116,111 @@ def _targets(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _fleet_kernel(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| bucket | compiled µs/step | compiled frames/s | cores busy | core-µs/frame |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["kernel"]["buckets"]:
+        lines.append(
+            f"| {r['bucket']} | {r['compiled_step_us']:,.1f} | {r['compiled_frames_per_s']:,.0f} "
+            f"| {r['compiled_cores']:.2f} | {r['compiled_core_us_per_frame']:.2f} |"
+        )
+    return lines
+
+
+def _fleet_rows(result: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, shape, figures) per row of the fleet tables."""
+    rows = []
+    for name, sc in result["fleet"].items():
+        if name == "closed-loop":
+            top = sc["max"]
+            shape = f"{top['streams']} streams / {top['connections']} TCP, closed loop"
+            rows.append(("closed-loop max", shape, top))
+            for load in sc["loads"]:
+                shape = f"{top['streams']} streams / {top['connections']} TCP, open loop"
+                rows.append((f"closed-loop {load['fraction']:g} × max", shape, load))
+        else:
+            phases = "spread" if sc["spread"] else "aligned"
+            shape = (
+                f"{sc['sensors']:,} × {sc['rate_hz']:g} Hz / {sc['connections']:,} "
+                f"{sc['transport'].upper()}, {phases}"
+            )
+            rows.append((name, shape, sc))
+    return rows
+
+
+def _fleet(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| scenario | shape | frames/s | daemon CPU µs/frame | of which loop "
+        "| step CPU µs/frame | daemon ÷ step | daemon cores | frames/batch | fill "
+        "| daemon p50 / p99 ms | client p50 / p99 ms | client CPU s | lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, shape, f in _fleet_rows(result):
+        lost = f.get("frames_lost")
+        offered = f.get("offered_frames_per_s")
+        rate = _num(f["frames_per_s"], ",.0f")
+        if offered and name != "closed-loop max":
+            rate += f" of {offered:,.0f}"
+        lines.append(
+            f"| {name} | {shape} | {rate} "
+            f"| {_num(f['daemon_cpu_us_per_frame'], '.1f')} "
+            f"| {_num(f['loop_cpu_us_per_frame'], '.1f')} "
+            f"| {_num(f['step_cpu_us_per_frame'], '.1f')} | {_num(f['daemon_to_step'], '.1f')} "
+            f"| {_num(f['daemon_cores'], '.2f')} | {_num(f['frames_per_batch'], '.1f')} "
+            f"| {_num(f['batch_fill'], '.2f')} "
+            f"| {_num(f['daemon_p50_ms'], '.2f')} / {_num(f['daemon_p99_ms'], '.2f')} "
+            f"| {_num(f.get('client_p50_ms'), '.2f')} / {_num(f.get('client_p99_ms'), '.2f')} "
+            f"| {_num(f.get('client_cpu_s'), '.2f')} | {'—' if lost is None else f'{lost:,.0f}'} |"
+        )
+    return lines
+
+
+def _fleet_batches(result: dict[str, Any]) -> list[str]:
+    buckets = sorted({int(b) for _, _, f in _fleet_rows(result) for b in f["batches_by_bucket"]})
+    head = " | ".join(str(b) for b in buckets)
+    lines = [f"| scenario | batches | {head} |", "|---|---:|" + "---:|" * len(buckets)]
+    for name, _, f in _fleet_rows(result):
+        mix = f["batches_by_bucket"]
+        total = sum(mix.values())
+        cells = " | ".join(
+            f"{100 * mix.get(str(b), 0) / total:.1f} %" if total else "—" for b in buckets
+        )
+        lines.append(f"| {name} | {total:,.0f} | {cells} |")
+    return lines
+
+
+def format_fleet_table(result: dict[str, Any]) -> str:
+    """The figures of a `run_fleet_bench` result as Markdown tables."""
+    m = result["machine"]
+    head = (
+        f"machine: {m['nproc']} × {m['cpu']}, jax {m['jax']} ({m['backend']}); "
+        f"{result['elapsed_s']:.0f} s in all; runs per scenario: "
+        f"{result['fleet_settings']['runs']} (medians), {result['fleet_settings']['duration_s']:g}"
+        f" s each after {result['fleet_settings']['warmup_s']:g} s of warm-up"
+    )
+    threads = result["kernel"]["xla_threads"]
+    sections = [
+        (f"Kernel (XLA CPU threads: {threads}, as the daemon's)", _fleet_kernel(result)),
+        ("Fleet scenarios (medians over runs; measured window only)", _fleet(result)),
+        ("Batches formed, by bucket (share of batches, all runs)", _fleet_batches(result)),
+    ]
+    parts = [head]
+    for title, lines in sections:
+        parts.append(f"\n{title}\n\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """All figures of a `run_bench` result as Markdown tables, one per section."""
+    """All figures of a `run_bench` result as Markdown tables, one per section (a
+    `run_fleet_bench` result: `format_fleet_table`)."""
+    if result.get("kind") == "fleet":
+        return format_fleet_table(result)
     m = result["machine"]
     head = (
         f"machine: {m['nproc']} × {m['cpu']}, jax {m['jax']} ({m['backend']}); "

@@ -55,22 +55,36 @@ def _toml(value: Any) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
-def daemon_config(settings: BenchSettings, state_dir: Path, cache_dir: str) -> str:
+def daemon_config(
+    settings: BenchSettings,
+    state_dir: Path,
+    cache_dir: str,
+    *,
+    connections: int = 0,
+    streams: int = 0,
+) -> str:
     """The daemon's TOML for the benchmark: ephemeral loopback ports, `settings.buckets`,
-    `max_streams` ≥ the streams, no status line, state in `state_dir`, the compilation
-    cache in `cache_dir`, and a subscriber buffer that rides out client hiccups."""
+    `max_streams` ≥ the streams (and ≥ `streams`), no status line, state in `state_dir`,
+    the compilation cache in `cache_dir`, and a subscriber buffer that rides out client
+    hiccups. With `connections` > 0 (the fleet scenarios: every sensor from 127.0.0.1)
+    the ingest's connection limits, in all and per address, are raised to fit them."""
     model = "".join(f"{k} = {_toml(v)}\n" for k, v in settings.model.items())
     wait = "" if settings.max_wait_ms is None else f"max_wait_ms = {settings.max_wait_ms}\n"
     if settings.adaptive:
         wait += f"adaptive = true\nslo_p99_ms = {settings.slo_p99_ms}\n"
+    limits = ""
+    if connections > 0:
+        most = max(4096, connections + 64)
+        limits = f"max_connections = {most}\nmax_connections_per_address = {most}\n"
     return (
         '[ingest]\ntcp = "127.0.0.1:0"\nudp = "127.0.0.1:0"\n'
+        f"{limits}"
         '[output]\ntcp = "127.0.0.1:0"\nsubscriber_buffer = 65536\n'
         '[metrics]\nlisten = "127.0.0.1:0"\n'
         f"[batching]\nbuckets = {_toml(settings.buckets)}\n{wait}"
         f"[model]\n{model}"
         f"[state]\ndir = {_toml(str(state_dir))}\n"
-        f"max_streams = {max(4096, settings.streams, max(settings.buckets))}\n"
+        f"max_streams = {max(4096, settings.streams, max(settings.buckets), streams)}\n"
         f"[device]\ncompilation_cache_dir = {_toml(cache_dir)}\n"
         "[log]\nstatus_interval_s = 0\n"
     )

@@ -2,7 +2,8 @@
 
 `ServiceProcess` starts a service (the daemon or the baseline) that writes a ready file
 with its ports, times the start, reads its `/metrics` and RSS, and stops it with SIGTERM.
-`launch_client` runs one `stream.bench.client` measurement in a fresh process.
+`launch_client` runs one `stream.bench.client` (or `stream.bench.fleet`) measurement in a
+fresh process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import IO, Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from .client import ClientSpec
+from .fleet import FleetSpec
 
 __all__ = ["BenchError", "ServiceProcess", "launch_client", "rss_bytes"]
 
@@ -32,6 +34,12 @@ CLIENT_ARGV = (
 )
 """How the client process starts (`-m stream.bench.client` would import the module twice:
 the package imports it first)."""
+FLEET_ARGV = (
+    sys.executable,
+    "-c",
+    "import sys; from stream.bench.fleet import main; sys.exit(main(sys.argv[1:]))",
+)
+"""How the fleet load generator's process starts (`stream.bench.fleet`)."""
 POLL_S = 0.005
 """How often a start-up or a metric is polled (a readiness check, also the start time's
 resolution)."""
@@ -180,14 +188,15 @@ class ServiceProcess:
 
 
 def launch_client(
-    spec: ClientSpec,
+    spec: ClientSpec | FleetSpec,
     workdir: Path,
     *,
     timeout: float = 600.0,
     on_poll: Callable[[], None] | None = None,
     poll_s: float = 0.1,
 ) -> dict[str, Any]:
-    """Run one client measurement in a new process (`stream.bench.client.main`).
+    """Run one client measurement in a new process (`stream.bench.client.main`, or
+    `stream.bench.fleet.main` for a `FleetSpec`).
 
     **Arguments:**
 
@@ -205,7 +214,7 @@ def launch_client(
     out_path, err_path = workdir / "client-out.json", workdir / "client-err.log"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = subprocess.Popen(
-            [*CLIENT_ARGV, str(spec_path)],
+            [*(FLEET_ARGV if isinstance(spec, FleetSpec) else CLIENT_ARGV), str(spec_path)],
             stdout=out,
             stderr=err,
             env=_clean_env(),

@@ -1,4 +1,5 @@
-"""What one benchmark run measures, and how much of it: `BenchSettings`."""
+"""What one benchmark run measures, and how much of it: `BenchSettings`, and for the fleet
+scenarios (`enactive-stream bench --fleet`) `FleetSettings`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from ..config import DEFAULT_BUCKETS
 
-__all__ = ["BenchSettings"]
+__all__ = ["SCENARIOS", "BenchSettings", "FleetSettings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,3 +117,68 @@ class BenchSettings:
         out = dataclasses.asdict(self)
         out["model"] = dict(self.model)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+SCENARIOS = ("default", "tcp-fleet", "udp-fleet", "closed-loop")
+"""The fleet scenarios, in the order they run (docs/benchmarks.md, "Fleet scenarios")."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetSettings:
+    """Sizes of the fleet scenarios of `stream.bench.scenarios.run_fleet_bench`.
+
+    - `scenarios`: which of `SCENARIOS` to run.
+    - `sensors`, `rate_hz`: `tcp-fleet` and `udp-fleet`: sensors, each its own TCP
+        connection (or UDP socket), each at `rate_hz` frames/s, phases spread evenly over
+        the period.
+    - `default_streams`, `default_rate_hz`, `default_connections`: `default`, the embedded
+        default's shape (64 streams at 100 Hz), sent over a few TCP connections, every
+        stream's frame of a tick at once.
+    - `duration_s`: measured seconds per run; `warmup_s`: seconds of the same load
+        before them, left out of every figure.
+    - `runs`: runs per scenario (medians reported), interleaved: run 1 of every
+        scenario, then run 2, …; `closed-loop` does `runs` throughput runs and `runs`
+        latency runs per load.
+    - `loads`: `closed-loop`'s open-loop runs, as fractions of its measured maximum.
+    - `drain_s`: UDP: how long the client waits for more moments once all is sent.
+    """
+
+    scenarios: tuple[str, ...] = SCENARIOS
+    sensors: int = 1000
+    rate_hz: float = 25.0
+    default_streams: int = 64
+    default_rate_hz: float = 100.0
+    default_connections: int = 4
+    duration_s: float = 10.0
+    warmup_s: float = 1.0
+    runs: int = 3
+    loads: tuple[float, ...] = (0.1, 0.25, 0.5)
+    drain_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.scenarios if s not in SCENARIOS]
+        if unknown or not self.scenarios:
+            raise ValueError(f"scenarios = {list(self.scenarios)}: expected some of {SCENARIOS}")
+        for name in ("sensors", "default_streams", "default_connections", "runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.default_connections > self.default_streams:
+            raise ValueError("default_connections must be <= default_streams")
+        if min(self.rate_hz, self.default_rate_hz, self.duration_s) <= 0:
+            raise ValueError("rate_hz, default_rate_hz, duration_s must be > 0")
+        if self.warmup_s < 0 or self.drain_s < 0:
+            raise ValueError("warmup_s, drain_s must be >= 0")
+        if not self.loads or not all(0 < f <= 1 for f in self.loads):
+            raise ValueError(f"loads = {self.loads}: need fractions in (0, 1]")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> FleetSettings:
+        """The short run: 3 s per run, no `closed-loop`."""
+        base: dict[str, Any] = {"duration_s": 3.0, "scenarios": SCENARIOS[:3]}
+        return cls(**{**base, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples as lists."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }

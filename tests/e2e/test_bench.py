@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -15,10 +16,14 @@ import pytest
 
 from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_table, run_bench
 from stream.bench.client import ClientError, ClientSpec, _latencies, _paced
+from stream.bench.fleet import FleetSpec, _groups
 from stream.bench.kernel import format_table as kernel_table
 from stream.bench.kernel import run_kernel_bench
 from stream.bench.measure import combine_latency_runs, rounds_for
+from stream.bench.probe import Snapshot, daemon_delta, histogram_quantile
 from stream.bench.runner import MODEL_KEYS
+from stream.bench.scenarios import run_fleet_bench, step_cpu_us_per_frame
+from stream.bench.settings import SCENARIOS, FleetSettings
 from stream.bench.stats import cdf, growth_pct, late_growth_pct, median, percentiles
 from stream.bench.wire import (
     FrameBlock,
@@ -464,3 +469,189 @@ def test_targets_compare_against_their_bounds() -> None:
     assert t["throughput_vs_baseline"]["met"] is None
     assert t["overload_shed_and_counted"]["met"] is False
     assert math.isfinite(t["rss_growth_pct"]["value"])
+
+
+# -- the fleet scenarios -------------------------------------------------------------------
+
+METRICS_BEFORE = """\
+enactive_frames_processed_total 100.0
+enactive_frames_received_total{source="tcp"} 100.0
+enactive_frames_received_total{source="udp"} 0.0
+enactive_batches_total{bucket="1"} 10.0
+enactive_batches_total{bucket="8"} 5.0
+enactive_batch_fill_ratio_bucket{le="0.5"} 5.0
+enactive_batch_fill_ratio_bucket{le="1.0"} 15.0
+enactive_batch_fill_ratio_bucket{le="+Inf"} 15.0
+enactive_batch_fill_ratio_count 15.0
+enactive_batch_fill_ratio_sum 12.0
+enactive_end_to_end_latency_seconds_bucket{le="0.001"} 50.0
+enactive_end_to_end_latency_seconds_bucket{le="0.002"} 100.0
+enactive_end_to_end_latency_seconds_bucket{le="+Inf"} 100.0
+enactive_end_to_end_latency_seconds_count 100.0
+enactive_end_to_end_latency_seconds_sum 0.1
+"""
+METRICS_AFTER = """\
+enactive_frames_processed_total 1100.0
+enactive_frames_received_total{source="tcp"} 600.0
+enactive_frames_received_total{source="udp"} 500.0
+enactive_batches_total{bucket="1"} 10.0
+enactive_batches_total{bucket="8"} 130.0
+enactive_batch_fill_ratio_bucket{le="0.5"} 5.0
+enactive_batch_fill_ratio_bucket{le="1.0"} 140.0
+enactive_batch_fill_ratio_bucket{le="+Inf"} 140.0
+enactive_batch_fill_ratio_count 140.0
+enactive_batch_fill_ratio_sum 137.0
+enactive_end_to_end_latency_seconds_bucket{le="0.001"} 550.0
+enactive_end_to_end_latency_seconds_bucket{le="0.002"} 1050.0
+enactive_end_to_end_latency_seconds_bucket{le="+Inf"} 1100.0
+enactive_end_to_end_latency_seconds_count 1100.0
+enactive_end_to_end_latency_seconds_sum 1.6
+"""
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    bounds, counts = [0.001, 0.002, math.inf], [500.0, 950.0, 1000.0]
+    assert histogram_quantile(bounds, counts, 0.5) == pytest.approx(0.001)
+    assert histogram_quantile(bounds, counts, 0.25) == pytest.approx(0.0005)
+    assert histogram_quantile(bounds, counts, 0.725) == pytest.approx(0.0015)
+    assert histogram_quantile(bounds, counts, 0.99) == 0.002  # in +Inf: the highest bound
+    assert math.isnan(histogram_quantile(bounds, [0.0, 0.0, 0.0], 0.5))
+
+
+def test_daemon_delta_reads_the_window_between_two_scrapes() -> None:
+    before = Snapshot(10.0, 5.0, {"main": 4.0, "tf_XLAEigen": 1.0}, METRICS_BEFORE)
+    after = Snapshot(12.0, 5.1, {"main": 4.06, "tf_XLAEigen": 1.04}, METRICS_AFTER)
+    d = daemon_delta(before, after)
+    assert d["processed"] == 1000 and d["received"] == {"tcp": 500.0, "udp": 500.0}
+    assert d["cpu_us_per_frame"] == pytest.approx(100.0)
+    assert d["main_cpu_us_per_frame"] == pytest.approx(60.0)
+    assert d["cores"] == pytest.approx(0.05) and d["frames_per_s"] == pytest.approx(500.0)
+    assert d["batches_by_bucket"] == {"8": 125.0} and d["batches"] == 125
+    assert d["frames_per_batch"] == pytest.approx(8.0) and d["batch_fill"] == pytest.approx(1.0)
+    assert d["batch_fill_histogram"] == {"1": 125.0}
+    # 500 of 1000 frames ≤ 1 ms, 450 in (1, 2] ms, 50 above: p50 1 ms, p99 the 2 ms bound.
+    assert d["latency_ms"]["p50"] == pytest.approx(1.0)
+    assert d["latency_ms"]["p99"] == pytest.approx(2.0)
+    assert d["latency_ms"]["mean"] == pytest.approx(1.5)
+    empty = daemon_delta(before, before)
+    assert empty["cpu_us_per_frame"] is None and empty["latency_ms"]["p50"] is None
+
+
+def test_step_cpu_weights_the_kernel_by_the_batches_formed() -> None:
+    rows = [
+        {"bucket": 1, "compiled_core_us_per_frame": 100.0},
+        {"bucket": 8, "compiled_core_us_per_frame": 20.0},
+    ]
+    # 10 batches of 1 (100 µs each) and 5 of 8 (160 µs each) for 40 frames: 1800 / 40.
+    assert step_cpu_us_per_frame({"1": 10, "8": 5}, 40, rows) == pytest.approx(45.0)
+    assert step_cpu_us_per_frame({"64": 1}, 40, rows) is None  # not measured
+    assert step_cpu_us_per_frame({}, 0, rows) is None
+
+
+def test_fleet_schedule_spreads_the_sensors_over_the_period() -> None:
+    spec = FleetSpec("tcp", 1, 2, 3, sensors=10, connections=5, rate_hz=20.0, record_bytes=1)
+    groups = _groups(spec)
+    assert [g.sock for g in groups] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [g.offset for g in groups] == pytest.approx([0.005 * s for s in range(10)])
+    assert all(g.rows == 1 for g in groups)
+    frame = decode_frame(bytes(groups[3].data), Dims(32, 64, 32, 32))
+    assert frame.stream_id == "f-00003" and frame.seq == 1
+    aligned = _groups(dataclasses.replace(spec, spread=False))
+    assert [(g.sock, g.rows, g.offset) for g in aligned] == [(c, 2, 0.0) for c in range(5)]
+    assert spec.rounds == 220 and spec.frames == 2200  # (1 s warm-up + 10 s) × 20 Hz
+    with pytest.raises(ValueError):
+        FleetSpec("tcp", 1, 2, 3, sensors=2, connections=3, record_bytes=1)
+    with pytest.raises(ValueError):
+        FleetSpec("sctp", 1, 2, 3, record_bytes=1)
+
+
+def test_fleet_settings_validation_and_quick() -> None:
+    assert FleetSettings().scenarios == SCENARIOS and FleetSettings().runs == 3
+    assert "closed-loop" not in FleetSettings.quick().scenarios
+    with pytest.raises(ValueError, match="scenarios"):
+        FleetSettings(scenarios=("nope",))
+    with pytest.raises(ValueError):
+        FleetSettings(default_connections=100, default_streams=64)
+
+
+def test_daemon_config_fits_a_fleet(tmp_path: Path) -> None:
+    path = tmp_path / "d.toml"
+    text = daemon_config(BenchSettings(), tmp_path / "s", "", connections=5000, streams=6000)
+    path.write_text(text)
+    cfg = load_config(path, env={})
+    assert cfg.ingest.max_connections_per_address >= 5000
+    assert cfg.ingest.max_connections >= 5000 and cfg.state.max_streams >= 6000
+    plain = daemon_config(BenchSettings(), tmp_path / "s", "")
+    assert "max_connections" not in plain  # the classic run keeps the defaults
+
+
+@pytest.mark.timeout(240)
+def test_tiny_fleet_bench_end_to_end(
+    compilation_cache: str, small_config: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = {k: getattr(small_config, k) for k in MODEL_KEYS}
+    model["som_grid"] = tuple(small_config.som_grid)
+    settings = BenchSettings(
+        streams=32,
+        rounds=200,  # ≥ 0.1 s of the daemon's CPU: /proc/<pid>/stat counts 10 ms ticks
+        warmup_rounds=2,
+        latency_s=0.3,
+        latency_warmup_s=0.1,
+        buckets=(1, 8, 64),
+        kernel_repeats=1,
+        kernel_min_time=0.01,
+        kernel_eager_frames=1,
+        model=model,
+        cache_dir=compilation_cache,
+        timeout_s=30.0,
+    )
+    fleet = FleetSettings(
+        sensors=20,
+        rate_hz=25.0,
+        default_streams=8,
+        default_connections=2,
+        duration_s=2.0,
+        warmup_s=0.25,
+        runs=1,
+        loads=(0.25,),
+    )
+    lines: list[str] = []
+    result = run_fleet_bench(settings, fleet, log=lines.append)
+    result = json.loads(json.dumps(result))  # JSON-ready, as `--json` writes it
+
+    assert result["kind"] == "fleet" and result["targets"] == {}
+    assert result["kernel"]["xla_threads"] >= 1
+    assert [r["bucket"] for r in result["kernel"]["buckets"]] == [1, 8, 64]
+    assert result["compilations"]["runtime"] == 0
+    scenarios = result["fleet"]
+    assert set(scenarios) == set(SCENARIOS)
+    for name in ("default", "tcp-fleet", "udp-fleet"):
+        sc = scenarios[name]
+        assert sc["frames_sent"] == (8 if name == "default" else 20) * math.ceil(
+            2.25 * (100 if name == "default" else 25)
+        )
+        if sc["transport"] == "tcp":
+            assert sc["all_processed"] and sc["frames_processed"] == sc["frames_sent"]
+        else:
+            assert 0 < sc["frames_processed"] <= sc["frames_sent"]
+        assert len(sc["runs"]) == 1
+        assert sc["daemon_cpu_us_per_frame"] > 0 and sc["step_cpu_us_per_frame"] > 0
+        assert sc["daemon_to_step"] == pytest.approx(
+            sc["daemon_cpu_us_per_frame"] / sc["step_cpu_us_per_frame"]
+        )
+        assert 0 < sc["client_p50_ms"] <= sc["client_p99_ms"]
+        assert 0 < sc["daemon_p50_ms"] <= sc["daemon_p99_ms"]
+        assert sc["frames_per_s"] > 0 and sc["client_cpu_s"] > 0
+        assert sum(sc["batches_by_bucket"].values()) > 0 and 0 < sc["batch_fill"] <= 1
+    assert scenarios["tcp-fleet"]["connections"] == 20 and scenarios["tcp-fleet"]["spread"]
+    assert not scenarios["default"]["spread"]
+    closed = scenarios["closed-loop"]
+    assert closed["max"]["max_frames_per_s"] > 0 and closed["max"]["daemon_to_step"] > 0
+    (load,) = closed["loads"]
+    assert load["fraction"] == 0.25 and load["daemon_cpu_us_per_frame"] > 0
+    assert load["daemon_to_step"] > 0 and 0 < load["client_p50_ms"] <= load["client_p99_ms"]
+
+    table = format_table(result)
+    for title in ("Kernel", "Fleet scenarios", "tcp-fleet", "udp-fleet", "closed-loop 0.25"):
+        assert title in table
+    assert any("tcp-fleet run 1/1" in line for line in lines)
