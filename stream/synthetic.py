@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .protocol import ALL_PRESENT, Dims, Frame
+from .protocol import ALL_PRESENT, Dims, Frame, FrameRun
 
 __all__ = ["SyntheticBodies"]
 
@@ -93,7 +93,13 @@ class SyntheticBodies:
         return np.concatenate([sensory, proprio, tactile, motor], axis=1, dtype=np.float32)
 
     def frames(self, t: float, seq: int, *, source: str = "synthetic") -> list[Frame]:
-        """One `Frame` per body for time `t`, all with every modality present.
+        """One `Frame` per body for time `t`, all with every modality present: the rows
+        of `run(t, seq, source=source)`."""
+        return self.run(t, seq, source=source).frames()
+
+    def run(self, t: float, seq: int, *, source: str = "synthetic") -> FrameRun:
+        """Every body's frame for time `t`, as one `FrameRun` (columns, no object per
+        frame), with every modality present.
 
         **Arguments:**
 
@@ -103,14 +109,18 @@ class SyntheticBodies:
 
         **Returns:**
 
-        `n` frames; `payload` of each is a float32 row of shape `(dims.total,)`.
+        A run of `n` frames; its `payload` is float32 of shape `(n, dims.total)`.
         """
-        values = self.tick(t)
-        now = time.monotonic_ns()
-        return [
-            Frame(sid, seq, t, row, ALL_PRESENT, now, source)
-            for sid, row in zip(self.stream_ids, values, strict=True)
-        ]
+        n = len(self.stream_ids)
+        return FrameRun(
+            list(self.stream_ids),
+            [seq] * n,
+            np.full(n, t, dtype=np.float64),
+            self.tick(t),
+            ALL_PRESENT,
+            time.monotonic_ns(),
+            source,
+        )
 
 
 def _mix(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:

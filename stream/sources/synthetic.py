@@ -88,8 +88,8 @@ async def run_synthetic(
         late = anyio.current_time() - deadline
         if late > period:  # fell behind: jump to the latest tick already due
             tick += int(late * rate_hz)
-        for frame in bodies.frames(tick * period, tick):
-            ingest.received("synthetic")
-            if ingest.put_nowait(frame) is None:
-                await ingest.put(frame)
+        run = bodies.run(tick * period, tick)
+        ingest.received("synthetic", len(run))
+        if ingest.put_nowait(run) is None:
+            await ingest.put(run)
         tick += 1

@@ -11,7 +11,7 @@ import numpy as np
 from stream.buffers import WeightedBuffer
 from stream.events import Listener
 from stream.ingest import Ingest, Item
-from stream.protocol import ALL_PRESENT, Dims, Frame
+from stream.protocol import ALL_PRESENT, Dims, Frame, FrameRun
 from stream.sources import run_synthetic
 from stream.synthetic import SyntheticBodies
 
@@ -78,6 +78,7 @@ class Sink:
     def __init__(self, capacity: int) -> None:
         self.buffer: WeightedBuffer[Item] = WeightedBuffer(capacity)
         self.received = 0
+        self._pending: list[Frame] = []
         sink = self
 
         class Count(Listener):
@@ -88,9 +89,12 @@ class Sink:
         self.ingest = Ingest(self.buffer, dims=DIMS, max_frame_bytes=4096, events=Count())
 
     async def receive(self) -> Frame:
-        frame = await self.buffer.get()
-        assert isinstance(frame, Frame)
-        return frame
+        """The next frame (the feed hands each tick over as one run)."""
+        if not self._pending:
+            item = await self.buffer.get()
+            assert isinstance(item, FrameRun)
+            self._pending = item.frames()
+        return self._pending.pop(0)
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
         while True:
