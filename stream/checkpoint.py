@@ -80,9 +80,9 @@ def save_checkpoint(
     arrays: dict[str, np.ndarray] = {
         f"slab_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(rows))
     }
-    evicted = [(s, st) for s, st in table.evicted.items() if st is not None]
+    evicted = [(s, row) for s, row in table.evicted.items() if row is not None]
     if evicted:
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *[st for _, st in evicted])
+        stacked = table.host.gather([row for _, row in evicted])
         arrays.update({f"evicted_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(stacked))})
     meta = {
         "format": FORMAT,
@@ -256,8 +256,8 @@ def _apply(contents: Contents, like_slab: Any, table: StreamTable) -> Any:
         rows = np.fromiter(contents.slots.values(), np.intp, len(contents.slots))
     for leaf, got in zip(leaves, contents.slab, strict=True):
         leaf[rows] = got
-    for j, stream_id in enumerate(contents.evicted):
-        table.evicted[stream_id] = jax.tree.unflatten(treedef, [a[j] for a in contents.stacked])
+    if contents.evicted:
+        table.evicted_states(contents.evicted, jax.tree.unflatten(treedef, contents.stacked))
     for stream_id, slot in contents.slots.items():  # saved least recently used first
         table.slot_of[stream_id] = slot
     taken = set(table.slot_of.values())

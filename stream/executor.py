@@ -127,19 +127,17 @@ class Executor:
         records.copy_to_host_async()
         return records, eager
 
-    def _move(self, plan: SlotPlan) -> list[Any]:
+    def _move(self, plan: SlotPlan) -> Any:
         """Runs in the worker thread: read evicted streams back to the host (waiting for
         the steps before) — all of them in one gather and one copy, however many a batch
-        of new streams evicts — then write returning streams into their slots."""
-        evicted: list[Any] = []
+        of new streams evicts — then write returning streams into their slots. Returns
+        the evicted rows (None: none)."""
+        rows = None
         if plan.evict:
             rows = self.step.snapshot(self.slab, [slot for slot, _ in plan.evict]).to_host()
-            evicted = [
-                jax.tree.map(lambda a, i=i: a[i].copy(), rows) for i in range(len(plan.evict))
-            ]
         for slot, state in plan.restore:
             self.slab = self.step.write_slot(self.slab, slot, state)
-        return evicted
+        return rows
 
     async def run(self, batcher: Batcher, send: MemoryObjectSendStream[Stepped]) -> None:
         """Step batches until the batcher is drained, then write a final checkpoint.
@@ -162,12 +160,9 @@ class Executor:
                 table.stepped(stream_ids, taken)
                 x, meta = self._assemble(batch, plan)
                 if plan.evict or plan.restore:
-                    evicted = await anyio.to_thread.run_sync(
-                        self._move, plan, limiter=self._limiter
-                    )
-                    for (_, stream_id), state in zip(plan.evict, evicted, strict=True):
-                        table.evicted_state(stream_id, state)
+                    rows = await anyio.to_thread.run_sync(self._move, plan, limiter=self._limiter)
                     if plan.evict:
+                        table.evicted_states([stream_id for _, stream_id in plan.evict], rows)
                         events.evicted(len(plan.evict))
                     if plan.restore:
                         events.restored(len(plan.restore))

@@ -14,9 +14,13 @@ import collections
 import dataclasses
 import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
+import jax
+import numpy as np
+
+from .hoststates import HostStates
 from .protocol import FrameRejected
 
 __all__ = ["SlotPlan", "StreamTable"]
@@ -65,7 +69,8 @@ class StreamTable:
         self.admitted_seq: dict[str, int] = {}  # last seq let into the pipeline
         self.processed_seq: dict[str, int] = {}  # last seq whose effect is in the state
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
-        self.evicted: dict[str, Any] = {}  # stream -> host state
+        self.host = HostStates()  # the evicted streams' states
+        self.evicted: dict[str, int | None] = {}  # stream -> its row in `host` (None: being read)
         self.free: list[int] = list(range(capacity - 1, -1, -1))
         self.restored: set[str] = set()  # restored from a checkpoint, flag not yet shown
         self.last_stepped: dict[str, int] = {}  # stream -> monotonic ns of its last step
@@ -153,10 +158,11 @@ class StreamTable:
             slot = self.free.pop()
             self.slot_of[stream_id] = slot
             plan.slots.append(slot)
-            state = self.evicted.pop(stream_id, None)
-            if state is not None:
-                plan.restore.append((slot, state))
-            plan.fresh.append(state is None)
+            row = self.evicted.pop(stream_id, None)
+            if row is not None:
+                plan.restore.append((slot, self.host.get(row)))
+                self.host.free(row)
+            plan.fresh.append(row is None)
         return plan
 
     def stepped(self, stream_ids: list[str], now_ns: int) -> None:
@@ -179,7 +185,10 @@ class StreamTable:
             slot = self.slot_of.pop(stream_id, None)
             if slot is not None:
                 self.free.append(slot)
-            for table in (self.evicted, self.processed_seq, self.admitted_seq, self.last_stepped):
+            row = self.evicted.pop(stream_id, None)
+            if row is not None:
+                self.host.free(row)
+            for table in (self.processed_seq, self.admitted_seq, self.last_stepped):
                 table.pop(stream_id, None)
             self.restored.discard(stream_id)
         return gone
@@ -198,15 +207,27 @@ class StreamTable:
         return False
 
     def evicted_state(self, stream_id: str, state: Any) -> None:
-        """Keep the host copy of an evicted stream's state (read by the executor)."""
-        self.evicted[stream_id] = state
+        """Keep the host copy of an evicted stream's state."""
+        self.evicted_states([stream_id], jax.tree.map(lambda a: np.asarray(a)[None], state))
+
+    def evicted_states(self, stream_ids: Sequence[str], states: Any) -> None:
+        """Keep the host copies of evicted streams' states (read by the executor, or from
+        a checkpoint): `states` is a state tree with one row per stream, in order."""
+        self.evicted.update(zip(stream_ids, self.host.put(states), strict=True))
+
+    def evicted_of(self, stream_id: str) -> Any:
+        """A copy of an evicted stream's state on the host (None: not there)."""
+        row = self.evicted.get(stream_id)
+        return None if row is None else self.host.get(row)
 
     def snapshot(self) -> StreamTable:
         """A copy of what a checkpoint saves (slots, evicted states, processed seq), safe
         to write from another thread while this table moves on."""
         copy = StreamTable(self.capacity, self.max_known)
         copy.slot_of = collections.OrderedDict(self.slot_of)
-        copy.evicted = dict(self.evicted)
+        held = [(s, row) for s, row in self.evicted.items() if row is not None]
+        if held:
+            copy.evicted_states([s for s, _ in held], self.host.gather([r for _, r in held]))
         copy.processed_seq = dict(self.processed_seq)
         return copy
 

@@ -47,7 +47,7 @@ def table_with(slots: dict[str, int]) -> StreamTable:
     for stream_id, slot in slots.items():
         table.slot_of[stream_id] = slot
         table.processed_seq[stream_id] = slot + 10
-    table.evicted["gone"] = {"a": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)}
+    table.evicted_state("gone", {"a": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)})
     table.processed_seq["gone"] = 3
     return table
 
@@ -72,7 +72,7 @@ def test_only_occupied_slots_are_saved_and_restored_into_them(tmp_path: Path) ->
     assert dict(table.slot_of) == slots
     assert sorted(table.free) == others
     assert table.processed_seq == {"x": 15, "y": 11, "z": 16, "gone": 3}
-    np.testing.assert_array_equal(table.evicted["gone"]["b"], np.ones(4))
+    np.testing.assert_array_equal(table.evicted_of("gone")["b"], np.ones(4))
 
 
 def test_a_format_1_file_with_every_slot_still_loads(tmp_path: Path) -> None:
