@@ -3,7 +3,7 @@ moment per frame, as pure per-stream steps batched with `jax.vmap` and compiled 
 time over a device-resident state slab."""
 
 from .body_schema import BodySchemaOutput, BodySchemaProcessor, BodyState
-from .build import build_model, model_fingerprint
+from .build import abstract_model, build_model, model_fingerprint
 from .config import (
     MAX_DIM,
     MODEL_BOUNDS,
@@ -67,6 +67,7 @@ __all__ = [
     "TemporalOutput",
     "TemporalProcessor",
     "TemporalState",
+    "abstract_model",
     "build_model",
     "create_body_schema_processor",
     "create_body_schema_processor_no_jit",

@@ -7,11 +7,12 @@ listener (that is how the daemon counts `jit_fallback_total`), and it can be swi
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -141,32 +142,53 @@ class CompilationCounter:
     """Counts the executables JAX builds in this process, split at `seal()`.
 
     Before `seal()` a compilation counts as warm-up; after, as runtime — which the
-    daemon requires to stay zero. `listener(phase)` is called for every compilation.
-    Use as a context manager, or call `close()`, to stop counting.
+    daemon requires to stay zero — except on a thread inside `in_background()`: there it
+    counts as background, the executables the daemon still compiles on purpose, off the
+    hot path, after it became ready. `listener(phase)` is called for every compilation
+    (`"warmup"`, `"background"` or `"runtime"`). Use as a context manager, or call
+    `close()`, to stop counting.
     """
 
     def __init__(self, listener: Callable[[str], None] | None = None) -> None:
         self.warmup = 0
+        self.background = 0
         self.runtime = 0
         self.sealed = False
         self._listener = listener
         self._lock = threading.Lock()
+        self._local = threading.local()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event != LOWERING_EVENT:
             return
         with self._lock:
-            phase = "runtime" if self.sealed else "warmup"
-            if self.sealed:
-                self.runtime += 1
-            else:
+            if not self.sealed:
+                phase = "warmup"
                 self.warmup += 1
+            elif getattr(self._local, "background", False):
+                phase = "background"
+                self.background += 1
+            else:
+                phase = "runtime"
+                self.runtime += 1
         if self._listener is not None:
             self._listener(phase)
 
+    @contextlib.contextmanager
+    def in_background(self) -> Iterator[None]:
+        """Compilations by the calling thread inside the block count as background once
+        sealed (the thread's own: JAX reports a compilation on the thread that asked for
+        it, so the hot path's stay runtime)."""
+        before = getattr(self._local, "background", False)
+        self._local.background = True
+        try:
+            yield
+        finally:
+            self._local.background = before
+
     def seal(self) -> None:
-        """From now on every compilation counts as runtime."""
+        """From now on every compilation counts as runtime (or background)."""
         self.sealed = True
 
     def close(self) -> None:

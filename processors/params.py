@@ -34,7 +34,8 @@ def save_params(model: eqx.Module, path: str | os.PathLike[str]) -> None:
 
 
 def load_params(like: M, path: str | os.PathLike[str]) -> M:
-    """Read parameters saved by `save_params` into a model shaped like `like`.
+    """Read parameters saved by `save_params` into a model shaped like `like` (a model, or
+    its structure with `jax.ShapeDtypeStruct` leaves: `processors.abstract_model`).
 
     **Raises:** `ParamsMismatchError` naming the first array whose shape or dtype differs
     (for example a file saved with another `state_dim`), or when the file has too few or
@@ -44,7 +45,7 @@ def load_params(like: M, path: str | os.PathLike[str]) -> M:
 
     def check(f: BinaryIO, leaf: Any) -> Any:
         value = eqx.default_deserialise_filter_spec(f, leaf)
-        if isinstance(leaf, (jax.Array, np.ndarray)) and (
+        if isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) and (
             value.shape != leaf.shape or value.dtype != leaf.dtype
         ):
             raise ParamsMismatchError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,6 +74,20 @@ def _gather_rows(slab: EnactiveState, slots: jax.Array) -> EnactiveState:
     return jax.tree.map(lambda s: s[slots], slab)
 
 
+def _array_like(x: Any) -> bool:
+    """An array, or the shape of one (the leaves of `processors.abstract_model`)."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _spec(leaf: Any, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(
+        np.shape(leaf),
+        leaf.dtype,
+        sharding=sharding,
+        weak_type=bool(getattr(leaf, "weak_type", False)),
+    )
+
+
 SNAPSHOT_ROWS = 256
 """Slab rows one compiled snapshot gather copies (a snapshot takes as many as it needs)."""
 
@@ -106,10 +121,17 @@ class SlabStep:
     slab, records, eager = step(slab, x, meta)   # x, meta sized to a compiled bucket
     ```
 
+    Buckets can also be compiled one at a time (`compile_bucket`, then `compile_helpers`
+    once), from another thread while this one serves: only buckets already compiled are
+    ever used (`ready_buckets`, `bucket_for`), and nothing here compiles on a call. The
+    compilation needs only the model's shapes, so `model` may be its structure
+    (`processors.abstract_model`), with the parameters given later by `bind(model)`,
+    before anything runs.
+
     **Arguments:**
 
     - `model`: the `EnactiveModel` (its parameters travel as an argument, not as
-        constants baked into the executables).
+        constants baked into the executables), or its structure: `bind` the model later.
     - `buckets`: batch sizes to compile, e.g. `(1, 8, 32, 64, 96, 128, 192, 256)`.
     - `capacity`: streams the slab holds; rounded up to a multiple of the device count.
     - `devices`: devices to shard the slab and the batches over (default: the first
@@ -131,7 +153,7 @@ class SlabStep:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"buckets = {list(buckets)!r}: need one or more positive sizes")
         self.model = model
-        self.params, self.static = eqx.partition(model, eqx.is_array)
+        self.params, self.static = eqx.partition(model, _array_like)
         self.buckets = tuple(sorted(set(buckets)))
         devices = list(devices) if devices else jax.local_devices()[:1]
         self.mesh = Mesh(np.array(devices), ("d",))
@@ -144,22 +166,57 @@ class SlabStep:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._split = NamedSharding(self.mesh, PartitionSpec("d"))
         self._on_fallback = on_fallback
-        self._host_fresh = jax.device_get(model.init_state())
-        self._slab_sharding = jax.tree.map(lambda _: self._split, self._host_fresh)
-        self._params = jax.device_put(self.params, self._replicated)
-        # The executables take the parameters as a flat list: flattening the module tree
-        # on every call cost ~60 µs of Python per step (53 leaves behind Equinox's
-        # attribute machinery).
-        self._param_leaves, self._param_def = jax.tree.flatten(self._params)
+        # What the executables are compiled for: shapes, dtypes and placements only.
+        leaves, self._param_def = jax.tree.flatten(self.params)
+        self._param_specs = [_spec(leaf, self._replicated) for leaf in leaves]
+        self._fresh_spec = eqx.filter_eval_shape(lambda m: m.init_state(), model)
+        self._slab_sharding = jax.tree.map(lambda _: self._split, self._fresh_spec)
         self.executables: dict[int, Any] = {}
         self.eager_buckets: dict[int, str] = {}
         self.compile_seconds: dict[int, float] = {}
+        self._ready: tuple[int, ...] = ()
+        self._ready_lock = threading.Lock()
         self._read: Any = None
         self._write: Any = None
         self._gather: Any = None
         self._no_rows = jax.tree.map(  # the host rows of a snapshot of no slots
-            lambda leaf: np.empty((0, *np.shape(leaf)), np.asarray(leaf).dtype), self._host_fresh
+            lambda leaf: np.empty((0, *leaf.shape), leaf.dtype), self._fresh_spec
         )
+        self._params: Any = None
+        self._param_leaves: list[jax.Array] = []
+        self._host_fresh: Any = None
+        if not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+            self.bind(model)
+
+    def bind(self, model: EnactiveModel) -> None:
+        """Give the parameters of a step built from the model's structure (`model` must
+        have that structure, array for array). Done by the constructor for a model.
+
+        **Raises:** `ValueError` when `model` does not fit.
+        """
+        params, static = eqx.partition(model, eqx.is_array)
+        leaves, treedef = jax.tree.flatten(params)
+        specs = [(spec.shape, np.dtype(spec.dtype)) for spec in self._param_specs]
+        trees: list[Any] = [treedef, jax.tree.structure(static)]
+        fits = (
+            trees == [self._param_def, jax.tree.structure(self.static)]
+            and [(np.shape(leaf), np.dtype(leaf.dtype)) for leaf in leaves] == specs
+        )
+        if not fits:
+            raise ValueError("the model does not have the structure this step was built for")
+        self.model = model
+        self.params = params
+        self._host_fresh = jax.device_get(model.init_state())
+        self._params = jax.device_put(params, self._replicated)
+        # The executables take the parameters as a flat list: flattening the module tree
+        # on every call cost ~60 µs of Python per step (53 leaves behind Equinox's
+        # attribute machinery).
+        self._param_leaves = jax.tree.leaves(self._params)
+
+    @property
+    def bound(self) -> bool:
+        """Whether the parameters are there (`bind`): the step can run."""
+        return self._params is not None
 
     # -- shapes -----------------------------------------------------------------------
 
@@ -169,17 +226,34 @@ class SlabStep:
     def _slab_spec(self) -> Any:
         return jax.tree.map(
             lambda leaf, sh: jax.ShapeDtypeStruct(
-                (self.capacity, *np.shape(leaf)), np.asarray(leaf).dtype, sharding=sh
+                (self.capacity, *leaf.shape), leaf.dtype, sharding=sh
             ),
-            self._host_fresh,
+            self._fresh_spec,
             self._slab_sharding,
         )
 
+    @property
+    def ready_buckets(self) -> tuple[int, ...]:
+        """The buckets a batch may use now, increasing: compiled (or fallen back to eager
+        execution). All of `buckets` once `compile()` returned."""
+        return self._ready
+
+    @property
+    def largest_ready(self) -> int:
+        """The largest bucket in `ready_buckets` (0 when none is)."""
+        return self._ready[-1] if self._ready else 0
+
     def bucket_for(self, n: int) -> int:
-        """The smallest compiled bucket that holds `n` rows (the largest if none does:
-        the caller then splits)."""
-        i = bisect.bisect_left(self.buckets, n)
-        return self.buckets[min(i, len(self.buckets) - 1)]
+        """The smallest ready bucket that holds `n` rows (the largest ready one if none
+        does: the caller then splits). Never a bucket not compiled yet.
+
+        **Raises:** `RuntimeError` when no bucket is ready.
+        """
+        ready = self._ready
+        if not ready:
+            raise RuntimeError("no bucket is compiled yet")
+        i = bisect.bisect_left(ready, n)
+        return ready[min(i, len(ready) - 1)]
 
     # -- compilation ------------------------------------------------------------------
 
@@ -193,7 +267,7 @@ class SlabStep:
             out_shardings=(self._slab_sharding, sh),
         )
         return fn.lower(
-            self._param_leaves,
+            self._param_specs,
             self._slab_spec(),
             jax.ShapeDtypeStruct((bucket, self.input_width), np.float32, sharding=sh),
             jax.ShapeDtypeStruct((bucket, 2), np.int32, sharding=sh),
@@ -207,19 +281,37 @@ class SlabStep:
         **Returns:** `{bucket: seconds}`; `progress(bucket, seconds)` is called after each.
         """
         for bucket in self.buckets:
-            t0 = time.perf_counter()
-            try:
-                self.executables[bucket] = self._lower(bucket).compile()
-            except Exception as e:
-                self._fall_back(bucket, e)
-            seconds = time.perf_counter() - t0
-            self.compile_seconds[bucket] = seconds
+            seconds = self.compile_bucket(bucket)
             if progress is not None:
                 progress(bucket, seconds)
+        self.compile_helpers()
+        return dict(self.compile_seconds)
+
+    def compile_bucket(self, bucket: int) -> float:
+        """Compile one bucket (or, if that fails, report it through `on_fallback` and serve
+        it by eager execution), then make it ready. Safe from another thread than the one
+        that runs the step.
+
+        **Returns:** the seconds it took.
+        """
+        if bucket not in self.buckets:
+            raise ValueError(f"{bucket} is not one of the buckets {self.buckets}")
+        t0 = time.perf_counter()
+        try:
+            self.executables[bucket] = self._lower(bucket).compile()
+        except Exception as e:
+            self._fall_back(bucket, e)
+        seconds = time.perf_counter() - t0
+        self.compile_seconds[bucket] = seconds
+        with self._ready_lock:  # the executable first, then the bucket that uses it
+            self._ready = tuple(sorted({*self._ready, bucket}))
+        return seconds
+
+    def compile_helpers(self) -> None:
+        """Compile the slot read/write helpers used for eviction and the row gather used
+        for checkpoints (before serving)."""
         slab, slot = self._slab_spec(), jax.ShapeDtypeStruct((), np.int32)
-        state = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), self._host_fresh
-        )
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._fresh_spec)
         self._read = jax.jit(_read_slot).lower(slab, slot).compile()
         self._write = (
             jax.jit(_write_slot, donate_argnums=(0,), out_shardings=self._slab_sharding)
@@ -228,7 +320,6 @@ class SlabStep:
         )
         rows = jax.ShapeDtypeStruct((min(SNAPSHOT_ROWS, self.capacity),), np.int32)
         self._gather = jax.jit(_gather_rows).lower(slab, rows).compile()
-        return dict(self.compile_seconds)
 
     def _fall_back(self, bucket: int, error: Exception) -> None:
         reason = type(error).__name__
@@ -241,6 +332,8 @@ class SlabStep:
 
     def host_slab(self) -> Any:
         """A slab of `capacity` fresh streams as host numpy arrays."""
+        if self._host_fresh is None:
+            raise RuntimeError("the step has no parameters yet: bind(model) first")
         return jax.tree.map(
             lambda leaf: np.broadcast_to(leaf, (self.capacity, *np.shape(leaf))).copy(),
             self._host_fresh,
@@ -299,7 +392,9 @@ class SlabStep:
         bucket = x.shape[0]
         exe = self.executables.get(bucket)
         if exe is None and bucket not in self.eager_buckets:
-            raise KeyError(f"batch size {bucket} is not a compiled bucket {self.buckets}")
+            raise KeyError(f"batch size {bucket} is not a compiled bucket {self._ready}")
+        if self._params is None:
+            raise RuntimeError("the step has no parameters yet: bind(model) first")
         if exe is not None:
             try:
                 # Host arrays go straight in: the executable places them by its own input

@@ -3,10 +3,10 @@
 Frames are collected into the *current* batch in arrival order, at most one per stream;
 a frame whose stream is already in the current batch is held back (in order) for a later
 batch, so every stream's frames are stepped in order. The executor *pulls*: a batch is
-handed over when the executor asks for one and the batch is full (the largest bucket) or
-its oldest frame has waited `max_wait` since it was received. While the executor is busy
-the current batch keeps growing — the next batch forms while this one computes (the
-"model instance available" rule of Triton's dynamic batcher).
+handed over when the executor asks for one and the batch is full (the largest compiled
+bucket) or its oldest frame has waited `max_wait` since it was received. While the
+executor is busy the current batch keeps growing — the next batch forms while this one
+computes (the "model instance available" rule of Triton's dynamic batcher).
 
 A `FrameRun` (like frames from one TCP read) whose streams are distinct and neither in
 the current batch nor held back joins the batch whole, as one piece: no object per frame
@@ -113,7 +113,8 @@ class Batch:
 class Batcher:
     """**Arguments:**
 
-    - `max_batch`: the largest compiled bucket; a batch never exceeds it.
+    - `max_batch`: the largest bucket; a batch never exceeds it (nor, while buckets
+        still compile, the largest compiled one: `set_largest_bucket`).
     - `max_wait_s`: how long the oldest frame of a batch may wait for company.
     - `limit`: frames held at most (default 4 × `max_batch`).
     - `clock`: nanosecond clock matching `Frame.received_ns` (default `time.monotonic_ns`).
@@ -134,6 +135,8 @@ class Batcher:
     ) -> None:
         self.max_batch = max_batch
         self._largest = max_batch
+        self._cap = max_batch  # asked for (adaptive batching)
+        self._ceiling = max_batch  # the largest bucket compiled so far
         self.max_wait_ns = int(max_wait_s * 1e9)
         self.limit = limit if limit is not None else 4 * max_batch
         self._clock = clock
@@ -166,7 +169,15 @@ class Batcher:
 
     def set_max_batch(self, n: int) -> None:
         """Change the batch cap online (adaptive batching); at most the initial one."""
-        self.max_batch = max(1, min(n, self._largest))
+        self._cap = max(1, min(n, self._largest))
+        self.max_batch = min(self._cap, self._ceiling)
+        self.wake()
+
+    def set_largest_bucket(self, n: int) -> None:
+        """The largest bucket compiled so far: no batch exceeds it (frames beyond it wait
+        for the next batch) until it grows, as the other buckets finish compiling."""
+        self._ceiling = max(1, min(n, self._largest))
+        self.max_batch = min(self._cap, self._ceiling)
         self.wake()
 
     def idle(self, idle: bool) -> None:

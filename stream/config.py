@@ -279,12 +279,16 @@ buckets (16, 48, 80) gained nothing more and pushed a warm restart past 3 s
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BatchingConfig:
-    """`[batching]`: fixed batch buckets and the batch deadline."""
+    """`[batching]`: fixed batch buckets and the batch deadline. With
+    `serve_while_compiling` the daemon is ready once its first bucket (the largest) is
+    compiled and compiles the others while it serves (batches use only the compiled
+    ones); without, it becomes ready once every bucket is compiled."""
 
     buckets: tuple[int, ...] = _f(DEFAULT_BUCKETS, _IntList(None, 1, 65536))
     max_wait_ms: float = _f(0.5, _Float(0, 1000))
     adaptive: bool = _f(False, _Bool())
     slo_p99_ms: float = _f(5.0, _Float(0, 60000, lo_open=True))
+    serve_while_compiling: bool = _f(True, _Bool())
 
 
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(processors.ModelConfig)}

@@ -5,17 +5,28 @@
               │ run()
               ├─ HTTP /metrics /healthz /readyz      (up first: 503 and what it is doing
               │                                     until ready)
-              ├─ prepare (worker thread)            build the model, compile every bucket,
-              │                                     restore the checkpoint
+              ├─ compile (a thread of its own)      the buckets, the largest first (from the
+              │                                     model's shapes: no values needed), and
+              │                                     after the first the slot helpers
+              ├─ prepare (worker thread, meanwhile) build the model (or read its cached
+              │                                     initialisation), restore the checkpoint
               ├─ serve: Pipeline(sources, sinks)    stream/pipeline.py draws the stages
-              │    ready: /readyz 200, ready file, READY=1, status line every second
+              │    ready: /readyz 200, ready file, READY=1, status line every second —
+              │    once the first bucket is compiled (`batching.serve_while_compiling`,
+              │    else once all are); batches use the compiled buckets only; the others
+              │    compile from then on, at the lowest CPU priority
               ├─ SIGHUP                             logged and ignored (no reload)
               └─ SIGTERM/SIGINT/request_stop()      STOPPING=1, stop the sources, drain,
                                                     final checkpoint, exit
 ```
 
-Progress (`starting`, `compiling: 3/8 buckets`, `ready`, `draining`) goes to the status
-callable (the log), to `/readyz`, and to the service manager (`stream/notify.py`).
+Progress (`starting`, `compiling: 1/8 buckets, building the model`, `ready: 3/8 buckets
+compiled, compiling the rest`, `ready`, `draining`) goes to the status callable (the log),
+to `/readyz`, and to the service manager (`stream/notify.py`).
+
+No bucket is used before it is compiled, and the hot path never compiles: compilations
+after ready count as `runtime` (which must stay 0), except the compile thread's, which
+count as `background` (`processors.CompilationCounter.in_background`).
 
 Everything between a frame's arrival and its moment's emission is the pipeline's; this
 module only builds it from the configuration and runs it.
@@ -23,6 +34,8 @@ module only builds it from the configuration and runs it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import gc
 import json
 import logging
@@ -58,9 +71,25 @@ from .status import StatusLine
 from .streams import StreamTable
 from .xla import xla_backend_started, xla_cpu_threads
 
-__all__ = ["Daemon", "sink_names"]
+__all__ = ["Daemon", "compile_order", "sink_names"]
 
 log = logging.getLogger(__name__)
+
+
+def compile_order(buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The order the daemon compiles its buckets in: the largest first, then the others
+    from the smallest up.
+
+    Each takes about as long to compile as any other, and the daemon serves from the
+    first: the largest takes any batch, so whatever the load the daemon keeps up while
+    the rest compile (a small batch pads up to it: a slower step, not a backlog). The
+    smallest alone could not: bucket 1 carried ~1,500 frames/s through the pipeline on
+    the 2-core reference machine, a quarter of the embedded default's synthetic 6,400,
+    and the backlog grew by seconds (docs/benchmarks.md, "Start-up"). Then the smallest
+    up: each takes the batches below it off the padded largest.
+    """
+    ordered = sorted(set(buckets))
+    return (ordered[-1], *ordered[:-1])
 
 
 def sink_names(config: Config) -> tuple[str, ...]:
@@ -81,12 +110,14 @@ class Daemon:
     - `config`: the validated configuration.
     - `metrics`: where to count (default: a fresh `Metrics` on its own registry, with
         series for the configured sources and sinks).
-    - `status`: called with each line of progress (starting, each bucket compiled,
-        ready, SIGHUP ignored, stopped) and with one line of live status every
-        `log.status_interval_s` (default: the `stream.daemon` logger at INFO). Compile
-        progress comes from a worker thread.
+    - `status`: called with each line of progress (starting, each bucket compiled, the
+        model built, ready, all buckets compiled, SIGHUP ignored, stopped) and with one
+        line of live status every `log.status_interval_s` (default: the `stream.daemon`
+        logger at INFO). The model's line comes from a worker thread, the rest from the
+        event loop: it must not block.
     - `ready_file`: when set, the bound ports are written there (JSON, atomically) once
-        the daemon is ready — so a supervisor or a test can use port 0.
+        the daemon is ready (serving, perhaps with buckets still compiling: `/readyz`
+        says `ready` once they are all in) — so a supervisor or a test can use port 0.
     - `notifier`: the service manager to tell about start-up, readiness and stopping
         (default: `NOTIFY_SOCKET`'s, which does nothing when it is unset).
     - `discard_checkpoint`: move the checkpoint files in `state.dir` aside (renamed with a
@@ -142,6 +173,10 @@ class Daemon:
         self.ports: dict[str, int] = {}
         self._stop = anyio.Event()
         self.counter: CompilationCounter | None = None
+        self._step: SlabStep | None = None
+        self._pipeline: Pipeline | None = None
+        self._serving = anyio.Event()  # ready once: the rest compiles from then on
+        self._compiled_buckets: list[int] = []  # as announced, on the event loop
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -150,10 +185,19 @@ class Daemon:
         self._stop.set()
 
     def progress(self) -> str:
-        """One line: `starting`, `compiling: 3/8 buckets`, …, `ready` or `draining`."""
+        """One line: `starting`, `compiling: 3/8 buckets, building the model`, …, `ready:
+        3/8 buckets compiled, compiling the rest`, `ready` or `draining`."""
         if self._stop.is_set():
             return "draining"
-        return "ready" if self.ready else self._phase
+        step = self._step
+        if step is None:
+            return "ready" if self.ready else self._phase
+        buckets = f"{len(self._compiled_buckets)}/{len(step.buckets)} buckets"
+        if self.ready:
+            if len(self._compiled_buckets) == len(step.buckets):
+                return "ready"
+            return f"ready: {buckets} compiled, compiling the rest"
+        return ", ".join(part for part in (f"compiling: {buckets}", self._phase) if part)
 
     async def run(
         self, *, task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED
@@ -177,10 +221,21 @@ class Daemon:
                         self._is_ready,
                     )
                 outer.start_soon(self._signals)
-                step, table, slab = await anyio.to_thread.run_sync(self._prepare)
+                devices = await anyio.to_thread.run_sync(self._devices)
+                # The model first (the longest part of a cold start), the step and its
+                # compilation beside it; then the checkpoint, into the model's slab.
+                built: list[Any] = []
+                built_event = anyio.Event()
+                outer.start_soon(self._build, built, built_event)
+                step = await anyio.to_thread.run_sync(self._make_step, devices)
+                compiled = anyio.Event()  # enough buckets to serve
+                outer.start_soon(self._compile, step, compiled)
+                await built_event.wait()  # (a failure cancels this wait: the error is its)
+                table, slab = await anyio.to_thread.run_sync(self._prepare, step, built[0])
+                await compiled.wait()
                 with pinned({self.cpus.loop} if self.cpus else None):
                     await self._serve(step, table, slab, counter, task_status)
-                outer.cancel_scope.cancel()
+                outer.cancel_scope.cancel()  # (a compilation under way is finished first)
         finally:
             counter.close()
             self._set_ready(False)
@@ -188,9 +243,11 @@ class Daemon:
                 self._notifier.stopping()
             self._notifier.close()
 
-    # -- prepare: build, compile, restore (in a worker thread: it takes seconds) -----------
+    # -- prepare: build the model, compile beside it, restore (worker threads: seconds) -----
 
-    def _prepare(self) -> tuple[SlabStep, StreamTable, Any]:
+    def _devices(self) -> list[jax.Device]:
+        """The devices to run on (the compilation cache on first: every compilation from
+        here on is cached)."""
         cfg = self.config
         processors.enable_compilation_cache(cfg.device.compilation_cache_dir)
         devices = jax.local_devices()
@@ -199,20 +256,76 @@ class Daemon:
                 f"device.count = {cfg.device.count}: only {len(devices)} "
                 f"local {jax.default_backend()} device(s) present"
             )
+        return devices[: cfg.device.count]
+
+    async def _build(self, built: list[Any], done: anyio.Event) -> None:
+        """Build the model (or read its cached initialisation) in a worker thread, into
+        `built`; then set `done`."""
+        built.append(await anyio.to_thread.run_sync(self._build_model))
+        done.set()
+
+    def _build_model(self) -> Any:
+        cfg = self.config
+        self._phase = "building the model"
+        t0 = time.monotonic()
         model = processors.build_model(
-            cfg.model_config, seed=cfg.model.seed, params=cfg.model.params or None
+            cfg.model_config,
+            seed=cfg.model.seed,
+            params=cfg.model.params or None,
+            cache_dir=cfg.device.compilation_cache_dir,
         )
+        self._say(f"built the model in {time.monotonic() - t0:.2f} s")
+        return model
+
+    def _make_step(self, devices: list[jax.Device]) -> SlabStep:
+        """The step, from the model's structure: compiling needs its shapes only."""
+        cfg = self.config
         step = SlabStep(
-            model,
+            processors.abstract_model(cfg.model_config),
             buckets=cfg.batching.buckets,
             capacity=cfg.state.max_streams,
-            devices=devices[: cfg.device.count],
+            devices=devices,
             on_fallback=self._on_fallback,
         )
-        self.metrics.watch_devices(devices[: cfg.device.count])  # memory read at scrape time
-        self._phase = f"compiling: 0/{len(step.buckets)} buckets"
+        self.metrics.watch_devices(devices)  # memory read at scrape time
+        self._step = step
         self._say(f"compiling {len(step.buckets)} buckets {step.buckets} on {self._where()}…")
-        step.compile(lambda bucket, seconds: self._compiled(step, bucket, seconds))
+        return step
+
+    async def _compile(self, step: SlabStep, enough: anyio.Event) -> None:
+        """Compile the buckets one after another on the compile thread (the slot helpers
+        right after the first); set `enough` once the daemon may serve.
+
+        Serving while compiling, the other buckets wait until the daemon is ready: the
+        first moment needs the model too, and on a busy host more compilation beside its
+        building (tens of small compilations) only slows it down (one cold start each on
+        the 2-core reference machine: 23.9 s to ready with every bucket compiling beside
+        the model, 11.4 s with the first alone).
+        """
+        assert self.counter is not None
+        cpus = {self.cpus.loop, *self.cpus.compute} if self.cpus else None
+        compiler = _Compiler(self.counter, cpus)
+        try:
+            for i, bucket in enumerate(compile_order(step.buckets)):
+                if self._stop.is_set() and enough.is_set():
+                    return  # stopping: what is compiled serves the drain
+                seconds = await compiler.run(step.compile_bucket, bucket)
+                self._compiled(step, bucket, seconds)
+                if i == 0:
+                    await compiler.run(step.compile_helpers)
+                    if self.config.batching.serve_while_compiling:
+                        enough.set()
+                        await self._serving.wait()
+                        compiler.yield_to_the_hot_path()
+            enough.set()
+        finally:
+            compiler.close()
+        after = time.monotonic() - self._started
+        self._say(f"all {len(step.buckets)} buckets compiled, {after:.1f} s after start")
+
+    def _prepare(self, step: SlabStep, model: Any) -> tuple[StreamTable, Any]:
+        cfg = self.config
+        step.bind(model)
         self._phase = "restoring the checkpoint"
         table = StreamTable(
             step.capacity,
@@ -232,7 +345,9 @@ class Daemon:
         )
         if restored is not None:
             self._say(f"restored {len(table.processed_seq)} streams from {restored.path}")
-        return step, table, step.put_slab(fresh if restored is None else restored.slab)
+        slab = step.put_slab(fresh if restored is None else restored.slab)
+        self._phase = ""
+        return table, slab
 
     def _where(self) -> str:
         backend = jax.default_backend()
@@ -245,11 +360,14 @@ class Daemon:
         return where
 
     def _compiled(self, step: SlabStep, bucket: int, seconds: float) -> None:
+        """On the event loop, once `bucket` is ready: batches may grow to it."""
         self.metrics.set_compile_seconds(bucket, seconds)
-        done = sum(1 for b in step.buckets if b in step.compile_seconds)
-        total = len(step.buckets)
-        self._phase = f"compiling: {done}/{total} buckets"
+        self.metrics.set_bucket_ready(bucket)
+        self._compiled_buckets.append(bucket)  # what progress() and the log say
+        done, total = len(self._compiled_buckets), len(step.buckets)
         self._say(f"compiled bucket {bucket:>5} ({done}/{total}) in {seconds:.2f} s")
+        if self._pipeline is not None:
+            self._pipeline.buckets_compiled()
 
     def _fingerprint(self, step: SlabStep) -> dict[str, Any]:
         return processors.model_fingerprint(self.config.model_config, step.capacity)
@@ -301,9 +419,11 @@ class Daemon:
             checkpoint=checkpoint,
             on_adapt=adapted,
         )
+        self._pipeline = pipeline  # told of each bucket compiled from now on
         for stage, depth in pipeline.queue_depths().items():
             metrics.watch_queue(stage, depth)
         metrics.active_streams.set_function(lambda: table.active)  # read at scrape time
+        metrics.known_streams.set_function(lambda: len(table.admitted_seq))
         metrics.unsaved_age.set_function(pipeline.executor.unsaved_age_s)
         self._phase = "starting the pipeline"
         async with anyio.create_task_group() as tg:
@@ -321,6 +441,7 @@ class Daemon:
                 self._set_ready(True)
                 self._write_ready_file()
                 self._announce_ready()
+                self._serving.set()
             task_status.started(dict(self.ports))
             async with anyio.create_task_group() as serving:
                 if cfg.log.status_interval_s > 0:
@@ -439,6 +560,11 @@ class Daemon:
     def _announce_ready(self) -> None:
         ports = ", ".join(f"{name} {port}" for name, port in self.ports.items())
         line = f"ready in {time.monotonic() - self._started:.1f} s: {ports}"
+        step = self._step
+        if step is not None and len(self._compiled_buckets) < len(step.buckets):
+            rest = len(step.buckets) - len(self._compiled_buckets)
+            buckets = ", ".join(map(str, sorted(self._compiled_buckets)))
+            line += f"; buckets {buckets} compiled, {rest} more compiling"
         self._status(line)
         self._notifier.ready(line)
 
@@ -456,6 +582,46 @@ class Daemon:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({**self.ports, "pid": os.getpid()}))
         os.replace(tmp, path)
+
+
+class _Compiler:
+    """The thread the daemon compiles on: a thread of its own, on every CPU, so that once
+    the daemon serves it can take the lowest CPU priority (`nice` 19: the event loop and
+    XLA's threads first, compilation in the time they leave) without lowering a thread
+    that does anything else. Its compilations count as background once the daemon is
+    ready (`CompilationCounter.in_background`), never as the hot path's."""
+
+    def __init__(self, counter: CompilationCounter, cpus: set[int] | None) -> None:
+        self._counter = counter
+        self._nice = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="enactive-compile", initializer=self._start, initargs=(cpus,)
+        )
+
+    @staticmethod
+    def _start(cpus: set[int] | None) -> None:
+        if cpus is not None:  # every CPU the process has, whatever thread started it
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+
+    def yield_to_the_hot_path(self) -> None:
+        """From the next compilation on, run at the lowest priority (one way: an
+        unprivileged process cannot raise it again)."""
+        self._nice = True
+
+    async def run(self, compile: Callable[..., Any], *args: Any) -> Any:
+        future = self._pool.submit(self._call, compile, *args)
+        return await anyio.to_thread.run_sync(future.result)
+
+    def _call(self, compile: Callable[..., Any], *args: Any) -> Any:
+        if self._nice and hasattr(os, "setpriority"):
+            with contextlib.suppress(OSError):  # Linux: the calling thread's nice value
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        with self._counter.in_background():
+            return compile(*args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _CheckpointLog(Listener):

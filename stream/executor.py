@@ -107,7 +107,9 @@ class Executor:
 
     def _assemble(self, batch: Batch, plan: SlotPlan) -> tuple[np.ndarray, np.ndarray]:
         n = len(batch)
-        bucket = self.step.bucket_for(n)
+        bucket = self.step.bucket_for(n)  # compiled ones only
+        if n > bucket:  # the batcher keeps batches within the largest compiled bucket
+            raise RuntimeError(f"a batch of {n} frames exceeds the compiled buckets")
         x = np.zeros((bucket, self.step.input_width), np.float32)
         meta = np.zeros((bucket, 2), np.int32)
         # Straight into `x` (a C-contiguous view): ~3× cheaper than `np.stack` of the rows.

@@ -32,8 +32,10 @@ Each is counted in `enactive_connections_limited_total{listener="metrics.listen"
 | `GET /metrics`   | 200, `text/plain; version=0.0.4`, the Prometheus exposition    |
 |                  | (401 without an identity allowed to scrape, with identities)   |
 | `GET /healthz`   | 200 `ok` while the event loop serves (liveness)                |
-| `GET /readyz`    | 200 `ready` when `readiness()` is true, else 503 and what it   |
-|                  | is doing (`progress()`, e.g. `compiling: 3/8 buckets`)         |
+| `GET /readyz`    | 200 `ready` when `readiness()` is true (or `progress()` when it |
+|                  | starts with `ready`, e.g. `ready: 3/8 buckets compiled, …`),   |
+|                  | else 503 and what it is doing (`progress()`, e.g.              |
+|                  | `compiling: 3/8 buckets, building the model`)                  |
 | other path       | 404                                                            |
 | other method     | 405 (`HEAD` is answered like `GET`, without a body)            |
 """
@@ -116,9 +118,11 @@ async def serve_http(
         `limited(listener, reason)`, which counts what the limits below refuse).
     - `readiness`: called per `/readyz` request; true means ready. An exception means
         not ready.
-    - `progress`: called per `/readyz` request that is not ready; one line for the 503
-        body saying why (`starting`, `compiling: 3/8 buckets`, `draining`). Default, or
-        when it raises: `not ready`.
+    - `progress`: called per `/readyz` request; one line for the 503 body saying why
+        (`starting`, `compiling: 3/8 buckets, building the model`, `draining`), and for
+        the 200 body when it starts with `ready` (`ready: 3/8 buckets compiled,
+        compiling the rest`; else the body is `ready`). Default, or when it raises: `not
+        ready` (and `ready`).
     - `tls`: serve HTTPS with this context (`stream.security.Security.metrics_tls`);
         None: plain HTTP.
     - `identities`: answer `/metrics` only to an identity with `metrics = true`, named by
@@ -355,12 +359,21 @@ def _route(
         except Exception:
             log.exception("readiness check failed")
             ready = False
-        return (200, _TEXT, b"ready\n") if ready else (503, _TEXT, _not_ready(progress))
+        if ready:
+            return 200, _TEXT, _ready(progress)
+        return 503, _TEXT, _progress(progress, "not ready")
     return 404, _TEXT, b"not found\n"
 
 
-def _not_ready(progress: Callable[[], str] | None) -> bytes:
-    text = "not ready"
+def _ready(progress: Callable[[], str] | None) -> bytes:
+    """`ready`, or the progress line when it says more about being ready (`ready: 3/8
+    buckets compiled, compiling the rest`)."""
+    body = _progress(progress, "ready")
+    return body if body.startswith(b"ready") else b"ready\n"
+
+
+def _progress(progress: Callable[[], str] | None, default: str) -> bytes:
+    text = default
     if progress is not None:
         try:
             text = " ".join(progress().split()) or text  # one line

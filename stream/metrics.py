@@ -78,7 +78,7 @@ LIMIT_REASONS = (
 )
 DROP_REASONS = ("overload",)
 STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
-PHASES = ("warmup", "runtime")
+PHASES = ("warmup", "background", "runtime")
 SINK_DROP_REASONS = ("slow_sink", "slow_subscriber", "disconnected", "error")
 JIT_PROCESSORS = ("temporal", "body_schema", "slab_step")
 # `kind` label of `enactive_device_memory_bytes` -> key of `jax.Device.memory_stats()`.
@@ -191,8 +191,8 @@ class Metrics:
     - `sinks`: the names of the configured sinks (e.g. `("tcp",)`); likewise for
         `moments_emitted_total` and `moments_dropped_total` (× every sink drop reason),
         with `SINKS`.
-    - `buckets`: the batch buckets (batch sizes, ints); `batches_total` and
-        `jit_compile_seconds` start with one series per bucket.
+    - `buckets`: the batch buckets (batch sizes, ints); `batches_total`,
+        `jit_compile_seconds` and `bucket_ready` start with one series per bucket.
     - `version`, `jax_version`, `backend`: build metadata for `enactive_build_info`
         (defaults: installed distribution versions and `"unknown"`; see `set_build_info`).
     - `process_metrics`: also register prometheus_client's `ProcessCollector`
@@ -270,19 +270,35 @@ class Metrics:
             ["processor", "reason"],
         )  # fmt: skip
         self.jit_compilations = counter(
-            "jit_compilations_total", "XLA compilations, at warm-up or at runtime.", ["phase"]
+            "jit_compilations_total",
+            "XLA compilations: at warm-up (before ready), in the background (the buckets "
+            "still compiling after ready, off the hot path) or at runtime (the hot path).",
+            ["phase"],
         )
         self.jit_compile_seconds = gauge(
             "jit_compile_seconds", "Seconds the bucket's executable took to compile.", ["bucket"]
         )
+        self.bucket_ready = gauge(
+            "bucket_ready",
+            "1 once the bucket's executable is compiled and batches may use it, else 0.",
+            ["bucket"],
+        )
         self.active_streams = gauge("active_streams", "Streams holding a state slot.")
+        self.known_streams = gauge(
+            "known_streams",
+            "Streams the daemon knows (holds a last seq for), on the device or evicted to the "
+            "host; at most state.max_known_streams.",
+        )
         self.batch_max_wait = gauge(
             "batch_max_wait_seconds", "The batch deadline now (adaptive batching moves it)."
         )
         self.batch_max_size = gauge(
             "batch_max_size", "The batch size cap now, a compiled bucket (adaptive batching)."
         )
-        self.ready = gauge("ready", "1 once every bucket is compiled and sources are bound.")
+        self.ready = gauge(
+            "ready",
+            "1 while serving: a bucket or more compiled and the sources bound (/readyz 200).",
+        )
         self.checkpoints = counter("state_checkpoints_total", "State checkpoints written.")
         self.checkpoint_errors = counter(
             "state_checkpoint_errors_total", "State checkpoints that could not be written."
@@ -325,6 +341,7 @@ class Metrics:
         self._dropped = {why: self.frames_dropped.labels(why) for why in DROP_REASONS}
         self._batches = {b: self.batches.labels(str(b)) for b in self.buckets}
         self._compile_s = {b: self.jit_compile_seconds.labels(str(b)) for b in self.buckets}
+        self._bucket_ready = {b: self.bucket_ready.labels(str(b)) for b in self.buckets}
         for stage in STAGES:
             self.stage_latency.labels(stage)
         self._phase = {p: self.jit_compilations.labels(p) for p in PHASES}
@@ -464,6 +481,13 @@ class Metrics:
         if child is None:
             child = self.jit_compile_seconds.labels(OTHER)
         child.set(seconds)
+
+    def set_bucket_ready(self, bucket: int) -> None:
+        """Sets `enactive_bucket_ready{bucket}` to 1: batches may use `bucket` now."""
+        child = self._bucket_ready.get(bucket)
+        if child is None:
+            child = self.bucket_ready.labels(OTHER)
+        child.set(1)
 
     def set_ready(self, ready: bool) -> None:
         """Sets `enactive_ready` to 1 or 0."""

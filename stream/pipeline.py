@@ -90,8 +90,9 @@ class Ports:
 class Pipeline:
     """**Arguments:**
 
-    - `step`, `table`, `slab`: the compiled step, the stream table and the initial
-        (fresh or restored) device slab.
+    - `step`, `table`, `slab`: the step (with one bucket compiled or more: batches use
+        only those, see `buckets_compiled`), the stream table and the initial (fresh or
+        restored) device slab.
     - `sources`, `sinks`: what feeds it and where moments go; names must be distinct.
     - `events`: where every stage reports.
     - `settings`: sizes and deadlines.
@@ -117,14 +118,19 @@ class Pipeline:
         self.sinks = tuple(sinks)
         by_label = {label: s for s in self.sources for label in s.labels}
         self.buffer: WeightedBuffer[Item] = WeightedBuffer(settings.ingest_queue)
+        self.step = step
         self.batcher = Batcher(max(step.buckets), settings.max_wait_s)
+        # Batches stay within the buckets compiled so far (`buckets_compiled`).
+        self.batcher.set_largest_bucket(step.largest_ready)
+        self._on_adapt = on_adapt
         self.adaptive = (
             AdaptiveBatching(
                 self.batcher,
                 step.buckets,
                 settings.slo_p99_s,
                 max_wait_s=settings.max_wait_s,
-                on_apply=on_adapt,
+                # the cap in force: the adaptive one, within the compiled buckets
+                on_apply=lambda max_wait_s, _: on_adapt(max_wait_s, self.batcher.max_batch),
             )
             if settings.slo_p99_s is not None
             else None
@@ -180,6 +186,12 @@ class Pipeline:
             "device": lambda: self.stepped_send.statistics().current_buffer_used,
             "sinks": lambda: sum(sink.queued for sink in self.sinks),
         }
+
+    def buckets_compiled(self) -> None:
+        """More of the step's buckets are compiled (the daemon compiles the rest while it
+        serves): batches may now grow to the largest of them."""
+        self.batcher.set_largest_bucket(self.step.largest_ready)
+        self._on_adapt(self.batcher.max_wait_ns / 1e9, self.batcher.max_batch)
 
     def stop(self) -> None:
         """Stop taking new data; what was received is processed, then `run` returns."""

@@ -41,7 +41,11 @@ def main(argv: list[str]) -> int:
     tmp = tempfile.mkdtemp()
     env = {**os.environ, "PYTHONPATH": src, "XDG_STATE_HOME": tmp}
     ready = os.path.join(tmp, "ready.json")
-    sets = ["synthetic.streams=0", "log.status_interval_s=0"] + [
+    sets = [
+        "synthetic.streams=0",
+        "log.status_interval_s=0",
+        "batching.serve_while_compiling=false",
+    ] + [
         f"{key}=127.0.0.1:0" for key in ("metrics.listen", "output.tcp", "ingest.tcp", "ingest.udp")
     ]
     cli = [sys.executable, "-m", "stream.cli"]

@@ -83,7 +83,9 @@ class DaemonProcess:
         self.ports: dict[str, int] = {}
         self._sockets: list[socket.socket] = []
 
-    def start(self, timeout: float = 120.0) -> DaemonProcess:
+    def start(self, timeout: float = 120.0, *, all_buckets: bool = True) -> DaemonProcess:
+        """Start it and wait until it is ready — and, with `all_buckets`, until every
+        bucket is compiled (it serves from its first; tests want the whole set)."""
         self.ready_file.unlink(missing_ok=True)
         self._log = self.log.open("ab")
         argv = [
@@ -115,6 +117,12 @@ class DaemonProcess:
                 raise TimeoutError(f"daemon not ready in {timeout} s:\n{self.output()}")
             time.sleep(0.05)
         self.ports = json.loads(self.ready_file.read_text())
+        if all_buckets and "metrics" in self.ports:
+            wait_for(
+                lambda: self.http("/readyz") == (200, "ready\n"),
+                f"buckets still compiling after {timeout} s:\n{self.output()}",
+                max(deadline - time.monotonic(), 1.0),
+            )
         return self
 
     def output(self) -> str:

@@ -128,13 +128,18 @@ def test_sd_notify_status_then_ready_then_stopping(
         assert all(m.startswith("STATUS=") for m in before), before
         assert before[0].startswith("STATUS=starting: initialising JAX")
         assert any(m.startswith("STATUS=compiling 3 buckets (1, 8, 64)") for m in before)
+        # Ready once the first bucket (the largest) is compiled; the others follow.
+        wait_for(
+            lambda: any(m.startswith("STATUS=all 3 buckets compiled") for m in manager.messages),
+            f"not every bucket compiled: {manager.messages}",
+        )
         compiled = [
-            re.fullmatch(r"STATUS=compiled bucket (\d+) \((\d)/3\) in [\d.]+ s", m)
-            for m in before
+            re.fullmatch(r"STATUS=compiled bucket +(\d+) \((\d)/3\) in [\d.]+ s", m)
+            for m in manager.messages
             if m.startswith("STATUS=compiled bucket")
         ]
-        assert [c and c[2] for c in compiled] == ["1", "2", "3"], before
-        assert sorted(int(c[1]) for c in compiled if c) == [1, 8, 64]
+        assert [c and (c[1], c[2]) for c in compiled] == [("64", "1"), ("1", "2"), ("8", "3")]
+        assert any(re.match(r"STATUS=compiled bucket +64 \(1/3\)", m) for m in before), before
         assert manager.messages[ready].split("\n")[1].startswith("STATUS=ready in ")
         assert d.stop() == 0
     finally:
@@ -170,18 +175,34 @@ async def test_readyz_reports_compile_progress_then_ready_then_draining(
     path = tmp_path / "daemon.toml"
     path.write_text(CONFIG.format(state=tmp_path / "state", cache=compilation_cache))
     config = load_config(path)
-    seen: list[tuple[int, str]] = []
+    seen: list[tuple[bool, str]] = []
 
-    def status(line: str) -> None:  # compile progress comes from the prepare thread
+    def status(line: str) -> None:  # on the event loop, as each bucket becomes usable
         if line.startswith("compiled bucket"):
-            seen.append(fetch(f"http://127.0.0.1:{daemon.ports['metrics']}/readyz"))
+            seen.append((daemon.ready, daemon.progress()))
 
     daemon = Daemon(config, status=status, notifier=Notifier(None))
     assert daemon.progress() == "starting"
     async with anyio.create_task_group() as tg:
         ports = await tg.start(daemon.run)
         url = f"http://127.0.0.1:{ports['metrics']}/readyz"
-        assert await anyio.to_thread.run_sync(fetch, url) == (200, "ready\n")
+        status_code, body = await anyio.to_thread.run_sync(fetch, url)
+        assert status_code == 200 and body.startswith("ready")  # from the first bucket
+        for _ in range(1200):  # until the other buckets are compiled too
+            if await anyio.to_thread.run_sync(fetch, url) == (200, "ready\n"):
+                break
+            await anyio.sleep(0.05)
+        else:
+            raise TimeoutError("buckets still compiling")
         daemon.request_stop()
         assert daemon.progress() == "draining"
-    assert seen == [(503, f"compiling: {i}/3 buckets\n") for i in (1, 2, 3)]
+    assert len(seen) == 3
+    # The daemon is not ready before its first bucket is compiled.
+    assert not seen[0][0] and re.fullmatch(r"compiling: 1/3 buckets(, .+)?", seen[0][1])
+    for i, (ready, progress) in enumerate(seen, 1):
+        if not ready:
+            assert progress.startswith(f"compiling: {i}/3 buckets"), seen
+        elif i < 3:
+            assert progress == f"ready: {i}/3 buckets compiled, compiling the rest", seen
+        else:
+            assert progress == "ready", seen

@@ -13,11 +13,13 @@ import pytest
 from processors import (
     MODEL_BOUNDS,
     BodySchemaConfig,
+    CompilationCounter,
     EnactiveModel,
     ModelConfig,
     ModelConfigError,
     ParamsMismatchError,
     TemporalConfig,
+    abstract_model,
     build_model,
     load_params,
     model_fingerprint,
@@ -188,6 +190,82 @@ def test_build_model_seeds_then_loads_params(small_config: ModelConfig, tmp_path
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError):
         build_model(small_config, seed=0, params=str(tmp_path / "missing.eqx"))
+
+
+def test_build_model_caches_its_initialisation(small_config: ModelConfig, tmp_path) -> None:
+    # A warm start reads the initialised parameters back (the same bits) instead of
+    # running, tracing and compiling the initialisation again.
+    want = EnactiveModel(small_config, key=jax.random.PRNGKey(5))
+    first = build_model(small_config, seed=5, cache_dir=tmp_path)
+    files = list(tmp_path.glob("enactive-params-*.eqx"))
+    assert len(files) == 1
+    with CompilationCounter() as counter:
+        again = build_model(small_config, seed=5, cache_dir=tmp_path)
+        assert counter.warmup == 0  # nothing compiled, nor even lowered
+    for model in (first, again):
+        for a, b in zip(_arrays(model), _arrays(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert again.config == small_config
+    # Another seed or shape is another file; a damaged file is ignored and rewritten.
+    build_model(small_config, seed=6, cache_dir=tmp_path)
+    build_model(dataclasses.replace(small_config, hidden_dim=4), seed=5, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("enactive-params-*.eqx"))) == 3
+    files[0].write_bytes(b"not parameters")
+    for a, b in zip(
+        _arrays(build_model(small_config, seed=5, cache_dir=tmp_path)), _arrays(want), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert files[0].stat().st_size > len(b"not parameters")
+
+
+@pytest.mark.parametrize("seed", [0, 11])
+def test_build_model_draws_the_bits_of_the_plain_initialisation(seed: int) -> None:
+    # build_model draws every uniform from one flat executable (one compilation, not one
+    # per layer shape): the values must be those of the plain constructor, bit for bit,
+    # at the daemon's default sizes too.
+    original = jax.random.uniform
+    for config in (ModelConfig(), ModelConfig(state_dim=16, hidden_dim=24, som_grid=(5, 7))):
+        built = build_model(config, seed=seed)
+        plain = EnactiveModel(config, key=jax.random.PRNGKey(seed))
+        for a, b in zip(_arrays(built), _arrays(plain), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert jax.random.uniform is original  # put back
+
+
+def test_flat_uniform_draws_are_the_shaped_ones() -> None:
+    from processors.build import _uniform_from_one_executable
+
+    key = jax.random.PRNGKey(4)
+    shapes = [(), (1,), (7,), (32, 32), (5, 3, 2), (300, 301)]  # the last beyond 65,536
+    want = [np.asarray(jax.random.uniform(key, s, minval=-0.3, maxval=0.3)) for s in shapes]
+    with _uniform_from_one_executable():
+        got = [np.asarray(jax.random.uniform(key, s, minval=-0.3, maxval=0.3)) for s in shapes]
+        traced = jax.jit(lambda k: jax.random.uniform(k, (7,)))(key)  # tracers: itself
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(traced, jax.random.uniform(key, (7,)))
+
+
+def test_params_file_is_read_into_the_structure(small_config: ModelConfig, tmp_path) -> None:
+    # With a parameter file the seeded initialisation is skipped (its values are replaced).
+    path = tmp_path / "params.eqx"
+    saved = EnactiveModel(small_config, key=jax.random.PRNGKey(9))
+    save_params(saved, path)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in _arrays_like(small_config))
+    with CompilationCounter() as counter:
+        loaded = build_model(small_config, seed=0, params=str(path))
+        assert counter.warmup == 0
+    for a, b in zip(_arrays(loaded), _arrays(saved), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _arrays_like(config: ModelConfig) -> list:
+    return [
+        leaf
+        for leaf in jax.tree.leaves(abstract_model(config))
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
 
 
 def test_model_fingerprint_is_the_checkpoint_format(small_config: ModelConfig) -> None:

@@ -120,3 +120,30 @@ def test_get_jit_info(compilation_cache: str) -> None:
     assert info["jax_version"] == jax.__version__
     assert info["compilation_cache_dir"] == compilation_cache
     assert info["x64"] is False
+
+
+def test_compilation_counter_phases_split_at_seal_and_by_thread() -> None:
+    # Before seal: warm-up. After: runtime, except on a thread inside in_background()
+    # (the daemon's bucket compiler): a compilation on any other thread stays runtime.
+    import threading
+
+    from processors import CompilationCounter
+
+    seen: list[str] = []
+    x = jnp.ones(3)
+    with CompilationCounter(seen.append) as counter:
+        jax.jit(lambda a: a + 1).lower(x).compile()
+        counter.seal()
+
+        def compile_in_background() -> None:
+            with counter.in_background():
+                jax.jit(lambda a: a + 2).lower(x).compile()
+            jax.jit(lambda a: a + 3).lower(x).compile()  # outside the block
+
+        thread = threading.Thread(target=compile_in_background)
+        with counter.in_background():  # another thread's block does not cover this one
+            thread.start()
+            thread.join()
+        jax.jit(lambda a: a + 4).lower(x).compile()
+    assert (counter.warmup, counter.background, counter.runtime) == (1, 1, 2)
+    assert seen == ["warmup", "background", "runtime", "runtime"]

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import processors
 import processors.slab as slab_module
 from processors import (
     FLAG_RESET,
@@ -248,6 +250,94 @@ def test_no_compilation_after_warmup(model: EnactiveModel) -> None:
         assert np.all(np.isfinite(records))
         jax.jit(lambda a: a * 3)(jnp.ones(5, jnp.float32)).block_until_ready()
         assert counter.runtime >= 1  # the counter is live: a new function after seal counts
+
+
+def test_a_step_from_the_structure_compiles_before_the_values_exist(
+    model: EnactiveModel, step: SlabStep
+) -> None:
+    # The daemon compiles from the model's shapes while the parameters are being made.
+    early = SlabStep(processors.abstract_model(model.config), buckets=BUCKETS, capacity=CAPACITY)
+    assert not early.bound
+    early.compile()
+    with pytest.raises(RuntimeError, match="bind"):
+        early.host_slab()
+    with pytest.raises(ValueError, match="structure"):
+        early.bind(EnactiveModel(ModelConfig(state_dim=12), key=jax.random.PRNGKey(0)))
+    early.bind(model)
+    slots = np.array([3, 0, 9])
+    x = _x(step, 3, 21)
+    with CompilationCounter() as counter:
+        counter.seal()
+        _, got = early.run(early.init_slab(), slots, x)
+        _, want = step.run(step.init_slab(), slots, x)
+        assert counter.runtime == 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_only_compiled_buckets_are_used(model: EnactiveModel) -> None:
+    step = SlabStep(model, buckets=BUCKETS, capacity=CAPACITY)
+    assert step.ready_buckets == () and step.largest_ready == 0
+    with pytest.raises(RuntimeError, match="no bucket"):
+        step.bucket_for(1)
+    step.compile_helpers()
+    step.compile_bucket(4)
+    assert step.ready_buckets == (4,) and step.largest_ready == 4
+    assert [step.bucket_for(n) for n in (1, 4, 5, 9)] == [4, 4, 4, 4]
+    slab = step.init_slab()
+    meta = np.zeros((8, 2), np.int32)
+    with pytest.raises(KeyError, match="not a compiled bucket"):
+        step(slab, _x(step, 8, 0), meta)  # bucket 8 is not compiled yet
+    n = 11  # more rows than the largest compiled bucket: split into 4 + 4 + 3
+    with CompilationCounter() as counter:
+        counter.seal()
+        slab, records = step.run(slab, np.arange(n), _x(step, n, 5))
+        assert counter.runtime == 0
+    assert records.shape == (n, step.record_width)
+    step.compile_bucket(1)
+    assert step.ready_buckets == (1, 4)
+    assert [step.bucket_for(n) for n in (1, 2, 5)] == [1, 4, 4]
+
+
+def test_buckets_compiled_in_another_thread_while_stepping(
+    model: EnactiveModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the daemon does once ready: the hot path steps with the buckets it has, a
+    # background thread compiles the rest; only the latter's compilations are counted,
+    # as background, and no bucket is used before its executable exists.
+    step = SlabStep(model, buckets=(1, 2, 4, 8), capacity=CAPACITY)
+    step.compile_bucket(1)
+    step.compile_helpers()
+    slab = step.init_slab()
+    used: set[int] = set()
+    call = SlabStep.__call__
+
+    def spy(self: SlabStep, slab, x, meta):  # type: ignore[no-untyped-def]
+        assert x.shape[0] in self.ready_buckets and x.shape[0] in self.executables
+        used.add(x.shape[0])
+        return call(self, slab, x, meta)
+
+    monkeypatch.setattr(SlabStep, "__call__", spy)
+
+    with CompilationCounter() as counter:
+        counter.seal()
+
+        def background() -> None:
+            with counter.in_background():
+                for bucket in (2, 4, 8):
+                    step.compile_bucket(bucket)
+
+        thread = threading.Thread(target=background)
+        thread.start()
+        rng = np.random.default_rng(3)
+        x = _x(step, CAPACITY, 1)
+        while thread.is_alive() or len(used) < 4:
+            n = int(rng.integers(1, 9))
+            slab, _ = step.run(slab, rng.choice(CAPACITY, n, replace=False), x[:n])
+            assert max(used) <= step.largest_ready
+        thread.join()
+        assert counter.runtime == 0
+        assert counter.background >= 3
+    assert used == {1, 2, 4, 8}
 
 
 def test_step_donates_the_slab(step: SlabStep) -> None:

@@ -91,6 +91,33 @@ async def test_never_exceeds_max_batch() -> None:
     assert out == [f"s{i}" for i in range(10)]
 
 
+async def test_batches_stay_within_the_largest_compiled_bucket() -> None:
+    # While the daemon compiles its other buckets in the background, only the compiled
+    # ones may be used: frames beyond the largest wait for the next batch (none is lost).
+    b = Batcher(64, 0.0)
+    b.set_largest_bucket(1)
+    assert b.max_batch == 1
+    for i in range(20):
+        b.add(frame(f"s{i}", 1))
+    b.add(run_of([frame(f"r{i}", 1) for i in range(5)]))
+    sizes = [len(b.take()) for _ in range(3)]
+    assert sizes == [1, 1, 1]
+    b.set_largest_bucket(8)  # bucket 8 compiled
+    assert b.max_batch == 8
+    b.set_max_batch(4)  # adaptive batching asks for less: the smaller wins
+    assert b.max_batch == 4
+    b.set_largest_bucket(64)
+    assert b.max_batch == 4
+    b.set_max_batch(1000)  # never beyond the largest bucket
+    assert b.max_batch == 64
+    b.end()
+    out = []
+    while (batch := await b.next_batch()) is not None:
+        assert len(batch) <= 64
+        out += batch.stream_ids
+    assert len(out) == 25 - 3 and len(set(out)) == len(out)
+
+
 async def test_collect_applies_back_pressure() -> None:
     receive: WeightedBuffer[Frame | FrameRun] = WeightedBuffer(100)
     b = Batcher(2, 0.0, limit=4)

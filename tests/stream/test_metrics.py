@@ -50,7 +50,9 @@ EXPECTED = {
     "enactive_jit_fallback": "counter",  # no series until the first fallback
     "enactive_jit_compilations": "counter",
     "enactive_jit_compile_seconds": "gauge",
+    "enactive_bucket_ready": "gauge",
     "enactive_active_streams": "gauge",
+    "enactive_known_streams": "gauge",
     "enactive_batch_max_wait_seconds": "gauge",
     "enactive_batch_max_size": "gauge",
     "enactive_queue_depth": "gauge",
@@ -154,6 +156,7 @@ def test_known_label_sets_start_at_zero(registry: CollectorRegistry, metrics: Me
     for bucket in BUCKETS:
         assert get("enactive_batches_total", {"bucket": str(bucket)}) == 0
         assert get("enactive_jit_compile_seconds", {"bucket": str(bucket)}) == 0
+        assert get("enactive_bucket_ready", {"bucket": str(bucket)}) == 0
     for phase in PHASES:
         assert get("enactive_jit_compilations_total", {"phase": phase}) == 0
     for stage in STAGES:
@@ -285,7 +288,9 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_jit_fallback": 0,
         "enactive_jit_compilations": len(PHASES),
         "enactive_jit_compile_seconds": len(buckets),
+        "enactive_bucket_ready": len(buckets),
         "enactive_active_streams": 1,
+        "enactive_known_streams": 1,
         "enactive_batch_max_wait_seconds": 1,
         "enactive_batch_max_size": 1,
         "enactive_ready": 1,
@@ -305,7 +310,7 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_device_memory_bytes": 0,  # at scrape time, and only where reported (GPU)
     }
     assert (len(DEFAULT_SOURCES), len(REASONS), len(buckets)) == (4, 13, 8)
-    assert sum(got.values()) == 101  # 170 when every source and sink the code knew was declared
+    assert sum(got.values()) == 111  # 180 when every source and sink the code knew was declared
 
 
 def test_no_series_for_what_is_not_configured(registry: CollectorRegistry) -> None:
@@ -414,8 +419,10 @@ def test_observe_stage(registry: CollectorRegistry, metrics: Metrics) -> None:
 def test_lifecycle_helpers(registry: CollectorRegistry, metrics: Metrics) -> None:
     get = registry.get_sample_value
     metrics.jit_compiled("warmup", 3)
+    metrics.jit_compiled("background", 2)
     metrics.jit_fallback("slab_step", "XlaRuntimeError")
     metrics.set_compile_seconds(64, 1.5)
+    metrics.set_bucket_ready(64)
     metrics.checkpointed(0.02, 3)
     metrics.checkpoint_failed("disk full")
     metrics.checkpoint_failed("disk full")
@@ -425,7 +432,10 @@ def test_lifecycle_helpers(registry: CollectorRegistry, metrics: Metrics) -> Non
     metrics.active_streams.set(12)
     metrics.subscribers.set(2)
     assert get("enactive_jit_compilations_total", {"phase": "warmup"}) == 3
+    assert get("enactive_jit_compilations_total", {"phase": "background"}) == 2
     assert get("enactive_jit_compilations_total", {"phase": "runtime"}) == 0
+    assert get("enactive_bucket_ready", {"bucket": "64"}) == 1
+    assert get("enactive_bucket_ready", {"bucket": "8"}) == 0
     labels = {"processor": "slab_step", "reason": "XlaRuntimeError"}
     assert get("enactive_jit_fallback_total", labels) == 1
     assert get("enactive_jit_compile_seconds", {"bucket": "64"}) == 1.5

@@ -81,6 +81,10 @@ class FakeStep:
         self.model = type("M", (), {"config": type("C", (), {"moment_dim": 2})()})()
         self.padding_seen = 0
 
+    @property
+    def largest_ready(self) -> int:  # every bucket is compiled
+        return self.buckets[-1]
+
     def bucket_for(self, n: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, n)]
 
