@@ -443,8 +443,11 @@ def latency_stats(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `ClientSpec` saved as JSON in the one argument; print the result as JSON."""
+def run_spec_main(
+    argv: Sequence[str] | None, spec: Callable[..., Any], run: Callable[[Any], Any], name: str
+) -> int:
+    """A measurement process's `main`: build `spec` from the JSON file named by the one
+    argument, `run` it, print the result as one JSON object (an error: one line, 1)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: main([SPEC.json])", file=sys.stderr)
@@ -454,9 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw["dims"] = tuple(raw["dims"])
     sys.setswitchinterval(0.0005)  # the receiver must not wait 5 ms for the GIL
     try:
-        result = run_client(ClientSpec(**raw))
+        result = run(spec(**raw))
     except (ClientError, OSError) as e:
-        print(f"client: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `ClientSpec` saved as JSON in the one argument; print the result as JSON."""
+    return run_spec_main(argv, ClientSpec, run_client, "client")

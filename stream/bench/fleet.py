@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import json
 import math
 import resource
 import selectors
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -51,7 +49,7 @@ from typing import Any
 
 from stream.protocol import Dims
 
-from .client import ClientError, _receive_all, latency_stats, subscribe
+from .client import ClientError, _receive_all, latency_stats, run_spec_main, subscribe
 from .probe import RunProbe, accounted, daemon_delta, queue_depths
 from .stats import percentiles
 from .wire import FRAME_SEQ_OFFSET, FRAME_TIMESTAMP_OFFSET, FrameBlock, stream_ids
@@ -452,18 +450,4 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `FleetSpec` saved as JSON in the one argument; print the result as JSON."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: main([SPEC.json])", file=sys.stderr)
-        return 2
-    with open(args[0]) as f:
-        raw = json.load(f)
-    raw["dims"] = tuple(raw["dims"])
-    sys.setswitchinterval(0.0005)  # the receiver must not wait 5 ms for the GIL
-    try:
-        result = run_fleet(FleetSpec(**raw))
-    except (ClientError, OSError) as e:
-        print(f"fleet: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
+    return run_spec_main(argv, FleetSpec, run_fleet, "fleet")

@@ -17,7 +17,7 @@ from stream.protocol import encode_frame
 
 from .daemon import DaemonProcess, payload, sockets, wait_for
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.reliability]
 
 FD_LIMIT = 256
 LIMITED = "enactive_connections_limited_total"

@@ -18,7 +18,7 @@ from stream.protocol import encode_frame, encode_moment
 
 from .daemon import DaemonProcess, payload, sockets, wait_for
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.reliability]
 
 LIMITED = "enactive_connections_limited_total"
 DROPPED = "enactive_moments_dropped_total"

@@ -27,7 +27,7 @@ from stream.protocol import MomentReader, ReplyReader, encode_frame, encode_json
 
 from .daemon import DaemonProcess, payload
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.reliability]
 
 TOKEN = "e2e-fleet-a-token-0123456789abcdef"
 READER = "e2e-arm-reader-token-0123456789abcdef"

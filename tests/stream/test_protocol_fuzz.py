@@ -35,6 +35,8 @@ from stream.protocol import (
     encode_moment,
 )
 
+pytestmark = pytest.mark.reliability
+
 DIMS = Dims(3, 2, 0, 2)
 NAMES = ("sensory", "proprio", "tactile", "motor")
 MAX_BYTES = 4096
