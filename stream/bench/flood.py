@@ -55,7 +55,8 @@ import numpy as np
 
 from stream.protocol import Dims, MomentReader, ReplyReader, encode_frame
 
-from .services import BenchError, ServiceProcess
+from .procfs import cpu_seconds
+from .services import BenchError, ServiceProcess, peak_rss_bytes
 from .stats import percentiles
 from .wire import FrameBlock
 
@@ -193,22 +194,6 @@ def daemon_toml(settings: FloodSettings, state_dir: Path) -> str:
 
 
 # --- the daemon's side, read by the orchestrator ---------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (`/proc/<pid>/stat`)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """The peak resident set size of process `pid` (`VmHWM`), in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmHWM for pid {pid}")
 
 
 def udp_kernel_drops(port: int) -> int | None:

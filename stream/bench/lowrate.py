@@ -19,12 +19,9 @@ import tempfile
 import time
 import urllib.request
 
+from .procfs import cpu_seconds
+
 CONNECTIONS, RATE_HZ, DURATION_S = 200, 20.0, 10.0
-
-
-def _cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _processed(port: int) -> float:
@@ -63,7 +60,7 @@ def main(argv: list[str]) -> int:
                 raise SystemExit(f"daemon exited {daemon.returncode}")
             time.sleep(0.05)
         ports = json.load(open(ready))
-        cpu0, frames0 = _cpu_s(daemon.pid), _processed(ports["metrics"])
+        cpu0, frames0 = cpu_seconds(daemon.pid), _processed(ports["metrics"])
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         send = [
             "send", "--port", str(ports["tcp"]), "--transport", transport,
@@ -76,7 +73,7 @@ def main(argv: list[str]) -> int:
         deadline = time.monotonic() + 10
         while _processed(ports["metrics"]) < expected and time.monotonic() < deadline:
             time.sleep(0.05)  # the last frames (UDP may lose some: then the deadline)
-        cpu1, frames1 = _cpu_s(daemon.pid), _processed(ports["metrics"])
+        cpu1, frames1 = cpu_seconds(daemon.pid), _processed(ports["metrics"])
     finally:
         daemon.terminate()
         daemon.wait()

@@ -24,11 +24,12 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from .procfs import cpu_seconds
+
 __all__ = [
     "RunProbe",
     "Snapshot",
     "accounted",
-    "cpu_seconds",
     "daemon_delta",
     "histogram_quantile",
     "queue_depths",
@@ -39,14 +40,6 @@ __all__ = [
 E2E = "enactive_end_to_end_latency_seconds"
 FILL = "enactive_batch_fill_ratio"
 QUANTILES = (0.5, 0.9, 0.99)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far, all its threads
-    (`/proc/<pid>/stat` fields 14 and 15, in clock ticks)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -121,6 +114,11 @@ def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
+def _grown(after: Samples, before: Samples, name: str, label: str) -> dict[str, float]:
+    """How much each `label` value's series of counter `name` grew (those that did)."""
+    return {k: v for k, v in _minus(_by(after, name, label), _by(before, name, label)).items() if v}
+
+
 def histogram_quantile(bounds: Sequence[float], cumulative: Sequence[float], q: float) -> float:
     """The `q`-quantile of a histogram, as Prometheus's `histogram_quantile` computes it:
     linear interpolation inside the bucket that holds it (from 0 in the first bucket);
@@ -193,13 +191,7 @@ def daemon_delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     processed = _total(a, "enactive_frames_processed_total") - _total(
         b, "enactive_frames_processed_total"
     )
-    batches = {
-        k: v
-        for k, v in _minus(
-            _by(a, "enactive_batches_total", "bucket"), _by(b, "enactive_batches_total", "bucket")
-        ).items()
-        if v
-    }
+    batches = _grown(a, b, "enactive_batches_total", "bucket")
     n_batches = sum(batches.values())
     fill_count = _total(a, f"{FILL}_count") - _total(b, f"{FILL}_count")
     fill_sum = _total(a, f"{FILL}_sum") - _total(b, f"{FILL}_sum")
@@ -226,22 +218,8 @@ def daemon_delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
         ),
         "rejected": _total(a, "enactive_frames_rejected_total")
         - _total(b, "enactive_frames_rejected_total"),
-        "rejected_by_reason": {
-            k: v
-            for k, v in _minus(
-                _by(a, "enactive_frames_rejected_total", "reason"),
-                _by(b, "enactive_frames_rejected_total", "reason"),
-            ).items()
-            if v
-        },
-        "moments_dropped_by_reason": {
-            k: v
-            for k, v in _minus(
-                _by(a, "enactive_moments_dropped_total", "reason"),
-                _by(b, "enactive_moments_dropped_total", "reason"),
-            ).items()
-            if v
-        },
+        "rejected_by_reason": _grown(a, b, "enactive_frames_rejected_total", "reason"),
+        "moments_dropped_by_reason": _grown(a, b, "enactive_moments_dropped_total", "reason"),
         "dropped": _total(a, "enactive_frames_dropped_total")
         - _total(b, "enactive_frames_dropped_total"),
         "cpu_us_per_frame": 1e6 * cpu / processed if processed else None,

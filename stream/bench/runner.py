@@ -99,6 +99,21 @@ def _model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if k == "som_grid" else v for k, v in model.items()}
 
 
+def model_shapes(
+    settings: BenchSettings,
+) -> tuple[dict[str, Any], Dims, MomentSizes, dict[str, Any]]:
+    """The model's keys as the daemon and the kernel get them, the frames' modality
+    sizes, the moments' sizes, and the model as a result reports it."""
+    from processors import ModelConfig
+
+    kwargs = _model_kwargs(settings.model)
+    model = ModelConfig(**kwargs)
+    assert model.moment_dim is not None
+    dims = Dims(model.state_dim, model.proprio_dim, model.tactile_dim, model.motor_dim)
+    sizes = MomentSizes(model.moment_dim, model.state_dim, model.proprio_dim, model.motor_dim)
+    return kwargs, dims, sizes, {**dims._asdict(), "moment_dim": model.moment_dim, **kwargs}
+
+
 def _kernel(settings: BenchSettings, kwargs: dict[str, Any]) -> dict[str, Any]:
     from processors import ModelConfig
 
@@ -287,18 +302,13 @@ def run_bench(
     **Raises:** `BenchError` when a service fails to start or a measurement fails.
     """
     import processors
-    from processors import ModelConfig
 
     from ..config import load_config
     from .kernel import machine_info
 
     settings = settings or BenchSettings()
     t0 = time.perf_counter()
-    kwargs = _model_kwargs(settings.model)
-    model = ModelConfig(**kwargs)
-    assert model.moment_dim is not None
-    dims = Dims(model.state_dim, model.proprio_dim, model.tactile_dim, model.motor_dim)
-    sizes = MomentSizes(model.moment_dim, model.state_dim, model.proprio_dim, model.motor_dim)
+    kwargs, dims, sizes, reported = model_shapes(settings)
     id_bytes = len(stream_ids(settings.streams)[0])
     record_bytes = moment_record_bytes(id_bytes, sizes)
     cache_dir = settings.cache_dir or load_config().device.compilation_cache_dir
@@ -307,7 +317,7 @@ def run_bench(
         "schema": 1,
         "machine": machine_info(),
         "settings": settings.as_dict(),
-        "model": {**dims._asdict(), "moment_dim": model.moment_dim, **kwargs},
+        "model": reported,
         "record_bytes": record_bytes,
         "cache_dir": cache_dir,
     }

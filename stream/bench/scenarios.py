@@ -45,11 +45,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stream.protocol import Dims, MomentSizes
+from stream.protocol import Dims
 
 from .fleet import STALL_S, FleetSpec, raise_nofile_limit
 from .measure import Measured
-from .runner import _model_kwargs, daemon_config
+from .runner import _model_kwargs, daemon_config, model_shapes
 from .services import BenchError, ServiceProcess, _clean_env, launch_client
 from .settings import BenchSettings, FleetSettings
 from .stats import median
@@ -469,7 +469,6 @@ def run_fleet_bench(
     **Raises:** `BenchError` when a service fails to start or a measurement fails.
     """
     import processors
-    from processors import ModelConfig
 
     from ..config import load_config
     from .kernel import machine_info
@@ -477,11 +476,7 @@ def run_fleet_bench(
     settings = settings or BenchSettings()
     fleet = fleet or FleetSettings()
     t0 = time.perf_counter()
-    kwargs = _model_kwargs(settings.model)
-    model = ModelConfig(**kwargs)
-    assert model.moment_dim is not None
-    dims = Dims(model.state_dim, model.proprio_dim, model.tactile_dim, model.motor_dim)
-    sizes = MomentSizes(model.moment_dim, model.state_dim, model.proprio_dim, model.motor_dim)
+    _, dims, sizes, reported = model_shapes(settings)
     most = max(fleet.sensors, fleet.default_streams)
     id_bytes = len(stream_ids(most, FLEET_PREFIX)[0])
     if id_bytes != len(stream_ids(settings.streams)[0]):
@@ -502,7 +497,7 @@ def run_fleet_bench(
         "machine": {**machine_info(), "nofile": nofile},
         "settings": settings.as_dict(),
         "fleet_settings": fleet.as_dict(),
-        "model": {**dims._asdict(), "moment_dim": model.moment_dim, **kwargs},
+        "model": reported,
         "record_bytes": record_bytes,
         "cache_dir": cache_dir,
     }

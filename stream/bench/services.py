@@ -24,8 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .client import ClientSpec
 from .fleet import FleetSpec
+from .procfs import status_kib
 
-__all__ = ["BenchError", "ServiceProcess", "launch_client", "rss_bytes"]
+__all__ = [
+    "BenchError",
+    "ServiceProcess",
+    "launch_client",
+    "peak_rss_bytes",
+    "rss_bytes",
+]
 
 CLIENT_ARGV = (
     sys.executable,
@@ -51,11 +58,19 @@ class BenchError(RuntimeError):
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of process `pid` (`VmRSS` in `/proc/<pid>/status`), in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
+    return _status_bytes(pid, "VmRSS")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peak resident set size of process `pid` (`VmHWM`), in bytes."""
+    return _status_bytes(pid, "VmHWM")
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    kib = status_kib(pid, field)
+    if kib is None:
+        raise BenchError(f"no {field} for pid {pid}")
+    return kib * 1024
 
 
 def _clean_env() -> dict[str, str]:
