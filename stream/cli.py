@@ -408,7 +408,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_bench_fleet(args: argparse.Namespace, changes: dict[str, Any]) -> int:
     """`bench --fleet`: the kernel phase and the fleet scenarios (docs/benchmarks.md)."""
     from .bench import BenchError, BenchSettings, format_table
-    from .bench.scenarios import run_fleet_bench
+    from .bench.scenarios import format_paced_table, run_fleet_bench
     from .bench.settings import FleetSettings
 
     if args.plot:
@@ -443,6 +443,7 @@ def _cmd_bench_fleet(args: argparse.Namespace, changes: dict[str, Any]) -> int:
         print_error(f"bench: {cause}")
         return 1
     print(format_table(result))
+    print(format_paced_table(result))
     if args.json:
         try:
             with open(args.json, "w") as f:

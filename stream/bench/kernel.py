@@ -13,6 +13,13 @@ For every bucket it measures, with `time.perf_counter`, each figure the median o
 
 `speedup` is compiled frames/s divided by eager per-frame frames/s.
 
+`run_paced_steps` (`run_paced_step` for one point) measures the compiled step the other
+way: called as the daemon calls it (host arrays in, the records copied back to the host
+each call) at a given cadence, `batches_per_s`, with idle gaps between the calls, and
+reports the process CPU per frame over that window. A step after an idle gap costs more
+than one right after another (caches cold in every thread that runs it), so a lightly
+loaded daemon's steps cost more than the tight-loop figure (`stream.bench.scenarios`).
+
 ```
 python -m stream.bench.kernel [--quick] [--json FILE]
 ```
@@ -40,7 +47,15 @@ from processors import FLAG_VALID, EnactiveModel, ModelConfig, SlabStep, get_jit
 
 from ..config import DEFAULT_BUCKETS
 
-__all__ = ["BUCKETS", "format_table", "machine_info", "main", "run_kernel_bench"]
+__all__ = [
+    "BUCKETS",
+    "format_table",
+    "machine_info",
+    "main",
+    "run_kernel_bench",
+    "run_paced_step",
+    "run_paced_steps",
+]
 
 ALL_PRESENT = 0b1111
 BUCKETS: tuple[int, ...] = DEFAULT_BUCKETS
@@ -179,6 +194,97 @@ def run_kernel_bench(
             }
         )
     return rows
+
+
+def _paced_point(step: SlabStep, bucket: int, batches_per_s: float, calls: int) -> dict[str, Any]:
+    """One paced window of `calls` calls of `step`'s bucket `bucket`, the i-th due at
+    start + (i + 1) / `batches_per_s` (absolute due times: a late call is not made up by
+    the ones after it, and a step slower than the interval runs back to back)."""
+    x, meta = _batch(step, bucket, bucket)
+    box = [step.init_slab()]
+
+    def call() -> None:
+        box[0], records, eager = step(box[0], x, meta)
+        if eager:
+            raise RuntimeError(f"bucket {bucket} ran eagerly: {step.eager_buckets.get(bucket)}")
+        records.copy_to_host_async()  # as the daemon's executor, then its integrator
+        np.asarray(records)
+
+    call()  # first-call costs are not the steady state
+    call()
+    interval = 1.0 / batches_per_s
+    start = time.perf_counter()
+    cpu0, thread0 = time.process_time(), time.thread_time()
+    for i in range(calls):
+        wait = start + (i + 1) * interval - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        call()
+    wall = time.perf_counter() - start
+    cpu, thread = time.process_time() - cpu0, time.thread_time() - thread0
+    frames = calls * bucket
+    return {
+        "bucket": bucket,
+        "batches_per_s": batches_per_s,
+        "calls": calls,
+        "wall_s": wall,
+        "achieved_batches_per_s": calls / wall,
+        "cpu_s": cpu,
+        "cores": cpu / wall,
+        "cpu_us_per_frame": 1e6 * cpu / frames,
+        "caller_cpu_us_per_frame": 1e6 * thread / frames,
+    }
+
+
+def run_paced_steps(
+    config: ModelConfig | None,
+    points: Sequence[tuple[int, float]],
+    *,
+    duration_s: float = 3.0,
+    min_calls: int = 50,
+    capacity: int | None = None,
+) -> list[dict[str, Any]]:
+    """Measure the compiled step called at a cadence: for each `(bucket, batches_per_s)`
+    of `points`, in order, one window of calls of that bucket's step, one every
+    1 / `batches_per_s` s (sleeping until each is due), each call as the daemon makes
+    it (host `x` and `meta` in, records copied to the host and waited for).
+
+    **Arguments:**
+
+    - `config`: the model's `ModelConfig` (default: `ModelConfig()`); its parameters
+        from `jax.random.PRNGKey(0)`, as `run_kernel_bench`'s.
+    - `points`: `(bucket, batches_per_s)` pairs; buckets compiled once for all of them.
+    - `duration_s`: the window of each point: max(`min_calls`, round(`batches_per_s` ·
+        `duration_s`)) calls.
+    - `capacity`: the slab's streams (default: the largest bucket of `points`; pass
+        `run_kernel_bench`'s, the largest of its buckets, to measure the same executables).
+
+    **Returns:** one dict per point, in order: `bucket`, `batches_per_s` (asked),
+    `calls`, `wall_s`, `achieved_batches_per_s`, `cpu_s` (process CPU time over the
+    window, every thread), `cores` (÷ `wall_s`), `cpu_us_per_frame` (`cpu_s` ÷ (`calls` ·
+    `bucket`), µs; padding included, as `compiled_core_us_per_frame`),
+    `caller_cpu_us_per_frame` (the calling thread's alone).
+    """
+    if duration_s <= 0 or min_calls < 1 or any(b < 1 or r <= 0 for b, r in points):
+        raise ValueError(
+            f"duration_s = {duration_s}, min_calls = {min_calls}, points = {list(points)}: "
+            "need duration_s > 0, min_calls >= 1, buckets >= 1 and rates > 0"
+        )
+    if not points:
+        return []
+    config = ModelConfig() if config is None else config
+    model = EnactiveModel(config, key=jax.random.PRNGKey(0))
+    buckets = sorted({b for b, _ in points})
+    step = SlabStep(model, buckets=buckets, capacity=capacity or max(buckets))
+    step.compile()
+    return [_paced_point(step, b, r, max(min_calls, round(r * duration_s))) for b, r in points]
+
+
+def run_paced_step(
+    config: ModelConfig | None, bucket: int, batches_per_s: float, duration_s: float = 3.0
+) -> dict[str, Any]:
+    """`run_paced_steps` for one `(bucket, batches_per_s)`: its row."""
+    return run_paced_steps(config, [(bucket, batches_per_s)], duration_s=duration_s)[0]
 
 
 def machine_info() -> dict[str, Any]:

@@ -11,6 +11,9 @@ daemon     start ─► an unmeasured warm-up run of the largest fleet ─► `r
            one run of every scenario (interleaved, so a busy spell of the host falls on
            all of them) ─► closed-loop: `runs` throughput runs (median = max), then
            `runs` open-loop latency runs at each of `loads` × max ─► stop
+paced      the daemon stopped: stream.bench.kernel.run_paced_steps in a process of its
+           own (PJRT_NPROC as above): for every scenario row, each bucket it used, its
+           step called at the row's batch rate for `paced_s` (≥ `paced_min_calls` calls)
 ```
 
 Scenarios (`FleetSettings`): `default` (64 streams at 100 Hz over 4 TCP connections,
@@ -30,6 +33,14 @@ Step CPU per frame of a run = Σ over buckets b of batches(b) · b · core-µs/f
 ÷ frames processed: what the compiled steps of the batches that run formed cost, each
 as much as a full batch of its bucket in the kernel's tight loop (padding included).
 The daemon ÷ step ratio is what the rest of the daemon costs on top.
+
+Paced step CPU per frame of a run = the same sum with paced(b) in place of the tight
+loop's figure: the process CPU per frame of bucket b's step called as the daemon calls it
+(host arrays in, records back to the host) once every 1 / R s, R = the row's batches/s
+(all buckets: Σ batches ÷ Σ seconds over its runs' measured windows — the rate at which
+the daemon called a step, whatever its bucket, so the idle gap between steps). A step
+after an idle gap costs more than one right after another (cold caches in every thread
+that runs it); the daemon ÷ paced step ratio leaves that out of "the rest of the daemon".
 """
 
 from __future__ import annotations
@@ -56,8 +67,11 @@ from .stats import median
 from .wire import moment_record_bytes, stream_ids
 
 __all__ = [
+    "batches_per_s",
     "daemon_xla_threads",
+    "format_paced_table",
     "kernel_main",
+    "paced_step_cpu_us_per_frame",
     "run_figures",
     "run_fleet_bench",
     "scenario_figures",
@@ -85,29 +99,61 @@ def daemon_xla_threads() -> int:
 
 def kernel_main(argv: Sequence[str]) -> int:
     """`kernel_main([SPEC.json, OUT.json])`: `run_kernel_bench` with the spec's `model`,
-    `buckets`, `repeats`, `min_time`, `eager_frames` and compilation cache `cache_dir`;
-    the rows as JSON in OUT. Run by `run_fleet_bench` in a process of its own, so that
-    XLA's CPU pool is created with the daemon's `PJRT_NPROC`."""
+    `buckets`, `repeats`, `min_time`, `eager_frames` and compilation cache `cache_dir`
+    — or, when the spec has `paced` (`[bucket, batches_per_s]` pairs), `run_paced_steps`
+    with those, `duration_s`, `min_calls` and `capacity`; the rows as JSON in OUT. Run by
+    `run_fleet_bench` in a process of its own, so that XLA's CPU pool is created with the
+    daemon's `PJRT_NPROC`."""
     import processors
 
-    from .kernel import run_kernel_bench
+    from .kernel import run_kernel_bench, run_paced_steps
 
     spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
     processors.enable_compilation_cache(spec["cache_dir"])
-    rows = run_kernel_bench(
-        processors.ModelConfig(**_model_kwargs(spec["model"])),
-        spec["buckets"],
-        repeats=spec["repeats"],
-        min_time=spec["min_time"],
-        eager_frames=spec["eager_frames"],
-    )
+    config = processors.ModelConfig(**_model_kwargs(spec["model"]))
+    if "paced" in spec:
+        rows = run_paced_steps(
+            config,
+            [(int(b), float(r)) for b, r in spec["paced"]],
+            duration_s=spec["duration_s"],
+            min_calls=spec["min_calls"],
+            capacity=spec["capacity"],
+        )
+    else:
+        rows = run_kernel_bench(
+            config,
+            spec["buckets"],
+            repeats=spec["repeats"],
+            min_time=spec["min_time"],
+            eager_frames=spec["eager_frames"],
+        )
     Path(out_path).write_text(json.dumps(rows))
     return 0
 
 
-def _kernel(settings: BenchSettings, cache_dir: str, workdir: Path) -> dict[str, Any]:
+def _in_kernel_process(
+    name: str, spec: Mapping[str, Any], workdir: Path, timeout: float
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run `kernel_main` on `spec` in a process of its own with `PJRT_NPROC` = the
+    daemon's XLA threads: (those threads, its rows)."""
     threads = daemon_xla_threads()
+    spec_path, out_path = workdir / f"{name}-spec.json", workdir / f"{name}-out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**_clean_env(), "PJRT_NPROC": str(threads)}
+    proc = subprocess.run(
+        [*KERNEL_ARGV, str(spec_path), str(out_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"{name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return threads, json.loads(out_path.read_text())
+
+
+def _kernel(settings: BenchSettings, cache_dir: str, workdir: Path) -> dict[str, Any]:
     spec = {
         "model": dict(settings.model),
         "buckets": sorted(set(settings.buckets)),
@@ -116,19 +162,7 @@ def _kernel(settings: BenchSettings, cache_dir: str, workdir: Path) -> dict[str,
         "eager_frames": settings.kernel_eager_frames,
         "cache_dir": cache_dir,
     }
-    spec_path, out_path = workdir / "kernel-spec.json", workdir / "kernel-out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**_clean_env(), "PJRT_NPROC": str(threads)}
-    proc = subprocess.run(
-        [*KERNEL_ARGV, str(spec_path), str(out_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=settings.timeout_s * 20,
-    )
-    if proc.returncode != 0:
-        raise BenchError(f"kernel exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    rows = json.loads(out_path.read_text())
+    threads, rows = _in_kernel_process("kernel", spec, workdir, settings.timeout_s * 20)
     return {"xla_threads": threads, "buckets": rows}
 
 
@@ -143,6 +177,29 @@ def step_cpu_us_per_frame(
     if processed <= 0 or any(int(b) not in per_row for b in batches_by_bucket):
         return None
     return sum(n * int(b) * per_row[int(b)] for b, n in batches_by_bucket.items()) / processed
+
+
+def paced_step_cpu_us_per_frame(
+    batches_by_bucket: Mapping[str, float],
+    processed: float,
+    paced_by_bucket: Mapping[str, float] | Mapping[int, float],
+) -> float | None:
+    """The compiled steps' CPU µs per frame processed for a batch mix, each batch costing
+    what a full batch of its bucket cost called at the daemon's cadence: Σ batches(b) · b ·
+    `paced_by_bucket`(b) ÷ `processed` (paced(b): `run_paced_steps`' `cpu_us_per_frame`).
+    None without frames, or when a bucket used was not measured."""
+    paced = {int(b): float(v) for b, v in paced_by_bucket.items()}
+    if processed <= 0 or any(int(b) not in paced for b in batches_by_bucket):
+        return None
+    return sum(n * int(b) * paced[int(b)] for b, n in batches_by_bucket.items()) / processed
+
+
+def batches_per_s(windows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The rate at which the daemon stepped batches (all buckets) over measured windows
+    (`daemon_delta`s): Σ batches ÷ Σ `wall_s`; None without time or batches."""
+    wall = sum(w["wall_s"] for w in windows)
+    batches = sum(sum(w["batches_by_bucket"].values()) for w in windows)
+    return batches / wall if wall > 0 and batches > 0 else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -243,6 +300,11 @@ def scenario_figures(
     }
 
 
+_Paced = tuple[str, dict[str, Any], list[Mapping[str, Any]]]
+"""A row of the fleet tables for the paced phase: (label, its figures — the paced ones
+are added to them and to their `runs` — and its runs' measured windows, in order)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shape:
     name: str
@@ -324,6 +386,7 @@ def _fleet_phase(
     workdir: Path,
     kernel_rows: Sequence[dict[str, Any]],
     log: Callable[[str], None],
+    paced: list[_Paced],
 ) -> dict[str, Any]:
     shapes = _shapes(fleet)
     if not shapes:
@@ -381,6 +444,7 @@ def _fleet_phase(
             ),
             **summary,
         }
+        paced.append((shape.name, out[shape.name], [r["daemon"]["measured"] for r in runs]))
     return out
 
 
@@ -401,6 +465,7 @@ def _closed_loop(
     workdir: Path,
     kernel_rows: Sequence[dict[str, Any]],
     log: Callable[[str], None],
+    paced: list[_Paced],
 ) -> dict[str, Any]:
     s = dataclasses.replace(settings, latency_runs=fleet.runs)
     svc = Measured(proc, s, dims, record_bytes, workdir, log)
@@ -419,6 +484,7 @@ def _closed_loop(
         "frames_per_run": e2e["frames_per_run"],
         **scenario_figures(windows, per_run),
     }
+    paced.append(("closed-loop max", top, windows))
     loads = []
     for load in svc.latency(e2e["frames_per_s"], fleet.loads):
         windows = [d["measured"] for d in load.pop("daemon_runs")]
@@ -433,6 +499,7 @@ def _closed_loop(
             }
         )
         loads.append({**load, **summary})
+        paced.append((f"closed-loop {load['fraction']:g} × max", loads[-1], windows))
         log(
             f"  closed-loop {load['fraction']:g} × max: daemon "
             f"{_us(summary['daemon_cpu_us_per_frame'])} µs CPU/frame (step "
@@ -444,6 +511,127 @@ def _closed_loop(
         f"{_us(top['step_cpu_us_per_frame'])})"
     )
     return {"max": top, "loads": loads}
+
+
+def _median_of(values: Sequence[float | None]) -> float | None:
+    numbers = [v for v in values if v is not None]
+    return median(numbers) if numbers else None
+
+
+def _paced_phase(
+    settings: BenchSettings,
+    fleet: FleetSettings,
+    cache_dir: str,
+    workdir: Path,
+    rows: Sequence[_Paced],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Measure, for every row, each bucket it used at its batch rate (one process for
+    all), and add to each row's figures (and each run's) `batches_per_s`,
+    `paced_step_by_bucket`, `paced_step_cpu_us_per_frame`, `daemon_to_paced_step`.
+    Returns the `paced` section of the result."""
+    plans: list[tuple[float | None, list[tuple[int, float]]]] = []
+    points: dict[tuple[int, float], int] = {}  # (bucket, batches/s) → index in `points`
+    for _, _, windows in rows:
+        rate = batches_per_s(windows)
+        mix = _sum_maps([w["batches_by_bucket"] for w in windows])
+        keys = [(int(b), rate) for b, n in mix.items() if n > 0] if rate else []
+        plans.append((rate, keys))
+        for key in keys:
+            points.setdefault(key, len(points))
+    spec = {
+        "model": dict(settings.model),
+        "paced": [list(p) for p in points],
+        "duration_s": fleet.paced_s,
+        "min_calls": fleet.paced_min_calls,
+        "capacity": max(settings.buckets),  # as the kernel phase's: the same executables
+        "cache_dir": cache_dir,
+    }
+    windows_s = sum(max(fleet.paced_min_calls / r, fleet.paced_s) for _, r in points)
+    log(
+        f"paced step: {len(points)} window{'' if len(points) == 1 else 's'} (each bucket "
+        "of each scenario at its batches/s), "
+        f"~{windows_s:.0f} s, XLA threads as the daemon's…"
+    )
+    threads, measured = (
+        _in_kernel_process("paced", spec, workdir, settings.timeout_s * 20 + 2 * windows_s)
+        if points
+        else (daemon_xla_threads(), [])
+    )
+    for (label, figures, windows), (rate, keys) in zip(rows, plans, strict=True):
+        by_bucket = {str(k[0]): measured[points[k]]["cpu_us_per_frame"] for k in keys}
+        for run, w in zip(figures["runs"], windows, strict=True):
+            step = (
+                paced_step_cpu_us_per_frame(w["batches_by_bucket"], w["processed"], by_bucket)
+                if by_bucket
+                else None
+            )
+            run["paced_step_cpu_us_per_frame"] = step
+            run["daemon_to_paced_step"] = _ratio(run["daemon_cpu_us_per_frame"], step)
+        figures["batches_per_s"] = rate
+        figures["paced_step_by_bucket"] = by_bucket
+        for name in ("paced_step_cpu_us_per_frame", "daemon_to_paced_step"):
+            figures[name] = _median_of([run[name] for run in figures["runs"]])
+        log(
+            f"  paced {label}: {0 if rate is None else rate:,.0f} batches/s, step "
+            f"{_us(figures['paced_step_cpu_us_per_frame'])} µs CPU/frame (tight loop "
+            f"{_us(figures['step_cpu_us_per_frame'])}), daemon ÷ paced step "
+            f"{_us(figures['daemon_to_paced_step'])}"
+        )
+    return {
+        "xla_threads": threads,
+        "duration_s": fleet.paced_s,
+        "min_calls": fleet.paced_min_calls,
+        "points": measured,
+    }
+
+
+def format_paced_table(result: Mapping[str, Any]) -> str:
+    """The paced step of a `run_fleet_bench` result as two Markdown tables (per scenario
+    row, per point measured), each after a blank line and its title."""
+    from .report import _fleet_rows
+
+    tight = {int(r["bucket"]): r["compiled_core_us_per_frame"] for r in result["kernel"]["buckets"]}
+    rows = [
+        "| scenario | batches/s | daemon CPU µs/frame | step CPU µs/frame (tight) "
+        "| paced step CPU µs/frame | daemon ÷ step | daemon ÷ paced step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, _, f in _fleet_rows(dict(result)):
+        rows.append(
+            f"| {name} | {_num(f.get('batches_per_s'), ',.0f')} "
+            f"| {_num(f['daemon_cpu_us_per_frame'], '.1f')} "
+            f"| {_num(f['step_cpu_us_per_frame'], '.1f')} "
+            f"| {_num(f.get('paced_step_cpu_us_per_frame'), '.1f')} "
+            f"| {_num(f['daemon_to_step'], '.1f')} | {_num(f.get('daemon_to_paced_step'), '.1f')} |"
+        )
+    points = [
+        "| bucket | batches/s asked | achieved | calls | paced CPU µs/frame "
+        "| of which caller thread | tight core-µs/frame | cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in result["paced"]["points"]:
+        points.append(
+            f"| {p['bucket']} | {p['batches_per_s']:,.1f} | {p['achieved_batches_per_s']:,.1f} "
+            f"| {p['calls']:,} | {p['cpu_us_per_frame']:.1f} "
+            f"| {p['caller_cpu_us_per_frame']:.1f} | {_num(tight.get(int(p['bucket'])), '.1f')} "
+            f"| {p['cores']:.2f} |"
+        )
+    paced = result["paced"]
+    sections = [
+        (
+            f"Paced step (each bucket used, called at the scenario's batches/s; XLA CPU "
+            f"threads: {paced['xla_threads']}; {paced['duration_s']:g} s windows, ≥ "
+            f"{paced['min_calls']} calls)",
+            rows,
+        ),
+        ("Paced step windows", points),
+    ]
+    return "\n".join(f"\n{title}\n\n" + "\n".join(lines) for title, lines in sections)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
 
 
 def run_fleet_bench(
@@ -464,7 +652,9 @@ def run_fleet_bench(
 
     **Returns:** a JSON-ready dict with `schema`, `machine`, `settings`, `fleet_settings`,
     `model`, `record_bytes`, `cache_dir`, `kernel` (`xla_threads`, `buckets`), `fleet`
-    (scenario name → figures), `targets` (empty: no targets apply), `elapsed_s`.
+    (scenario name → figures), `paced` (`xla_threads`, `duration_s`, `min_calls`,
+    `points`: the rows of `run_paced_steps`), `compilations`, `exit_status`, `targets`
+    (empty: no targets apply), `elapsed_s`.
 
     **Raises:** `BenchError` when a service fails to start or a measurement fails.
     """
@@ -523,16 +713,21 @@ def run_fleet_bench(
         with ServiceProcess("daemon", argv, ready, work) as proc:
             start = proc.start(settings.timeout_s * 5)
             log(f"daemon ready in {start:.2f} s (pid {proc.pid})")
-            scenarios = _fleet_phase(proc, settings, fleet, dims, record_bytes, work, rows, log)
+            paced: list[_Paced] = []
+            scenarios = _fleet_phase(
+                proc, settings, fleet, dims, record_bytes, work, rows, log, paced
+            )
             if "closed-loop" in fleet.scenarios:
                 scenarios["closed-loop"] = _closed_loop(
-                    proc, settings, fleet, dims, record_bytes, work, rows, log
+                    proc, settings, fleet, dims, record_bytes, work, rows, log, paced
                 )
             result["fleet"] = scenarios
             result["compilations"] = {
                 "runtime": proc.metric("enactive_jit_compilations_total", phase="runtime")
             }
             result["exit_status"] = proc.stop()
+        # The daemon stopped: the paced steps have the host to themselves, as the kernel's.
+        result["paced"] = _paced_phase(settings, fleet, cache_dir, work, paced, log)
     result["targets"] = {}
     result["elapsed_s"] = time.perf_counter() - t0
     return result

@@ -141,6 +141,10 @@ class FleetSettings:
         latency runs per load.
     - `loads`: `closed-loop`'s open-loop runs, as fractions of its measured maximum.
     - `drain_s`: UDP: how long the client waits for more moments once all is sent.
+    - `paced_s`, `paced_min_calls`: the paced step phase (after the daemon's): each
+        bucket a scenario used, its compiled step called at the scenario's batch rate
+        for `paced_s` seconds, at least `paced_min_calls` calls
+        (`stream.bench.kernel.run_paced_steps`).
     """
 
     scenarios: tuple[str, ...] = SCENARIOS
@@ -154,18 +158,21 @@ class FleetSettings:
     runs: int = 3
     loads: tuple[float, ...] = (0.1, 0.25, 0.5)
     drain_s: float = 0.5
+    paced_s: float = 3.0
+    paced_min_calls: int = 50
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.scenarios if s not in SCENARIOS]
         if unknown or not self.scenarios:
             raise ValueError(f"scenarios = {list(self.scenarios)}: expected some of {SCENARIOS}")
-        for name in ("sensors", "default_streams", "default_connections", "runs"):
+        counts = ("sensors", "default_streams", "default_connections", "runs", "paced_min_calls")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.default_connections > self.default_streams:
             raise ValueError("default_connections must be <= default_streams")
-        if min(self.rate_hz, self.default_rate_hz, self.duration_s) <= 0:
-            raise ValueError("rate_hz, default_rate_hz, duration_s must be > 0")
+        if min(self.rate_hz, self.default_rate_hz, self.duration_s, self.paced_s) <= 0:
+            raise ValueError("rate_hz, default_rate_hz, duration_s, paced_s must be > 0")
         if self.warmup_s < 0 or self.drain_s < 0:
             raise ValueError("warmup_s, drain_s must be >= 0")
         if not self.loads or not all(0 < f <= 1 for f in self.loads):
@@ -173,8 +180,13 @@ class FleetSettings:
 
     @classmethod
     def quick(cls, **changes: Any) -> FleetSettings:
-        """The short run: 3 s per run, no `closed-loop`."""
-        base: dict[str, Any] = {"duration_s": 3.0, "scenarios": SCENARIOS[:3]}
+        """The short run: 3 s per run, no `closed-loop`, 1 s paced windows."""
+        base: dict[str, Any] = {
+            "duration_s": 3.0,
+            "scenarios": SCENARIOS[:3],
+            "paced_s": 1.0,
+            "paced_min_calls": 20,
+        }
         return cls(**{**base, **changes})
 
     def as_dict(self) -> dict[str, Any]:

@@ -18,11 +18,17 @@ from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_
 from stream.bench.client import ClientError, ClientSpec, _latencies, _paced
 from stream.bench.fleet import FleetSpec, _groups
 from stream.bench.kernel import format_table as kernel_table
-from stream.bench.kernel import run_kernel_bench
+from stream.bench.kernel import run_kernel_bench, run_paced_steps
 from stream.bench.measure import combine_latency_runs, rounds_for
 from stream.bench.probe import Snapshot, daemon_delta, histogram_quantile
 from stream.bench.runner import MODEL_KEYS
-from stream.bench.scenarios import run_fleet_bench, step_cpu_us_per_frame
+from stream.bench.scenarios import (
+    batches_per_s,
+    format_paced_table,
+    paced_step_cpu_us_per_frame,
+    run_fleet_bench,
+    step_cpu_us_per_frame,
+)
 from stream.bench.settings import SCENARIOS, FleetSettings
 from stream.bench.stats import cdf, growth_pct, late_growth_pct, median, percentiles
 from stream.bench.wire import (
@@ -332,6 +338,21 @@ def test_kernel_bench_smoke(small_config: Any) -> None:
     assert kernel_table(rows).count("\n") == 2
 
 
+def test_paced_step_smoke(small_config: Any) -> None:
+    rows = run_paced_steps(small_config, [(4, 400.0), (1, 100.0)], duration_s=0.05, min_calls=5)
+    assert [(r["bucket"], r["batches_per_s"], r["calls"]) for r in rows] == [
+        (4, 400.0, 20),  # 400/s × 0.05 s
+        (1, 100.0, 5),  # at least min_calls
+    ]
+    for r in rows:
+        assert all(v > 0 for v in r.values()), r
+        assert r["cpu_us_per_frame"] == pytest.approx(1e6 * r["cpu_s"] / (r["calls"] * r["bucket"]))
+        assert r["caller_cpu_us_per_frame"] <= r["cpu_us_per_frame"] * 1.001
+        assert r["wall_s"] >= r["calls"] / r["batches_per_s"] * 0.99  # paced, not a tight loop
+    with pytest.raises(ValueError):
+        run_paced_steps(small_config, [(4, 0.0)])
+
+
 def test_kernel_bench_runs_alone_from_the_command_line() -> None:
     # `-W error`: runpy warns when the package imports the module it is asked to run.
     proc = subprocess.run(
@@ -548,6 +569,21 @@ def test_step_cpu_weights_the_kernel_by_the_batches_formed() -> None:
     assert step_cpu_us_per_frame({}, 0, rows) is None
 
 
+def test_paced_step_cpu_weights_the_paced_figures_by_the_batches_formed() -> None:
+    paced = {"1": 150.0, "8": 30.0}
+    # 10 batches of 1 (150 µs each) and 5 of 8 (240 µs each) for 40 frames: 2700 / 40.
+    assert paced_step_cpu_us_per_frame({"1": 10, "8": 5}, 40, paced) == pytest.approx(67.5)
+    assert paced_step_cpu_us_per_frame({"8": 5}, 40, {8: 30.0}) == pytest.approx(30.0)
+    assert paced_step_cpu_us_per_frame({"1": 10, "64": 1}, 40, paced) is None  # 64 not paced
+    assert paced_step_cpu_us_per_frame({}, 0, paced) is None
+    windows = [
+        {"wall_s": 2.0, "batches_by_bucket": {"1": 10.0, "8": 90.0}},
+        {"wall_s": 3.0, "batches_by_bucket": {"8": 150.0}},
+    ]
+    assert batches_per_s(windows) == pytest.approx(50.0)  # 250 batches (all buckets) in 5 s
+    assert batches_per_s([{"wall_s": 1.0, "batches_by_bucket": {}}]) is None
+
+
 def test_fleet_schedule_spreads_the_sensors_over_the_period() -> None:
     spec = FleetSpec("tcp", 1, 2, 3, sensors=10, connections=5, rate_hz=20.0, record_bytes=1)
     groups = _groups(spec)
@@ -568,6 +604,11 @@ def test_fleet_schedule_spreads_the_sensors_over_the_period() -> None:
 def test_fleet_settings_validation_and_quick() -> None:
     assert FleetSettings().scenarios == SCENARIOS and FleetSettings().runs == 3
     assert "closed-loop" not in FleetSettings.quick().scenarios
+    assert FleetSettings.quick().paced_s < FleetSettings().paced_s
+    with pytest.raises(ValueError):
+        FleetSettings(paced_s=0.0)
+    with pytest.raises(ValueError):
+        FleetSettings(paced_min_calls=0)
     with pytest.raises(ValueError, match="scenarios"):
         FleetSettings(scenarios=("nope",))
     with pytest.raises(ValueError):
@@ -614,6 +655,8 @@ def test_tiny_fleet_bench_end_to_end(
         warmup_s=0.25,
         runs=1,
         loads=(0.25,),
+        paced_s=0.1,
+        paced_min_calls=5,
     )
     lines: list[str] = []
     result = run_fleet_bench(settings, fleet, log=lines.append)
@@ -643,6 +686,7 @@ def test_tiny_fleet_bench_end_to_end(
         assert 0 < sc["daemon_p50_ms"] <= sc["daemon_p99_ms"]
         assert sc["frames_per_s"] > 0 and sc["client_cpu_s"] > 0
         assert sum(sc["batches_by_bucket"].values()) > 0 and 0 < sc["batch_fill"] <= 1
+        _check_paced(sc)
     assert scenarios["tcp-fleet"]["connections"] == 20 and scenarios["tcp-fleet"]["spread"]
     assert not scenarios["default"]["spread"]
     closed = scenarios["closed-loop"]
@@ -650,8 +694,35 @@ def test_tiny_fleet_bench_end_to_end(
     (load,) = closed["loads"]
     assert load["fraction"] == 0.25 and load["daemon_cpu_us_per_frame"] > 0
     assert load["daemon_to_step"] > 0 and 0 < load["client_p50_ms"] <= load["client_p99_ms"]
+    _check_paced(closed["max"])
+    _check_paced(load)
+    paced = result["paced"]
+    assert paced["xla_threads"] == result["kernel"]["xla_threads"]
+    assert paced["duration_s"] == 0.1 and paced["min_calls"] == 5
+    assert {p["bucket"] for p in paced["points"]} <= {1, 8, 64}
+    assert all(p["calls"] >= 5 and p["cpu_us_per_frame"] > 0 for p in paced["points"])
 
     table = format_table(result)
     for title in ("Kernel", "Fleet scenarios", "tcp-fleet", "udp-fleet", "closed-loop 0.25"):
         assert title in table
+    paced_table = format_paced_table(result)
+    for title in ("Paced step", "Paced step windows", "tcp-fleet", "closed-loop 0.25"):
+        assert title in paced_table
     assert any("tcp-fleet run 1/1" in line for line in lines)
+    assert any(line.startswith("  paced default:") for line in lines)
+
+
+def _check_paced(figures: dict[str, Any]) -> None:
+    """The paced step's figures of a scenario row: every bucket used measured, positive,
+    the ratio the daemon's ÷ the paced step's (one run: no median to blur it)."""
+    assert figures["batches_per_s"] > 0
+    assert set(figures["paced_step_by_bucket"]) == {
+        b for b, n in figures["batches_by_bucket"].items() if n > 0
+    }
+    assert all(v > 0 for v in figures["paced_step_by_bucket"].values())
+    assert figures["paced_step_cpu_us_per_frame"] > 0 and figures["daemon_to_paced_step"] > 0
+    assert figures["daemon_to_paced_step"] == pytest.approx(
+        figures["daemon_cpu_us_per_frame"] / figures["paced_step_cpu_us_per_frame"]
+    )
+    (run,) = figures["runs"]
+    assert run["paced_step_cpu_us_per_frame"] == figures["paced_step_cpu_us_per_frame"]
