@@ -121,6 +121,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out[key.strip()] = value.strip()
     if getattr(args, "log_format", None) is not None:
         out["log.format"] = args.log_format
+    if getattr(args, "record", None):
+        out["record.path"] = args.record
     return out
 
 
@@ -133,6 +135,39 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="SECTION.KEY=VALUE",
         help="override one configuration key (repeatable)",
+    )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options of `run` (and `record`)."""
+    _add_config_args(p)
+    p.add_argument(
+        "--ready-file", metavar="FILE", help="write the bound ports here (JSON) once ready"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or one JSON object each; overrides log.format "
+        "(default: the configured one, text)",
+    )
+    p.add_argument(
+        "--discard-checkpoint",
+        action="store_true",
+        help="move the checkpoint files in state.dir aside (renamed with a timestamp, never "
+        "deleted) and start every stream fresh",
+    )
+
+
+def _add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """The TLS and token options of the sensor clients (`send`, `replay`)."""
+    p.add_argument(
+        "--tls", action="store_true", help="speak TLS 1.3 (implied by --ca, --cert; TCP only)"
+    )
+    p.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify the daemon with")
+    p.add_argument("--cert", metavar="FILE", help="client certificate (PEM)")
+    p.add_argument("--key", metavar="FILE", help="its private key (default: in --cert)")
+    p.add_argument(
+        "--token", help="authenticate with this token (an AUTH line before the first frame)"
     )
 
 
@@ -237,6 +272,74 @@ def _cmd_send(args: argparse.Namespace) -> int:
     else:
         print(f"enactive-stream: {report.summary()}")
     return 1 if report.rejected or (args.transport != "udp" and not report.complete) else 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import ssl
+
+    from .jetstream import NatsError
+    from .recording import RecordingError, RecordingReader
+    from .replay import ReplayUsageError, parse_target, replay
+    from .send import SendError
+
+    try:
+        target = parse_target(args.to)
+    except ReplayUsageError as e:
+        return _usage_error(f"{e} (see {PROG} replay --help)")
+    tls = bool(args.tls or args.ca or args.cert)
+    if target.scheme != "tcp" and (tls or args.key or args.token is not None):
+        return _usage_error(
+            f"--to {target.scheme}://… takes no --tls, --ca, --cert, --key or --token here: "
+            f"replay to tcp://…, or drop them (see {PROG} replay --help)"
+        )
+    context = None
+    if tls:
+        context, cause = _client_context(args.ca, args.cert, args.key)
+        if context is None:
+            print_error(f"{cause} (check --ca, --cert, --key)")
+            return 1
+    try:
+        reader = RecordingReader(args.file)
+    except RecordingError as e:
+        return _usage_error(f"{e} (is it a recording? docs/recording.md)")
+    except OSError as e:
+        return _usage_error(f"cannot read {args.file}: {e.strerror or e}")
+    speed = None if args.as_fast_as_possible else args.speed
+    host, port = target.host, target.port
+    with reader:
+        try:
+            report = replay(
+                reader,
+                target,
+                speed=speed,
+                tls=context,
+                token=args.token,
+                subject_prefix=args.subject_prefix,
+            )
+        except ssl.SSLError as e:
+            print_error(
+                f"TLS with {host}:{port}: {e} (check --ca, --cert, --key; replay needs a "
+                "daemon speaking TLS 1.3)"
+            )
+            return 1
+        except ValueError as e:
+            return _usage_error(f"{e} (see {PROG} replay --help)")
+        except SendError as e:
+            print_error(_send_failure(e, tls=tls, credentials=bool(args.token or args.cert)))
+            return 1
+        except OSError as e:
+            print_error(f"{_connect_failure(host, port, e)} (is `enactive-stream run` up?)")
+            return 1
+        except NatsError as e:
+            print_error(str(e))
+            return 1
+    if reader.ignored:  # what a crash mid-write leaves: not an error
+        print(f"{PROG}: note: {reader.tail()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(f"{PROG}: {report.summary()}")
+    return 1 if report.rejected or (target.scheme == "tcp" and not report.complete) else 0
 
 
 def _client_context(
@@ -509,23 +612,63 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon (no arguments: the embedded default)")
-    _add_config_args(run)
+    _add_run_args(run)
     run.add_argument(
-        "--ready-file", metavar="FILE", help="write the bound ports here (JSON) once ready"
-    )
-    run.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        help="log lines as text or one JSON object each; overrides log.format "
-        "(default: the configured one, text)",
-    )
-    run.add_argument(
-        "--discard-checkpoint",
-        action="store_true",
-        help="move the checkpoint files in state.dir aside (renamed with a timestamp, never "
-        "deleted) and start every stream fresh",
+        "--record",
+        metavar="FILE",
+        help="append every accepted frame to this recording (docs/recording.md); "
+        "overrides record.path",
     )
     run.set_defaults(fn=_cmd_run, cmd_parser=run)
+
+    record = sub.add_parser(
+        "record",
+        help="run the daemon, appending every accepted frame to a recording",
+        description="`run` with record.path = FILE: every frame the daemon accepts (TCP, "
+        "UDP, synthetic...) is appended to FILE, in the order it is stepped; "
+        "`enactive-stream replay FILE` feeds it back (docs/recording.md).",
+    )
+    record.add_argument("record", metavar="FILE", help="the recording (created or appended to)")
+    _add_run_args(record)
+    record.set_defaults(fn=_cmd_run, cmd_parser=record)
+
+    replay = sub.add_parser(
+        "replay",
+        help="send a recording back to a daemon, frame for frame",
+        description="Send every frame of a recording to a daemon's sensor listener, byte "
+        "for byte and in order, at the recorded pace (--speed) or as fast as it takes them; "
+        "exit status 1 if the daemon rejected any (docs/recording.md).",
+    )
+    replay.add_argument("file", metavar="FILE", help="the recording")
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed",
+        type=_positive,
+        default=1.0,
+        help="replay this many times faster than recorded (0.5: half as fast)",
+    )
+    pace.add_argument(
+        "--as-fast-as-possible",
+        action="store_true",
+        help="no pacing: as fast as the daemon takes the frames",
+    )
+    replay.add_argument(
+        "--to",
+        default="tcp://127.0.0.1:7400",
+        metavar="URL",
+        help="the daemon's sensor listener, tcp://HOST:PORT or udp://HOST:PORT (TCP counts "
+        "every rejection; UDP gets no replies), or a NATS server, nats://HOST:PORT (frames "
+        "published to JetStream; the nats extra)",
+    )
+    replay.add_argument(
+        "--subject-prefix",
+        default="sensors.",
+        metavar="PREFIX",
+        help="with nats://: publish a frame of stream S to PREFIX + S (default: sensors.)",
+    )
+    replay.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _add_client_security_args(replay)
+    replay.set_defaults(fn=_cmd_replay, cmd_parser=replay)
 
     send = sub.add_parser("send", help="a simulated sensor client")
     send.add_argument("--host", default="127.0.0.1", help="the daemon's address")
@@ -544,15 +687,7 @@ def _parser() -> argparse.ArgumentParser:
             f"--{name}-dim", type=_count, default=default, help=f"{name} values per frame"
         )
     send.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    send.add_argument(
-        "--tls", action="store_true", help="speak TLS 1.3 (implied by --ca, --cert; TCP only)"
-    )
-    send.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify the daemon with")
-    send.add_argument("--cert", metavar="FILE", help="client certificate (PEM)")
-    send.add_argument("--key", metavar="FILE", help="its private key (default: in --cert)")
-    send.add_argument(
-        "--token", help="authenticate with this token (an AUTH line before the first frame)"
-    )
+    _add_client_security_args(send)
     send.set_defaults(fn=_cmd_send, cmd_parser=send)
 
     subscribe = sub.add_parser("subscribe", help="print the moments of matching streams")
@@ -613,7 +748,7 @@ def _parser() -> argparse.ArgumentParser:
         "--runs",
         type=_count,
         help="throughput runs, median reported (default: 5; --quick 3); --fleet: runs per "
-        "scenario (default: 3)",
+        "scenario (default: 3); --nats: runs of every phase (default: 3; --quick 2)",
     )
     bench.add_argument(
         "--duration",

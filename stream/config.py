@@ -39,6 +39,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "OutputConfig",
+    "RecordConfig",
     "SecurityConfig",
     "StateConfig",
     "SyntheticConfig",
@@ -207,7 +208,44 @@ class _Networks:
         return tuple(v)
 
 
-_Rule = _Int | _Float | _Bool | _Str | _Address | _IntList | _Networks
+@dataclasses.dataclass(frozen=True)
+class _NatsUrl:
+    def check(self, v: object) -> str:
+        what = (
+            'must be "nats://host:port" or "tls://host:port" (several comma-separated, for a '
+            'cluster), or "" for off'
+        )
+        if not isinstance(v, str):
+            raise _Bad(what)
+        for url in filter(None, (u.strip() for u in v.split(","))):
+            scheme, sep, rest = url.partition("://")
+            if scheme not in ("nats", "tls") or not sep or not rest or rest.startswith(":"):
+                raise _Bad(what)
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subject:
+    wildcard: bool  # a filter whose last token is `>` or `*` (the stream id follows)
+
+    def check(self, v: object) -> str:
+        tokens = v.split(".") if isinstance(v, str) else []
+        ok = bool(tokens) and all(t and not any(c in t for c in " \t\r\n") for t in tokens)
+        if ok and self.wildcard:
+            ok = tokens[-1] in (">", "*") and len(tokens) > 1
+            ok = ok and not any(t in (">", "*") for t in tokens[:-1])
+        elif ok:
+            ok = len(tokens) == 1 and all(c.isalnum() or c in "-_" for c in tokens[0])
+        if not ok or not isinstance(v, str):
+            raise _Bad(
+                'must be a subject filter ending in ".>" or ".*", e.g. "sensors.>"'
+                if self.wildcard
+                else "must be a JetStream name: letters, digits, - and _"
+            )
+        return v
+
+
+_Rule = _Int | _Float | _Bool | _Str | _Address | _IntList | _Networks | _NatsUrl | _Subject
 
 
 class _Bad(Exception):
@@ -372,6 +410,52 @@ class SecurityConfig:
     insecure: bool = _f(False, _Bool())
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NatsConfig:
+    """`[nats]`: NATS JetStream ingest and moments (docs/integrations.md; the `nats`
+    extra). Off while `url` is empty."""
+
+    url: str = _f("", _NatsUrl())
+    subjects: str = _f("sensors.>", _Subject(wildcard=True))
+    stream: str = _f("SENSORS", _Subject(wildcard=False))
+    durable: str = _f("enactive", _Subject(wildcard=False))
+    consume: bool = _f(True, _Bool())
+    moments_stream: str = _f("MOMENTS", _Subject(wildcard=False))
+    publish_moments: bool = _f(True, _Bool())
+    credentials_file: str = _f("", _Str())
+    nkey_seed_file: str = _f("", _Str())
+    token: str = _f("", _Str())
+    user: str = _f("", _Str())
+    password: str = _f("", _Str())
+    tls_ca_file: str = _f("", _Str())
+    tls_cert_file: str = _f("", _Str())
+    tls_key_file: str = _f("", _Str())
+    connect_timeout_s: float = _f(30.0, _Float(0, 3600))
+    fetch_batch: int = _f(0, _Int(0, 1 << 16))
+    max_ack_pending: int = _f(65536, _Int(1, 1 << 24))
+    ack_wait_s: float = _f(0.0, _Float(0, 86400))
+    duplicate_window_s: float = _f(120.0, _Float(1, 7 * 86400))
+    storage: str = _f("file", _Str(("file", "memory")))
+    replicas: int = _f(1, _Int(1, 5))
+    max_age_s: float = _f(86400.0, _Float(0, 10 * 365 * 86400))
+    moments_buffer: int = _f(8192, _QUEUE)
+    publish_in_flight: int = _f(4096, _Int(1, 1 << 20))
+
+    def effective_ack_wait_s(self, checkpoint_interval_s: float) -> float:
+        """`ack_wait_s`, or (0) 3 × the checkpoint interval + 30 s: a frame is
+        acknowledged within one interval, the checkpoint's write and the moments'
+        publication, so the server never redelivers one that is on its way."""
+        return self.ack_wait_s or 3 * checkpoint_interval_s + 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordConfig:
+    """`[record]`: write every accepted frame to a recording file (docs/recording.md).
+    Off while `path` is empty."""
+
+    path: str = _f("", _Str())
+
+
 _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "output": OutputConfig,
@@ -383,6 +467,8 @@ _SECTIONS: dict[str, type] = {
     "device": DeviceConfig,
     "log": LogConfig,
     "security": SecurityConfig,
+    "nats": NatsConfig,
+    "record": RecordConfig,
 }
 
 
@@ -400,6 +486,8 @@ class Config:
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    nats: NatsConfig = dataclasses.field(default_factory=NatsConfig)
+    record: RecordConfig = dataclasses.field(default_factory=RecordConfig)
 
     @property
     def dims(self) -> Dims:
@@ -593,6 +681,19 @@ def _check_cross(cfg: Config, raw: _Raw) -> None:
             f"state.max_known_streams = {cfg.state.max_known_streams}: must be at least "
             f"state.max_streams = {cfg.state.max_streams} (from {origin})"
         )
+    nats = cfg.nats
+    if nats.url:
+        ack_wait = nats.effective_ack_wait_s(cfg.state.checkpoint_interval_s)
+        if nats.publish_moments and nats.duplicate_window_s < ack_wait:
+            origin = raw["nats"].get("duplicate_window_s", (None, "default"))[1]
+            raise ConfigError(
+                f"nats.duplicate_window_s = {_num(nats.duplicate_window_s)}: must be at least "
+                f"the acknowledgement wait, {_num(ack_wait)} s (nats.ack_wait_s, by default "
+                f"3 × state.checkpoint_interval_s + 30), or moments re-emitted after a crash "
+                f"could be stored twice (from {origin})"
+            )
+        if nats.tls_key_file and not nats.tls_cert_file:
+            raise ConfigError("nats.tls_key_file is set without nats.tls_cert_file")
     try:
         _ = cfg.model_config  # what the model refuses, across fields too
     except processors.ModelConfigError as e:

@@ -60,10 +60,12 @@ from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, parse_address
 from .events import Events, Listener
 from .http import serve_http
+from .jetstream import NatsSettings, require_nats
 from .metrics import Metrics
 from .net import ConnectionLimits
 from .notify import Notifier
 from .pipeline import Pipeline, PipelineSettings
+from .recording import Recorder
 from .security import prepare as prepare_security
 from .sinks import EncodingCache, JsonlSink, Sink, StdoutSink, SubscriberServer
 from .sources import Source, SyntheticSource, TcpSource, UdpSource
@@ -97,9 +99,51 @@ def sink_names(config: Config) -> tuple[str, ...]:
     out = config.output
     return tuple(
         name
-        for name, on in (("tcp", out.tcp), ("jsonl", out.jsonl), ("stdout", out.stdout))
+        for name, on in (
+            ("tcp", out.tcp),
+            ("jsonl", out.jsonl),
+            ("stdout", out.stdout),
+            ("nats", config.nats.url and config.nats.publish_moments),
+        )
         if on
     )
+
+
+def nats_settings(config: Config) -> NatsSettings:
+    """How the NATS source and sink connect, and how the streams are created."""
+    n = config.nats
+    return NatsSettings(
+        url=n.url,
+        credentials_file=n.credentials_file,
+        token=n.token,
+        nkey_seed_file=n.nkey_seed_file,
+        user=n.user,
+        password=n.password,
+        tls_ca_file=n.tls_ca_file,
+        tls_cert_file=n.tls_cert_file,
+        tls_key_file=n.tls_key_file,
+        connect_timeout_s=n.connect_timeout_s,
+        storage=n.storage,
+        replicas=n.replicas,
+        max_age_s=n.max_age_s,
+        duplicate_window_s=n.duplicate_window_s,
+    )
+
+
+class _Links(Listener):
+    """Which broker sources are disconnected now (not ready while one is), logged as
+    their connections come and go."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+
+    def source_state(self, source: str, up: bool) -> None:
+        if up and source in self.down:
+            self.down.discard(source)
+            log.info("%s: connected again", source)
+        elif not up and source not in self.down:
+            self.down.add(source)
+            log.warning("%s: disconnected; reconnecting", source)
 
 
 class Daemon:
@@ -167,7 +211,18 @@ class Daemon:
             backend=backend,
             sources=tuple(label for source in self.sources for label in source.labels),
             sinks=sink_names(config),
+            recording=bool(config.record.path),
         )
+        # The recording is checked (a crash's tail cut away) before anything slow.
+        self.recorder = (
+            Recorder.open(config.record.path, config.dims, on_written=self.metrics.recorded)
+            if config.record.path
+            else None
+        )
+        if self.recorder is not None:
+            kept = self.recorder.frames
+            after = f", appending after its {kept} frames" if kept else ""
+            self._say(f"recording every accepted frame to {self.recorder.path}{after}")
         self._ready_file = ready_file
         self.ready = False
         self.ports: dict[str, int] = {}
@@ -177,6 +232,7 @@ class Daemon:
         self._pipeline: Pipeline | None = None
         self._serving = anyio.Event()  # ready once: the rest compiles from then on
         self._compiled_buckets: list[int] = []  # as announced, on the event loop
+        self._links = _Links()  # broker sources' connections
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -193,6 +249,8 @@ class Daemon:
         if step is None:
             return "ready" if self.ready else self._phase
         buckets = f"{len(self._compiled_buckets)}/{len(step.buckets)} buckets"
+        if self.ready and self._links.down:
+            return f"not ready: {', '.join(sorted(self._links.down))} disconnected, reconnecting"
         if self.ready:
             if len(self._compiled_buckets) == len(step.buckets):
                 return "ready"
@@ -234,7 +292,8 @@ class Daemon:
                 table, slab = await anyio.to_thread.run_sync(self._prepare, step, built[0])
                 await compiled.wait()
                 with pinned({self.cpus.loop} if self.cpus else None):
-                    await self._serve(step, table, slab, counter, task_status)
+                    async with self._recording():
+                        await self._serve(step, table, slab, counter, task_status)
                 outer.cancel_scope.cancel()  # (a compilation under way is finished first)
         finally:
             counter.close()
@@ -378,6 +437,11 @@ class Daemon:
 
     # -- serve ------------------------------------------------------------------------------
 
+    def _recording(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """The recorder's writer, while the daemon serves (nothing without `record.path`);
+        on the way out it writes what is queued, fsyncs and closes the file."""
+        return self.recorder.writing() if self.recorder else contextlib.nullcontext()
+
     async def _serve(
         self,
         step: SlabStep,
@@ -388,7 +452,7 @@ class Daemon:
     ) -> None:
         cfg, metrics = self.config, self.metrics
         status = StatusLine(metrics, table, counter)
-        events = Events([metrics, status, _CheckpointLog(self._notifier.status)])
+        events = Events([metrics, status, _CheckpointLog(self._notifier.status), self._links])
         fingerprint = self._fingerprint(step)
 
         def checkpoint(rows: Any, snapshot: StreamTable) -> None:
@@ -415,9 +479,14 @@ class Daemon:
                 session_start=cfg.ingest.session_start,
                 stream_ttl_s=cfg.state.stream_ttl_s,
                 new_streams_per_batch=cfg.ingest.new_streams_per_batch,
+                # a broker's unacknowledged messages never reach its limit
+                checkpoint_positions=cfg.nats.max_ack_pending // 2
+                if cfg.nats.url and cfg.nats.consume
+                else 0,
             ),
             checkpoint=checkpoint,
             on_adapt=adapted,
+            on_batch=self.recorder.record if self.recorder else None,
         )
         self._pipeline = pipeline  # told of each bucket compiled from now on
         for stage, depth in pipeline.queue_depths().items():
@@ -425,6 +494,10 @@ class Daemon:
         metrics.active_streams.set_function(lambda: table.active)  # read at scrape time
         metrics.known_streams.set_function(lambda: len(table.admitted_seq))
         metrics.unsaved_age.set_function(pipeline.executor.unsaved_age_s)
+        for source in self.sources:
+            lag = getattr(source, "ack_lag_s", None)
+            if lag is not None:
+                metrics.source_ack_lag.labels(source.name).set_function(lag)
         self._phase = "starting the pipeline"
         async with anyio.create_task_group() as tg:
             ports = await tg.start(pipeline.run)
@@ -481,6 +554,24 @@ class Daemon:
                     address, buffer=cfg.ingest.udp_buffer, same_port_as=tcp, allow=sec.udp_allow
                 )
             )
+        if cfg.nats.url and cfg.nats.consume:
+            require_nats()
+            from .sources.nats import NatsSource, NatsSourceSettings
+
+            n = cfg.nats
+            sources.append(
+                NatsSource(
+                    nats_settings(cfg),
+                    NatsSourceSettings(
+                        subjects=n.subjects,
+                        stream=n.stream,
+                        durable=n.durable,
+                        fetch_batch=n.fetch_batch or max(cfg.batching.buckets),
+                        max_ack_pending=n.max_ack_pending,
+                        ack_wait_s=n.effective_ack_wait_s(cfg.state.checkpoint_interval_s),
+                    ),
+                )
+            )
         if cfg.synthetic.streams:
             sources.append(
                 SyntheticSource(
@@ -519,6 +610,20 @@ class Daemon:
             )
         if out.stdout:
             sinks.append(StdoutSink(buffer=out.subscriber_buffer, events=events, cache=cache))
+        n = self.config.nats
+        if n.url and n.publish_moments:
+            require_nats()
+            from .sinks.nats import NatsMomentSink
+
+            sinks.append(
+                NatsMomentSink(
+                    nats_settings(self.config),
+                    stream=n.moments_stream,
+                    buffer=n.moments_buffer,
+                    in_flight=n.publish_in_flight,
+                    events=events,
+                )
+            )
         return sinks
 
     # -- signals, readiness, progress ----------------------------------------------------------
@@ -569,7 +674,7 @@ class Daemon:
         self._notifier.ready(line)
 
     def _is_ready(self) -> bool:
-        return self.ready
+        return self.ready and not self._links.down
 
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready

@@ -57,6 +57,17 @@ class PipelineEvents(Protocol):
         `max_connections`, `max_per_address`, `idle_timeout`, `frame_timeout`,
         `header_timeout`, `accept_error`, ...)."""
 
+    def source_state(self, source: str, up: bool) -> None:
+        """A broker source's connection went down (False) or came (back) up (True)."""
+
+    def source_redelivered(self, source: str, n: int) -> None:
+        """`n` messages were delivered again by `source`'s broker (not acknowledged in
+        time, or delivered to a daemon that crashed)."""
+
+    def source_acknowledged(self, source: str, kind: str, n: int) -> None:
+        """`n` messages were acknowledged to `source`'s broker: `ack` (their effect is
+        durable, or they were duplicates of what is) or `term` (they can never decode)."""
+
     # -- admission, batcher, executor ------------------------------------------------------
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
@@ -91,6 +102,10 @@ class PipelineEvents(Protocol):
     def sink_dropped(self, sink: str, reason: str, n: int) -> None:
         """`n` moments could not be delivered by `sink`, for `reason`."""
 
+    def sink_duplicates(self, sink: str, n: int) -> None:
+        """`n` moments `sink` published were dropped by the broker as duplicates of ones
+        it already stored (re-emitted after a restart)."""
+
 
 class Listener:
     """A `PipelineEvents` that ignores every event: subclass it and override what you
@@ -106,6 +121,15 @@ class Listener:
         pass
 
     def limited(self, listener: str, reason: str) -> None:
+        pass
+
+    def source_state(self, source: str, up: bool) -> None:
+        pass
+
+    def source_redelivered(self, source: str, n: int) -> None:
+        pass
+
+    def source_acknowledged(self, source: str, kind: str, n: int) -> None:
         pass
 
     def batch(
@@ -137,6 +161,9 @@ class Listener:
     def sink_dropped(self, sink: str, reason: str, n: int) -> None:
         pass
 
+    def sink_duplicates(self, sink: str, n: int) -> None:
+        pass
+
 
 class Events:
     """Every event goes to each of `listeners`, in order."""
@@ -159,6 +186,18 @@ class Events:
     def limited(self, listener: str, reason: str) -> None:
         for each in self.listeners:
             each.limited(listener, reason)
+
+    def source_state(self, source: str, up: bool) -> None:
+        for each in self.listeners:
+            each.source_state(source, up)
+
+    def source_redelivered(self, source: str, n: int) -> None:
+        for each in self.listeners:
+            each.source_redelivered(source, n)
+
+    def source_acknowledged(self, source: str, kind: str, n: int) -> None:
+        for each in self.listeners:
+            each.source_acknowledged(source, kind, n)
 
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
@@ -197,3 +236,7 @@ class Events:
     def sink_dropped(self, sink: str, reason: str, n: int) -> None:
         for each in self.listeners:
             each.sink_dropped(sink, reason, n)
+
+    def sink_duplicates(self, sink: str, n: int) -> None:
+        for each in self.listeners:
+            each.sink_duplicates(sink, n)

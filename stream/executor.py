@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -35,6 +35,10 @@ from .protocol import ALL_PRESENT, SESSION_START
 from .streams import SlotPlan, StreamTable
 
 __all__ = ["Executor", "Stepped"]
+
+OUTPUTS_WAIT_S = 10.0
+"""How long a checkpoint waits for reliable sinks to store the moments it covers before
+it is given up (and tried again at the next interval)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -72,6 +76,14 @@ class Executor:
         (`SESSION_START`) steps from a fresh state (True) or from the stream's state.
     - `stream_ttl_s`: a stream not stepped for this long is forgotten at the next
         checkpoint (0: never), so the stream table never fills for good.
+    - `checkpoint_positions`: a checkpoint is taken as soon as this many source positions
+        wait for one (0: only by the interval), so a broker's limit on unacknowledged
+        messages is never reached.
+    - `outputs_stored(k)`: returns once the moments of the first `k` batches dispatched
+        are stored by every reliable sink; a checkpoint covering `k` batches is written
+        only after it (None: no reliable sink).
+    - `on_batch(batch)`: awaited with each batch before it is stepped, in step order (the
+        recorder, `stream.recording`); while it waits, the pipeline waits (None: none).
     """
 
     def __init__(
@@ -86,7 +98,14 @@ class Executor:
         checkpoint_interval_s: float = 5.0,
         reset_on_session_start: bool = True,
         stream_ttl_s: float = 0.0,
+        checkpoint_positions: int = 0,
+        outputs_stored: Callable[[int], Awaitable[None]] | None = None,
+        on_batch: Callable[[Batch], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_batch = on_batch
+        self._pressure = checkpoint_positions
+        self._outputs_stored = outputs_stored
+        self.dispatched = 0  # batches dispatched so far
         self._ttl_ns = int(stream_ttl_s * 1e9)
         self._reset_on_start = reset_on_session_start
         self.step = step
@@ -155,6 +174,8 @@ class Executor:
         batcher.idle(self.pending == 0)
         async with send, anyio.create_task_group() as self._background:
             while (batch := await self._next_batch(batcher)) is not None:
+                if self._on_batch is not None:  # (recording: every frame, before its step)
+                    await self._on_batch(batch)
                 taken = time.monotonic_ns()
                 n = len(batch)
                 stream_ids = batch.stream_ids
@@ -189,8 +210,11 @@ class Executor:
                 if self._dirty_since is None:
                     self._dirty_since = taken
                 events.batch(len(x), n, batch.queue_ns / 1e9, (taken - batch.received_ns) / 1e9)
+                self.dispatched += 1
                 await send.send(Stepped(batch, records, eager, restored, taken))
-                if time.monotonic_ns() >= self._next_checkpoint:
+                if time.monotonic_ns() >= self._next_checkpoint or (
+                    self._pressure and len(self._commits) >= self._pressure
+                ):
                     await self.checkpoint()
             await self.checkpoint(final=True)
 
@@ -212,6 +236,14 @@ class Executor:
     def _unsaved(self) -> bool:
         """Some effect on state is in no checkpoint taken yet."""
         return self._dirty_since is not None
+
+    def _failed(self, cut: Cut, message: str) -> None:
+        """Nothing of this checkpoint was saved: the next one covers it."""
+        if self._writing_since is not None:
+            since = [t for t in (self._dirty_since, self._writing_since) if t is not None]
+            self._dirty_since, self._writing_since = min(since), None
+        self._commits.retry(cut)
+        self._events.checkpoint_failed(message)
 
     def unsaved_age_s(self) -> float:
         """Seconds since the oldest effect on state that no durable checkpoint holds yet
@@ -259,12 +291,13 @@ class Executor:
         cut = self._commits.cut(table.processed_seq)
         snapshot = self.step.snapshot(self.slab, list(table.slot_of.values()))
         self._writing_since, self._dirty_since = self._dirty_since, None
+        covers = self.dispatched
         if final:
-            await self._write(snapshot, table, cut, t0, final=True)
+            await self._write(snapshot, table, cut, t0, covers, final=True)
         else:
             self._writing = anyio.Event()
             assert self._background is not None
-            self._background.start_soon(self._write, snapshot, table, cut, t0)
+            self._background.start_soon(self._write, snapshot, table, cut, t0, covers)
 
     async def _write(
         self,
@@ -272,25 +305,36 @@ class Executor:
         table: StreamTable,
         cut: Cut,
         t0: float,
+        covers: int,
         *,
         final: bool = False,
     ) -> None:
         checkpoint = self._checkpoint
         assert checkpoint is not None
+        stored = True
         try:
-            await anyio.to_thread.run_sync(lambda: checkpoint(snapshot.to_host(), table))
+            if self._outputs_stored is not None:
+                # Never an effect saved whose moment is not: after a crash its frame would
+                # count as applied, and its moment would be lost.
+                with anyio.move_on_after(OUTPUTS_WAIT_S) as waited:
+                    await self._outputs_stored(covers)
+                stored = not waited.cancelled_caught
+            if stored:
+                await anyio.to_thread.run_sync(lambda: checkpoint(snapshot.to_host(), table))
         except OSError as e:
-            if self._writing_since is not None:  # nothing was saved: the next one tries again
-                since = [t for t in (self._dirty_since, self._writing_since) if t is not None]
-                self._dirty_since, self._writing_since = min(since), None
-            self._commits.retry(cut)
-            self._events.checkpoint_failed(f"{type(e).__name__}: {e}")
+            self._failed(cut, f"{type(e).__name__}: {e}")
             if final:
                 raise
         else:
-            self._writing_since = None
-            self._commits.commit(cut)
-            self._events.checkpointed(time.perf_counter() - t0, len(cut))
+            if not stored:  # (a source that redelivers gives the frames again after a crash)
+                self._failed(
+                    cut,
+                    f"the moments it covers were not stored within {OUTPUTS_WAIT_S:g} s",
+                )
+            else:
+                self._writing_since = None
+                self._commits.commit(cut)
+                self._events.checkpointed(time.perf_counter() - t0, len(cut))
         finally:
             if self._writing is not None:
                 self._writing.set()

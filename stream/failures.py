@@ -1,7 +1,7 @@
 """Start-up failures an operator can fix, as one line each (`enactive-stream: error: …`,
 exit status 2) instead of a traceback: a bad configuration file, key or value; an
 unreadable or mismatched weights file; a missing device; a port in use; an unusable
-checkpoint or state directory.
+checkpoint, state directory or recording file.
 
 Light to import (the command line's `--help` needs it): the error classes are imported
 when a failure is classified, not before."""
@@ -25,9 +25,18 @@ def _message_errors() -> tuple[type[BaseException], ...]:
 
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .jetstream import NatsError
     from .net import ListenError
+    from .recording import RecordingError
 
-    return (ConfigError, CheckpointError, ModelConfigError, ListenError)
+    return (
+        ConfigError,
+        CheckpointError,
+        ModelConfigError,
+        ListenError,
+        NatsError,
+        RecordingError,
+    )
 
 
 def print_error(cause: str) -> None:
@@ -86,6 +95,7 @@ def _config_key_of(filename: str | bytes, config: Config) -> str:
         ("model.params", config.model.params),
         ("output.jsonl", config.output.jsonl),
         ("state.dir", config.state.dir),
+        ("record.path", config.record.path),
     ):
         if path and os.path.abspath(path) == where:
             return f"{key} = "

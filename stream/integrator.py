@@ -1,6 +1,6 @@
 """The integrator: device records → a batch of moments with their frames' identity and
 latency, offered to every sink without waiting (a slow sink drops, it never stalls the
-device)."""
+device) — except a reliable sink (`ReliableSink`), whose room it waits for."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .protocol import (
     MomentBatch,
     MomentSizes,
 )
-from .sinks import Sink
+from .sinks import ReliableSink, Sink
 
 __all__ = ["integrate"]
 
@@ -40,6 +40,7 @@ async def integrate(
     executor closes its stream; report each batch's timings as `events.moments(...)`.
     `on_ready()` is called as soon as a batch's records are on the host.
     """
+    reliable = [sink for sink in sinks if isinstance(sink, ReliableSink)]
     async with receive:
         async for item in receive:
             # Records already computed are read at once; waiting for the device happens
@@ -70,6 +71,8 @@ async def integrate(
                 sizes,
                 records[:n],
             )
+            for waiting in reliable:  # they never drop: wait for room (back-pressure)
+                await waiting.wait_room(n)
             # One emission time per batch: offering a whole batch takes microseconds.
             t0 = time.monotonic_ns()
             latency = t0 - received

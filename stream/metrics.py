@@ -63,8 +63,12 @@ __all__ = [
 
 # The `source` labels and sink names the code has. A configuration pre-declares the series
 # of the ones it runs (`Metrics(sources=..., sinks=...)`); the others appear at first use.
-SOURCES = ("tcp", "json", "udp", "synthetic")
-SINKS = ("tcp", "jsonl", "stdout")
+SOURCES = ("tcp", "json", "udp", "synthetic", "nats")
+SINKS = ("tcp", "jsonl", "stdout", "nats")
+BROKER_SOURCES = ("nats",)
+"""Sources that connect to a broker: they have a connection state, acknowledgements and
+redeliveries (`enactive_source_*`)."""
+ACK_KINDS = ("ack", "term")
 LISTENERS = ("ingest.tcp", "output.tcp", "metrics.listen")
 LIMIT_REASONS = (
     "max_connections",
@@ -195,6 +199,8 @@ class Metrics:
         `jit_compile_seconds` and `bucket_ready` start with one series per bucket.
     - `version`, `jax_version`, `backend`: build metadata for `enactive_build_info`
         (defaults: installed distribution versions and `"unknown"`; see `set_build_info`).
+    - `recording`: the daemon records every accepted frame (`record.path`): register
+        `recorded_frames_total` and `recording_bytes` (without it they have no series).
     - `process_metrics`: also register prometheus_client's `ProcessCollector`
         (`process_*`: CPU, memory, file descriptors, start time; Linux only),
         `GCCollector` (`python_gc_*`) and `PlatformCollector` (`python_info`). Off for
@@ -212,6 +218,7 @@ class Metrics:
         version: str | None = None,
         jax_version: str | None = None,
         backend: str = "unknown",
+        recording: bool = False,
         process_metrics: bool = True,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
@@ -322,6 +329,52 @@ class Metrics:
             "moments_dropped_total", "Moments a sink could not take.", ["sink", "reason"]
         )
         self.subscribers = gauge("subscribers", "Connected TCP moment subscribers.")
+        self.recorded_frames: Counter | None = None
+        self.recording_bytes: Gauge | None = None
+        if recording:
+            self.recorded_frames = counter(
+                "recorded_frames_total", "Accepted frames written to the recording file."
+            )
+            self.recording_bytes = gauge(
+                "recording_bytes", "Size of the recording file, as of its last write."
+            )
+        self.source_up = gauge(
+            "source_up",
+            "1 while the source can take frames (a broker source: connected), else 0.",
+            ["source"],
+        )
+        brokers = [s for s in self.sources if s in BROKER_SOURCES]
+        if brokers:
+            self.source_disconnects = counter(
+                "source_disconnects_total", "A broker source's connection was lost.", ["source"]
+            )
+            self.source_reconnects = counter(
+                "source_reconnects_total", "A broker source's connection came back.", ["source"]
+            )
+            self.source_redeliveries = counter(
+                "source_redeliveries_total",
+                "Messages the broker delivered again (not acknowledged in time, or delivered "
+                "to a daemon that crashed).",
+                ["source"],
+            )
+            self.source_acks = counter(
+                "source_acks_total",
+                "Messages acknowledged to the broker: ack (effect durable, or a duplicate of "
+                "one that is) or term (can never decode; never redelivered).",
+                ["source", "kind"],
+            )
+            self.source_ack_lag = gauge(
+                "source_ack_lag_seconds",
+                "Age of the oldest frame from the source not yet acknowledged (0: none).",
+                ["source"],
+            )
+        if "nats" in self.sinks:
+            self.sink_duplicates_total = counter(
+                "sink_duplicates_total",
+                "Moments the broker dropped as duplicates of ones it had stored (re-emitted "
+                "after a restart).",
+                ["sink"],
+            )
         self.build = Info("enactive_build", "Build metadata; the value is always 1.", registry=r)
         self._queues = _QueueDepthCollector()
         r.register(self._queues)
@@ -352,6 +405,18 @@ class Metrics:
             for s in self.sinks
             for why in SINK_DROP_REASONS
         }
+        self._was_down: set[str] = set()
+        for source in self.sources:
+            self.source_up.labels(source).set(0 if source in BROKER_SOURCES else 1)
+        for source in brokers:
+            self.source_disconnects.labels(source)
+            self.source_reconnects.labels(source)
+            self.source_redeliveries.labels(source)
+            for kind in ACK_KINDS:
+                self.source_acks.labels(source, kind)
+            self.source_ack_lag.labels(source)
+        if "nats" in self.sinks:
+            self.sink_duplicates_total.labels("nats")
         self.ready.set(0)
         self.set_build_info(
             version=version or _version("enactive-stream"),
@@ -449,7 +514,41 @@ class Metrics:
             )
         child.inc(n)
 
+    def source_state(self, source: str, up: bool) -> None:
+        """Sets `enactive_source_up`; counts a disconnection, and a reconnection after one."""
+        self.source_up.labels(source).set(1 if up else 0)
+        if source not in BROKER_SOURCES:
+            return
+        if not up and source not in self._was_down:
+            self._was_down.add(source)
+            self.source_disconnects.labels(source).inc()
+        elif up and source in self._was_down:
+            self._was_down.discard(source)
+            self.source_reconnects.labels(source).inc()
+
+    def source_redelivered(self, source: str, n: int) -> None:
+        """Counts `n` messages `source`'s broker delivered again."""
+        if source in BROKER_SOURCES:
+            self.source_redeliveries.labels(source).inc(n)
+
+    def source_acknowledged(self, source: str, kind: str, n: int) -> None:
+        """Counts `n` messages acknowledged to `source`'s broker (`ACK_KINDS`)."""
+        if source in BROKER_SOURCES and kind in ACK_KINDS:
+            self.source_acks.labels(source, kind).inc(n)
+
+    def sink_duplicates(self, sink: str, n: int) -> None:
+        """Counts `n` moments the broker dropped as duplicates."""
+        if sink == "nats" and "nats" in self.sinks:
+            self.sink_duplicates_total.labels(sink).inc(n)
+
     # --- other observations ---------------------------------------------------------------
+
+    def recorded(self, frames: int, size_bytes: int) -> None:
+        """Counts `frames` written to the recording, which is now `size_bytes` long (called
+        from the recorder's writer thread)."""
+        if self.recorded_frames is not None and self.recording_bytes is not None:
+            self.recorded_frames.inc(frames)
+            self.recording_bytes.set(size_bytes)
 
     def observe_stage(self, stage: str, seconds: npt.ArrayLike) -> None:
         """Records the time spent in `stage` (one of `STAGES`): one value, or an array of

@@ -20,8 +20,9 @@ covers), the integrator emits the last moments and the sinks flush.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -31,7 +32,7 @@ from processors import SlabStep
 
 from .adaptive import AdaptiveBatching
 from .admission import Admission
-from .batcher import Batcher
+from .batcher import Batch, Batcher
 from .buffers import WeightedBuffer
 from .commits import CommitLog
 from .events import Events, PipelineEvents
@@ -39,8 +40,8 @@ from .executor import Executor, Stepped
 from .ingest import Ingest, Item
 from .integrator import integrate
 from .protocol import Dims, Frame, MomentSizes
-from .sinks import Sink
-from .sources import Source
+from .sinks import ReliableSink, Sink
+from .sources import OpenedSource, Source
 from .streams import StreamTable
 
 __all__ = ["Pipeline", "PipelineSettings", "Ports"]
@@ -66,6 +67,8 @@ class PipelineSettings:
     - `new_streams_per_batch`: frames of streams new to the daemon let in per batch, from
         a lane of their own (a quarter of `ingest_queue`), so a flood of new ids cannot
         crowd out known streams (0: no separate lane).
+    - `checkpoint_positions`: source positions waiting for a checkpoint that make one
+        due at once (0: only the interval).
     """
 
     dims: Dims
@@ -77,6 +80,7 @@ class PipelineSettings:
     session_start: str = "reset"
     stream_ttl_s: float = 0.0
     new_streams_per_batch: int = 0
+    checkpoint_positions: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -99,6 +103,8 @@ class Pipeline:
     - `checkpoint(rows, table)`: writes a checkpoint (in a worker thread); None: none.
     - `on_adapt(max_wait_s, max_batch)`: told of the batch deadline and cap whenever
         they are set (at start, and by adaptive batching).
+    - `on_batch(batch)`: awaited with each batch before it is stepped (the recorder);
+        None: none.
     """
 
     def __init__(
@@ -113,9 +119,11 @@ class Pipeline:
         settings: PipelineSettings,
         checkpoint: Callable[[Any, StreamTable], Any] | None = None,
         on_adapt: Callable[[float, int], None] = lambda max_wait_s, max_batch: None,
+        on_batch: Callable[[Batch], Awaitable[None]] | None = None,
     ) -> None:
         self.sources = tuple(sources)
         self.sinks = tuple(sinks)
+        self.reliable = tuple(s for s in self.sinks if isinstance(s, ReliableSink))
         by_label = {label: s for s in self.sources for label in s.labels}
         self.buffer: WeightedBuffer[Item] = WeightedBuffer(settings.ingest_queue)
         self.step = step
@@ -165,6 +173,9 @@ class Pipeline:
             checkpoint_interval_s=settings.checkpoint_interval_s,
             reset_on_session_start=settings.session_start == "reset",
             stream_ttl_s=settings.stream_ttl_s,
+            checkpoint_positions=settings.checkpoint_positions,
+            outputs_stored=self._stored if self.reliable else None,
+            on_batch=on_batch,
         )
         model_config = step.model.config
         self.sizes = MomentSizes(
@@ -201,6 +212,15 @@ class Pipeline:
         """Run every stage until `stop()` and the drain that follows; `started(ports)` once
         every sink and source is listening."""
         ports = Ports()
+        async with contextlib.AsyncExitStack() as opened:
+            # Connections that outlive `run` (a broker source acknowledges what the final
+            # checkpoint commits), entered before anything runs and left after it all.
+            for source in self.sources:
+                if isinstance(source, OpenedSource):
+                    await opened.enter_async_context(source.open())
+            await self._run_stages(ports, task_status)
+
+    async def _run_stages(self, ports: Ports, task_status: TaskStatus[Ports]) -> None:
         async with anyio.create_task_group() as sink_group:
             for sink in self.sinks:
                 port = await sink_group.start(sink.run)
@@ -237,6 +257,10 @@ class Pipeline:
             )
         finally:
             self.buffer.close()
+
+    async def _stored(self, batches: int) -> None:
+        for sink in self.reliable:
+            await sink.published(batches)
 
     async def _integrate(self) -> None:
         await integrate(

@@ -17,6 +17,9 @@ With an `ssl.SSLContext` every TCP connection speaks TLS (`TLSClientStream`, whi
 half-close; TLS 1.3 only), and with a token it begins with the line `AUTH <token>`.
 A connection the daemon closes before the half-close (refused credentials, a failed
 handshake on its side, a stop) is a `SendError`.
+
+`deliver` is that client without the simulated bodies: connections, replies, half-close,
+for any sender that paces itself (`stream.replay` sends a recording with it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import itertools
 import json
 import math
 import ssl
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream
@@ -38,9 +42,21 @@ from .security import AUTH_PREFIX
 from .synthetic import SyntheticBodies
 from .tls_client import TLSClientStream
 
-__all__ = ["SendError", "SendReport", "Transport", "run_sender", "send"]
+__all__ = [
+    "Delivered",
+    "SendError",
+    "SendRecords",
+    "SendReport",
+    "Transport",
+    "deliver",
+    "run_sender",
+    "send",
+]
 
 Transport = Literal["tcp", "udp", "json"]
+SendRecords: TypeAlias = Callable[[list[bytes]], Awaitable[bool]]
+"""`send(records)` (what `deliver` gives its producer): send encoded frames or JSON lines;
+False once the daemon closed a connection (send nothing more)."""
 
 CLOSE_TIMEOUT_S = 10.0
 """How long a TCP connection waits, after its last frame, for the daemon to read it all."""
@@ -189,7 +205,6 @@ async def run_sender(
     ticks = max(1, math.ceil(duration_s * rate_hz - 1e-9))
     encode = encode_json_frame if transport == "json" else encode_frame
     bounds = list(itertools.pairwise(itertools.accumulate(dims, initial=0)))
-    sent_bytes = 0
 
     flags: dict[str, bool] = {} if transport == "json" else {"reply": transport == "tcp"}
 
@@ -204,59 +219,139 @@ async def run_sender(
             )
         ]
 
-    rejected: collections.Counter[str] = collections.Counter()
-    complete = False
+    elapsed = 0.0
 
-    if transport == "udp":
-        async with await anyio.create_connected_udp_socket(host, port) as udp:
-            start = anyio.current_time()
-            for k in range(ticks):
-                await anyio.sleep_until(start + k / rate_hz)
-                for record in encoded(k):
-                    await udp.send(record)
-                    sent_bytes += len(record)
-            elapsed = anyio.current_time() - start
-    else:
-        n = min(connections, streams)
-        links: list[_Link] = []
-        try:
-            for _ in range(n):
-                links.append(_Link(await _connect(host, port, tls, token)))
-            start = anyio.current_time()
-            async with anyio.create_task_group() as readers:
-                for link in links:
-                    readers.start_soon(_read_replies, link, transport, rejected)
-                for k in range(ticks):
-                    await anyio.sleep_until(start + k / rate_hz)
-                    if any(link.ended.is_set() for link in links):
-                        break  # the daemon closed one: _raise_if_cut says why
-                    sent = await _send_tick(links, encoded(k))
-                    if sent is None:
-                        break
-                    sent_bytes += sent
-                elapsed = anyio.current_time() - start
-                # Half-close, then let the readers read until the daemon closes: it has
-                # answered every frame by then.
-                for link in links:
-                    await _half_close(link)
-                with anyio.move_on_after(CLOSE_TIMEOUT_S):
-                    for link in links:
-                        await link.ended.wait()
-                    complete = True
-                readers.cancel_scope.cancel()
-        finally:
-            for link in links:
-                await link.stream.aclose()
-        _raise_if_cut(links)
+    async def produce(send: SendRecords) -> None:
+        nonlocal elapsed
+        start = anyio.current_time()
+        for k in range(ticks):
+            await anyio.sleep_until(start + k / rate_hz)
+            if not await send(encoded(k)):
+                break  # the daemon closed a connection: `deliver` says why
+        elapsed = anyio.current_time() - start
+
+    delivered = await deliver(
+        host,
+        port,
+        produce,
+        transport=transport,
+        connections=min(connections, streams),
+        tls=tls,
+        token=token,
+    )
     return SendReport(
         frames=ticks * streams,
-        bytes=sent_bytes,
+        bytes=delivered.bytes,
         ticks=ticks,
         elapsed_s=elapsed,
         transport=transport,
-        rejected=dict(rejected),
-        complete=complete,
+        rejected=delivered.rejected,
+        complete=delivered.complete,
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivered:
+    """What `deliver` sent: `bytes`; the frames the daemon `rejected`, by reason (TCP and
+    JSON; UDP: always empty); whether it was `complete` (as for `SendReport`)."""
+
+    bytes: int
+    rejected: dict[str, int]
+    complete: bool
+
+
+async def deliver(
+    host: str,
+    port: int,
+    produce: Callable[[SendRecords], Awaitable[None]],
+    *,
+    transport: Transport,
+    connections: int = 1,
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> Delivered:
+    """Connect to the daemon, let `produce` send, then collect every reply.
+
+    `produce(send)` is awaited once, with the connections open; it paces itself and calls
+    `send(records)` as often as it likes. Over TCP (`"tcp"`, `"json"`) record `i` of a
+    call goes on connection `i % connections`, so a stream kept at the same index stays on
+    one connection, in order; over UDP each record is one datagram. Then every TCP
+    connection is half-closed and its replies are read until the daemon closes it (at
+    most `CLOSE_TIMEOUT_S`).
+
+    **Arguments:**
+
+    - `host`, `port`: the daemon's ingest address.
+    - `produce`: the sender's pacing and content, given `send`.
+    - `transport`: `"tcp"` (binary frames, which should carry `FRAME_REPLY` to be
+        answered), `"json"` (JSON lines) or `"udp"`.
+    - `connections`: TCP connections (ignored for UDP), >= 1.
+    - `tls`, `token`: as for `run_sender` (TCP and JSON only).
+
+    **Returns:**
+
+    A `Delivered`.
+
+    **Raises:**
+
+    As `run_sender`: `ValueError`, `OSError` (`ssl.SSLError`), `SendError`.
+    """
+    if connections < 1:
+        raise ValueError(f"connections={connections}, expected >= 1")
+    if transport == "udp" and (tls is not None or token is not None):
+        raise ValueError("UDP carries no TLS and no token; use transport 'tcp' or 'json'")
+    if token is not None and not _is_token(token):
+        raise ValueError("the token must be printable ASCII, without spaces")
+    rejected: collections.Counter[str] = collections.Counter()
+    complete = False
+    sent_bytes = 0
+
+    if transport == "udp":
+        async with await anyio.create_connected_udp_socket(host, port) as udp:
+
+            async def send_datagrams(records: list[bytes]) -> bool:
+                nonlocal sent_bytes
+                for record in records:
+                    await udp.send(record)
+                    sent_bytes += len(record)
+                return True
+
+            await produce(send_datagrams)
+        return Delivered(sent_bytes, {}, False)
+
+    links: list[_Link] = []
+
+    async def send_frames(records: list[bytes]) -> bool:
+        nonlocal sent_bytes
+        if any(link.ended.is_set() for link in links):
+            return False  # the daemon closed one: _raise_if_cut says why
+        sent = await _send_tick(links, records)
+        if sent is None:
+            return False
+        sent_bytes += sent
+        return True
+
+    try:
+        for _ in range(connections):
+            links.append(_Link(await _connect(host, port, tls, token)))
+        async with anyio.create_task_group() as readers:
+            for link in links:
+                readers.start_soon(_read_replies, link, transport, rejected)
+            await produce(send_frames)
+            # Half-close, then let the readers read until the daemon closes: it has
+            # answered every frame by then.
+            for link in links:
+                await _half_close(link)
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):
+                for link in links:
+                    await link.ended.wait()
+                complete = True
+            readers.cancel_scope.cancel()
+    finally:
+        for link in links:
+            await link.stream.aclose()
+    _raise_if_cut(links)
+    return Delivered(sent_bytes, dict(rejected), complete)
 
 
 def _is_token(token: str) -> bool:

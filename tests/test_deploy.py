@@ -90,7 +90,7 @@ IMAGE_MARKERS = {
 
 def _families() -> dict[str, str]:
     """`{name: type}` of every family the daemon exposes, as `# TYPE` lines name them."""
-    metrics = Metrics(buckets=(1, 8))
+    metrics = Metrics(buckets=(1, 8), sources=("tcp", "nats"), sinks=("tcp", "nats"))
     metrics.watch_queue("ingest", lambda: 0)
     metrics.jit_fallback("slab_step", "XlaRuntimeError")  # its series appear at the first
     text = metrics.exposition().decode()

@@ -186,7 +186,7 @@ HELP_AND_VERSION = textwrap.dedent(
     """
     import contextlib, io, json, sys
     from stream.cli import main
-    commands = ("run", "send", "subscribe", "info", "check-config", "bench")
+    commands = ("run", "record", "replay", "send", "subscribe", "info", "check-config", "bench")
     for argv in (["--help"], ["--version"], *[[c, "--help"] for c in commands]):
         with contextlib.redirect_stdout(io.StringIO()):
             try:

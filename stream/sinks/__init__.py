@@ -3,6 +3,8 @@
 - `SubscriberServer`: TCP subscribers, binary records or JSON lines, filtered by a glob.
 - `JsonlSink`: JSON lines appended to a file.
 - `StdoutSink`: JSON lines on standard output.
+- `stream.sinks.nats.NatsMomentSink`: NATS JetStream, exactly once (a `ReliableSink`;
+  imported on its own: it needs the `nats` extra).
 
 Every sink has a `name`, a non-blocking `offer(batch)`, an `async run()` and the moments it
 holds (`queued`, `buffers`); it reports through `PipelineEvents`. See `Sink` for the contract.
@@ -17,6 +19,7 @@ from .base import (
     Chunk,
     EncodingCache,
     Format,
+    ReliableSink,
     Sink,
 )
 from .files import JsonlSink, StdoutSink
@@ -31,6 +34,7 @@ __all__ = [
     "EncodingCache",
     "Format",
     "JsonlSink",
+    "ReliableSink",
     "Sink",
     "StdoutSink",
     "SubscriberServer",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from anyio.abc import TaskStatus
 
@@ -18,6 +18,7 @@ __all__ = [
     "Chunk",
     "EncodingCache",
     "Format",
+    "ReliableSink",
     "Sink",
 ]
 
@@ -79,6 +80,26 @@ class Sink(Protocol):
     def offer(self, batch: MomentBatch) -> None: ...
 
     async def run(self, *, task_status: TaskStatus[Any] = ...) -> None: ...
+
+
+@runtime_checkable
+class ReliableSink(Protocol):
+    """A sink that never drops (the NATS moments sink): the exceptions to `Sink`'s
+    at-most-once rules.
+
+    - **`wait_room(n)`**: the integrator awaits it before offering a batch of `n`
+      moments, so a slow or absent destination slows the pipeline (back-pressure) and
+      `offer` always has room.
+    - **`published(k)`**: returns once every moment of the first `k` batches offered is
+      stored at the destination; the executor writes a checkpoint covering `k` batches
+      only after it, so an effect on state is never saved without its moment.
+    """
+
+    name: str
+
+    async def wait_room(self, n: int) -> None: ...
+
+    async def published(self, batches: int) -> None: ...
 
 
 class Chunk:

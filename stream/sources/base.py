@@ -41,14 +41,15 @@ overload — dropped (counted `overload`). Nothing is lost silently.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
 
 from anyio.abc import TaskStatus
 
 from ..buffers import Overflow
 from ..ingest import Ingest
 
-__all__ = ["Source"]
+__all__ = ["OpenedSource", "Source"]
 
 
 class Source(Protocol):
@@ -80,3 +81,15 @@ class Source(Protocol):
         must not block. May be called after `run()` has returned, until the pipeline
         ends (the final checkpoint at shutdown commits too)."""
         ...
+
+
+@runtime_checkable
+class OpenedSource(Protocol):
+    """A source with a connection that must outlive `run()` — a broker source
+    acknowledges what the final checkpoint commits, after `run()` returned.
+
+    `open()` is an async context manager the pipeline enters before anything runs (a
+    failure to connect or set up fails the start) and leaves once the pipeline has ended
+    and every commit was made."""
+
+    def open(self) -> AbstractAsyncContextManager[None]: ...

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,7 @@ class DaemonProcess:
         extra: str = "",
         env: dict | None = None,
         fd_limit: int | None = None,
+        args: Sequence[str] = (),
     ):
         self.tmp = tmp
         self.state = tmp / "state"
@@ -79,6 +80,7 @@ class DaemonProcess:
         self.log = tmp / "daemon.log"
         self.env = {**os.environ, **(env or {})}
         self.fd_limit = fd_limit  # the daemon's soft RLIMIT_NOFILE, when set
+        self.args = list(args)  # more `run` options
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
         self._sockets: list[socket.socket] = []
@@ -97,6 +99,7 @@ class DaemonProcess:
             str(self.config),
             "--ready-file",
             str(self.ready_file),
+            *self.args,
         ]
         if self.fd_limit is not None:
             # Lowered in a small launcher that then execs the daemon: no fork from this
@@ -112,6 +115,7 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():  # the daemon writes it once /readyz is 200
             if self.proc.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"daemon not ready in {timeout} s:\n{self.output()}")
@@ -146,10 +150,12 @@ class DaemonProcess:
             self._log.close()
 
     def kill(self) -> None:
+        """SIGKILL (if it still runs)."""
         self.close_clients()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc is not None:
             self._log.close()
 
     # -- clients ------------------------------------------------------------------------

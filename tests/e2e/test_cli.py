@@ -198,7 +198,9 @@ def test_version() -> None:
 def test_help_shows_every_default() -> None:
     parser = _parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"run", "send", "subscribe", "info", "check-config", "bench"}
+    assert set(commands.choices) == {
+        "run", "record", "replay", "send", "subscribe", "info", "check-config", "bench"
+    }  # fmt: skip
     shown = {}
     for name, command in commands.choices.items():
         r = subprocess.run([*CLI, name, "--help"], capture_output=True, text=True, timeout=60)

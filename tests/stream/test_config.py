@@ -321,7 +321,7 @@ def test_as_dict_lists_every_section_with_plain_values() -> None:
     d = load_config(env=HOME_ENV).as_dict()
     assert list(d) == [
         "ingest", "output", "metrics", "batching", "model", "state", "synthetic", "device", "log",
-        "security",
+        "security", "nats", "record",
     ]  # fmt: skip
     assert d["batching"]["buckets"] == [1, 8, 32, 64, 96, 128, 192, 256]
     assert d["model"]["som_grid"] == [20, 20]
@@ -380,3 +380,11 @@ def test_xla_cpu_threads(threads: int, count: int, environ: dict, expect: int | 
         expect = max(len(os.sched_getaffinity(0)) - 1, 1)
     assert got == expect
     assert environ["PJRT_NPROC"] == str(expect)
+
+
+def test_record_path_is_off_by_default_and_a_path() -> None:
+    assert load_config(env=HOME_ENV).record.path == ""
+    cfg = load_config(env={**HOME_ENV, "ENACTIVE_RECORD_PATH": "123"})
+    assert cfg.record.path == "123"  # a file named 123, not a number
+    with pytest.raises(ConfigError, match=r"record\.path = 5: must be a string"):
+        load_config(env=HOME_ENV, overrides={"record.path": 5})

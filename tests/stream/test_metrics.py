@@ -68,6 +68,13 @@ EXPECTED = {
     "enactive_moments_emitted": "counter",
     "enactive_moments_dropped": "counter",
     "enactive_subscribers": "gauge",
+    "enactive_source_up": "gauge",
+    "enactive_source_disconnects": "counter",  # these five with a broker source (nats)
+    "enactive_source_reconnects": "counter",
+    "enactive_source_redeliveries": "counter",
+    "enactive_source_acks": "counter",
+    "enactive_source_ack_lag_seconds": "gauge",
+    "enactive_sink_duplicates": "counter",  # with the nats sink
     "enactive_device_memory_bytes": "gauge",  # no series where the backend reports nothing
 }
 GPU_STATS = {"bytes_in_use": 3 << 30, "bytes_limit": 80 << 30, "peak_bytes_in_use": 5 << 30}
@@ -291,6 +298,7 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_bucket_ready": len(buckets),
         "enactive_active_streams": 1,
         "enactive_known_streams": 1,
+        "enactive_source_up": len(DEFAULT_SOURCES),
         "enactive_batch_max_wait_seconds": 1,
         "enactive_batch_max_size": 1,
         "enactive_ready": 1,
@@ -310,7 +318,7 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_device_memory_bytes": 0,  # at scrape time, and only where reported (GPU)
     }
     assert (len(DEFAULT_SOURCES), len(REASONS), len(buckets)) == (4, 13, 8)
-    assert sum(got.values()) == 111  # 180 when every source and sink the code knew was declared
+    assert sum(got.values()) == 115  # 180 when every source and sink the code knew was declared
 
 
 def test_no_series_for_what_is_not_configured(registry: CollectorRegistry) -> None:
@@ -335,13 +343,13 @@ def test_unconfigured_labels_appear_at_first_use(registry: CollectorRegistry) ->
     m = Metrics(registry, sources=("tcp",), sinks=("tcp",))
     get = registry.get_sample_value
     m.received("udp", 2)  # a label the code has, not pre-declared: its own series
-    m.received("nats", 3)  # a label the code does not have: "other"
+    m.received("lsl", 3)  # a label the code does not have: "other"
     m.rejected("json", "bad_json")
     m.emitted("stdout", 4)
     m.sink_dropped("mqtt", "slow_sink", 5)
     assert get("enactive_frames_received_total", {"source": "udp"}) == 2
     assert get("enactive_frames_received_total", {"source": "other"}) == 3
-    assert get("enactive_frames_received_total", {"source": "nats"}) is None
+    assert get("enactive_frames_received_total", {"source": "lsl"}) is None
     assert get("enactive_frames_rejected_total", {"source": "json", "reason": "bad_json"}) == 1
     assert get("enactive_frames_rejected_total", {"source": "json", "reason": "oversize"}) is None
     assert get("enactive_moments_emitted_total", {"sink": "stdout"}) == 4
@@ -497,3 +505,17 @@ def test_docs_describe_every_metric(metrics: Metrics) -> None:
         assert f"### `{name}" in docs, name
     for prefix in ("process_", "python_gc_", "python_info"):
         assert f"`{prefix}" in docs, prefix
+
+
+def test_recording_series_exist_only_while_recording() -> None:
+    assert "enactive_recorded_frames" not in series(Metrics(process_metrics=False))
+    registry = CollectorRegistry()
+    m = Metrics(registry, recording=True, process_metrics=False)
+    get = registry.get_sample_value
+    assert (get("enactive_recorded_frames_total"), get("enactive_recording_bytes")) == (0, 0)
+    m.recorded(64, 4096)
+    m.recorded(2, 4200)
+    assert (get("enactive_recorded_frames_total"), get("enactive_recording_bytes")) == (66, 4200)
+    docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    for name in ("enactive_recorded_frames_total", "enactive_recording_bytes"):
+        assert f"### `{name}`" in docs, name

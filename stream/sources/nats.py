@@ -1,0 +1,418 @@
+"""NATS JetStream ingest: frames from a durable pull consumer, acknowledged once their
+effect on state is durable (the commit points of `stream.sources.base`).
+
+```
+ sensors.<id> ──► stream SENSORS ──► durable pull consumer ──fetch(batch)──► decode ──► ingest
+                                        ▲                                      │ bad: +TERM
+                                        └──── ack_sync ◄── commit(positions) ◄─┘ (checkpoint
+                                                                                  durable)
+```
+
+A message holds one frame, binary v1 or JSON (`decode_message`: the same decoder and
+rejection reasons as TCP and UDP); the stream id is the frame's own, and the subject after
+the filter's literal tokens must be it (`sensors.robot.arm-1` for `robot.arm-1` under
+`sensors.>`; else `bad_stream_id`). A frame's position is the message's
+reply subject, all an acknowledgement needs. Messages are fetched `fetch_batch` at a time
+(the largest bucket by default) and handed over one by one, waiting while the pipeline
+is full (policy `block`: the server keeps what the daemon cannot take yet).
+
+- **Acknowledged** (`ack_sync`: the server confirms) once a checkpoint holding the frame's
+  effect is durable — or, for a frame admission rejected (`duplicate_seq`, `stale_seq`:
+  a redelivery after a restart), once what its stream had before it is durable.
+- **Terminated** (`+TERM`, never redelivered) at once when it cannot decode: it can never
+  succeed. Counted by reason like every rejection.
+- **Kept** (`+WPI`, every third of `ack_wait`) while taken and not yet acknowledged, so
+  a slowed pipeline does not make the server deliver them again.
+- **Redelivered** by the server when not acknowledged within `ack_wait`: after a crash,
+  the frames whose effect no checkpoint holds come back and are applied; those whose
+  effect the restored state holds are rejected as duplicates and acknowledged. So every
+  frame's effect on state happens exactly once.
+
+`ack_wait` and `max_ack_pending` (docs/integrations.md): a frame waits at most one
+checkpoint interval, the write, and the publication of the moments before it
+(`stream.sinks.nats`) for its acknowledgement, so `ack_wait` defaults to
+3 × `state.checkpoint_interval_s` + 30 s; the pipeline checkpoints early once half of
+`max_ack_pending` positions wait, so the consumer never stalls on the limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..buffers import Overflow
+from ..ingest import Ingest
+from ..jetstream import NatsError, NatsSettings, connect, ensure_stream
+from ..protocol import FrameRejected, decode_message
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+__all__ = ["NatsSource", "NatsSourceSettings"]
+
+log = logging.getLogger(__name__)
+
+FETCH_WAIT_S = 0.25
+"""The longest a fetch waits for messages (so a stop is noticed within it)."""
+ACK_TIMEOUT_S = 5.0
+"""How long one `ack_sync` waits for the server's confirmation before it is retried."""
+ACKS_IN_FLIGHT = 512
+"""Acknowledgements awaited at once."""
+CLOSE_ACKS_S = 10.0
+"""How long the acknowledgements still due at shutdown may take."""
+LABEL = "nats"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NatsSourceSettings:
+    """The consumer's settings (the `[nats]` section).
+
+    - `subjects`: the subject filter (`sensors.>`); `stream`, `durable`: the frames
+        stream and the durable consumer's name.
+    - `fetch_batch`: messages per fetch; `max_ack_pending`, `ack_wait_s`: the consumer's.
+    """
+
+    subjects: str = "sensors.>"
+    stream: str = "SENSORS"
+    durable: str = "enactive"
+    fetch_batch: int = 256
+    max_ack_pending: int = 65536
+    ack_wait_s: float = 45.0
+
+
+class NatsSource:
+    """Frames from a JetStream durable pull consumer, as a `Source` (label `nats`, policy
+    `block`).
+
+    The connection lives from `open()` (the pipeline enters it before anything runs, and
+    leaves it after the final checkpoint's commits) so that frames committed after `run`
+    returned are acknowledged too.
+    """
+
+    name = "nats"
+    labels: tuple[str, ...] = (LABEL,)
+    overflow: Overflow = "block"
+
+    def __init__(self, connection: NatsSettings, settings: NatsSourceSettings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self._subject_prefix = subject_prefix(settings.subjects)
+        self._prefix = len(self._subject_prefix)
+        self._next = 1  # the stream sequence of the next message to hand over
+        self._held: dict[int, Msg] = {}  # arrived ahead of `_next`, by stream sequence
+        self._missing = 0  # a stream sequence known to be redelivered later
+        self._nc: Client | None = None
+        self._ingest: Ingest | None = None
+        self._up = False
+        self._acks: collections.deque[str] = collections.deque()
+        self._ack_ready = anyio.Event()
+        # Delivery times of frames not yet acknowledged, oldest first (ack lag).
+        self._delivered: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.acknowledged = 0
+        self.terminated = 0
+        self.redelivered = 0
+
+    # -- what the pipeline calls -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        """Connect, create or check the frames stream and the consumer; acknowledge
+        what falls due until the context is left (then what is still due, within
+        `CLOSE_ACKS_S`), and close."""
+        nc = await connect(self.connection, name="enactive-stream source", on_state=self._state)
+        try:
+            js = nc.jetstream()
+            s = self.settings
+            await ensure_stream(
+                js, s.stream, [s.subjects], self.connection, check_duplicate_window=False
+            )
+            await self._ensure_consumer(js)
+            self._nc = nc
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._acknowledge)
+                tg.start_soon(self._keep_pending)
+                try:
+                    yield
+                finally:
+                    with anyio.move_on_after(CLOSE_ACKS_S, shield=True):
+                        while self._acks:
+                            await self._ack_some()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._nc = None
+            with anyio.move_on_after(2, shield=True):
+                await nc.close()
+
+    async def run(
+        self, ingest: Ingest, *, task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Fetch, decode and hand over frames until the ingest stops."""
+        if self._nc is None:
+            raise RuntimeError("NatsSource.run() outside open()")
+        self._ingest = ingest
+        self._state(self._up)
+        js = self._nc.jetstream()
+        s = self.settings
+        sub = await js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
+        task_status.started(None)
+        import nats.errors
+
+        while ingest.accepting:
+            try:
+                messages = await sub.fetch(s.fetch_batch, timeout=FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, OSError) as e:  # disconnected: nats-py reconnects
+                log.debug("nats fetch: %s", e)
+                await anyio.sleep(FETCH_WAIT_S)
+                continue
+            now = time.monotonic_ns()
+            for message in messages:  # taken: kept alive (`+WPI`) until acknowledged
+                self._delivered.setdefault(message.reply, now)
+            for message in messages:
+                await self._arrived(js, ingest, message)
+
+    def commit(self, positions: Sequence[object]) -> None:
+        """Queue the acknowledgement of each position (a reply subject)."""
+        self._acks.extend(positions)  # type: ignore[arg-type]
+        self._ack_ready.set()
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    async def _ensure_consumer(self, js: Any) -> None:
+        """Create the durable consumer; an existing one resumes from its acknowledgement
+        floor. One with messages still pending (delivered to a daemon that crashed) is
+        created again from that floor, so they come at once and in order rather than
+        after `ack_wait` behind later ones (those the restored state holds are rejected
+        as duplicates and acknowledged)."""
+        from nats.js import api
+        from nats.js.errors import APIError, NotFoundError
+
+        s = self.settings
+        floor = 0
+        try:
+            info = await js.consumer_info(s.stream, s.durable)
+        except NotFoundError:
+            info = None
+        if info is not None:
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            c = info.config
+            if not info.num_ack_pending and (c.filter_subject, c.ack_wait, c.max_ack_pending) == (
+                s.subjects, s.ack_wait_s, s.max_ack_pending
+            ):
+                first = (await js.stream_info(s.stream)).state.first_seq
+                self._next = max(floor + 1, first)
+                return  # as it was left
+            await js.delete_consumer(s.stream, s.durable)
+            log.info(
+                "nats: consumer %s resumes after stream sequence %d (%d messages were pending)",
+                s.durable, floor, info.num_ack_pending or 0,
+            )  # fmt: skip
+        config = api.ConsumerConfig(
+            durable_name=s.durable,
+            name=s.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=(
+                api.DeliverPolicy.BY_START_SEQUENCE if floor else api.DeliverPolicy.ALL
+            ),
+            opt_start_seq=floor + 1 if floor else None,
+            ack_wait=s.ack_wait_s,
+            max_ack_pending=s.max_ack_pending,
+            max_deliver=-1,
+            filter_subject=s.subjects,
+        )
+        try:
+            # Creates it, or updates what may change of an existing one (ack_wait, ...).
+            await js.add_consumer(s.stream, config=config)
+        except APIError as e:
+            raise NatsError(
+                f"JetStream consumer {s.durable} on stream {s.stream}: {e.description} "
+                "(delete it, or choose another nats.durable)"
+            ) from None
+        first = (await js.stream_info(s.stream)).state.first_seq
+        self._next = max(floor + 1, first)
+
+    async def _arrived(self, js: Any, ingest: Ingest, message: Msg) -> None:
+        """Hand messages over in stream order: one that arrives ahead of a missing one is
+        held until it comes (a delivery lost with a connection is redelivered after
+        `ack_wait`); a redelivery of one handed over already is dropped (its first
+        delivery's acknowledgement is on its way)."""
+        delivered, sseq = _delivery(message.reply)
+        if delivered > 1:
+            self.redelivered += 1
+            ingest.events.source_redelivered(LABEL, 1)
+        if sseq < self._next:
+            del self._delivered[message.reply]  # the first delivery's ack covers it
+            return
+        replaced = self._held.get(sseq)
+        if replaced is not None:  # a redelivery of a held one replaces it
+            self._delivered.pop(replaced.reply, None)
+        self._held[sseq] = message
+        while self._held:
+            if self._next in self._held:
+                await self._take(ingest, self._held.pop(self._next))
+                self._next += 1
+            elif not await self._skip_gap(js, min(self._held)):
+                return
+
+    async def _skip_gap(self, js: Any, until: int) -> bool:
+        """Move `_next` past stream sequences below `until` that hold nothing for this
+        consumer (deleted, expired, another subject); False at the first one that does
+        (its delivery was lost: it will be redelivered)."""
+        from nats.js.errors import NotFoundError
+
+        if self._missing == self._next:
+            return False  # known to be on its way
+        while self._next < until:
+            try:
+                raw = await js.get_msg(self.settings.stream, self._next)
+            except NotFoundError:
+                self._next += 1
+                continue
+            except Exception as e:  # no answer now: wait for the redelivery
+                log.debug("nats get_msg %d: %s", self._next, e)
+                return False
+            if raw.subject is None or not raw.subject.startswith(self._subject_prefix):
+                self._next += 1
+                continue
+            self._missing = self._next
+            log.info("nats: message %d is missing (a lost delivery); waiting for it", self._next)
+            return False
+        return True
+
+    async def _take(self, ingest: Ingest, message: Msg) -> None:
+        now = time.monotonic_ns()
+        ingest.received(LABEL)
+        reply = message.reply
+        try:
+            frame = decode_message(
+                message.data,
+                ingest.dims,
+                max_frame_bytes=ingest.max_frame_bytes,
+                received_ns=now,
+                source=LABEL,
+            )
+            sid = message.subject[self._prefix :]
+            if frame.stream_id != sid:
+                raise FrameRejected(
+                    "bad_stream_id",
+                    f"the frame's stream id {frame.stream_id!r} is not the subject's {sid!r}",
+                )
+        except FrameRejected as r:
+            ingest.rejected(LABEL, r.reason)
+            await self._terminate(reply)
+            return
+        frame.position = reply
+        if ingest.put_nowait(frame) is None:
+            await ingest.put(frame)
+
+    async def _terminate(self, reply: str) -> None:
+        assert self._nc is not None
+        import nats.errors
+
+        self._delivered.pop(reply, None)
+
+        try:
+            await self._nc.publish(reply, b"+TERM")
+        except (nats.errors.Error, OSError) as e:  # redelivered, and terminated then
+            log.debug("nats term: %s", e)
+            return
+        self.terminated += 1
+        if self._ingest is not None:
+            self._ingest.events.source_acknowledged(LABEL, "term", 1)
+
+    async def _acknowledge(self) -> None:
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready = anyio.Event()
+            while self._acks:
+                await self._ack_some()
+
+    async def _ack_some(self) -> None:
+        """Acknowledge up to `ACKS_IN_FLIGHT` positions at once, each confirmed by the
+        server; one that fails (disconnected, timed out) goes back to the front."""
+        nc = self._nc
+        assert nc is not None
+        import nats.errors
+
+        batch = [self._acks.popleft() for _ in range(min(len(self._acks), ACKS_IN_FLIGHT))]
+        failed: list[str] = []
+
+        async def ack(reply: str) -> None:
+            try:
+                await nc.request(reply, b"", timeout=ACK_TIMEOUT_S)
+            except (nats.errors.Error, OSError, TimeoutError):
+                failed.append(reply)
+
+        async with anyio.create_task_group() as tg:
+            for reply in batch:
+                tg.start_soon(ack, reply)
+        for reply in batch:
+            self._delivered.pop(reply, None)
+        done = len(batch) - len(failed)
+        self.acknowledged += done
+        if done and self._ingest is not None:
+            self._ingest.events.source_acknowledged(LABEL, "ack", done)
+        if failed:
+            self._acks.extendleft(reversed(failed))
+            for reply in failed:
+                self._delivered.setdefault(reply, time.monotonic_ns())
+            await anyio.sleep(FETCH_WAIT_S)  # the connection is coming back
+
+    async def _keep_pending(self) -> None:
+        """Every third of `ack_wait`, tell the server that the frames taken and not yet
+        acknowledged are still being worked on (`+WPI`), so a pipeline slowed down (a
+        moments stream that takes nothing, a long checkpoint) does not bring them all
+        back as redeliveries."""
+        import nats.errors
+
+        assert self._nc is not None
+        while True:
+            await anyio.sleep(self.settings.ack_wait_s / 3)
+            replies = list(self._delivered)
+            try:
+                for reply in replies:
+                    await self._nc.publish(reply, b"+WPI")
+            except (nats.errors.Error, OSError) as e:
+                log.debug("nats +WPI: %s", e)
+
+    def _state(self, up: bool) -> None:
+        self._up = up
+        if self._ingest is not None:
+            self._ingest.events.source_state(LABEL, up)
+
+    def ack_lag_s(self) -> float:
+        """Seconds since the oldest frame not yet acknowledged arrived (0: none waits)."""
+        for first in self._delivered.values():
+            return (time.monotonic_ns() - first) / 1e9
+        return 0.0
+
+
+def subject_prefix(subjects: str) -> str:
+    """The literal tokens of a subject filter before its first wildcard, with their dot:
+    `sensors.` for `sensors.>`, `""` for `>`."""
+    tokens = subjects.split(".")
+    literal = list(itertools.takewhile(lambda t: t not in ("*", ">"), tokens))
+    return "".join(t + "." for t in literal)
+
+
+def _delivery(reply: str | None) -> tuple[int, int]:
+    """How many times the server delivered this message, and its stream sequence, from
+    its reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+    seq>.<time>.<pending>`, with a domain and account hash after `ACK` on newer servers).
+    """
+    tokens = (reply or "").split(".")
+    try:
+        return int(tokens[-5]), int(tokens[-4])
+    except (IndexError, ValueError):
+        raise NatsError(f"not a JetStream delivery: reply subject {reply!r}") from None

