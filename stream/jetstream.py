@@ -2,11 +2,11 @@
 extra `nats`, client `nats-py`).
 
 The NATS source (`stream.sources.nats`) and sink (`stream.sinks.nats`) each hold one
-connection made here. nats-py reconnects by itself once connected (every
-`RECONNECT_WAIT_S`, without limit) and resubscribes; the first connection is retried
-the same way for up to `NatsSettings.connect_timeout_s`, so a daemon started beside its
-broker waits for it, and one pointed at nothing (or refused its credentials) stops with
-one line.
+connection made here. nats-py reconnects by itself once connected (with an exponential
+backoff per server, `_backoff`, without limit) and resubscribes; the first connection is
+retried every `RECONNECT_WAIT_S` for up to `NatsSettings.connect_timeout_s`, so a daemon
+started beside its broker waits for it, and one pointed at nothing (or refused its
+credentials) stops with one line.
 
 Both streams are created if absent, with the settings below, or used as they are when
 their settings are compatible (`ensure_stream`):
@@ -53,7 +53,20 @@ log = logging.getLogger(__name__)
 MOMENT_SUBJECT_PREFIX = "moments."
 """Moments of stream `s` are published to `moments.<s>`."""
 RECONNECT_WAIT_S = 0.5
-"""nats-py's wait between attempts to connect."""
+"""nats-py's wait between attempts at the first connection."""
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 5.0
+"""Reconnecting: the wait before the n-th attempt at a server is `FIRST_BACKOFF_S` ·
+2ⁿ⁻¹, at most `MAX_BACKOFF_S` (the first attempt at once); the server tried is the one
+with the fewest failed attempts."""
+
+
+def _backoff(servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+    """nats-py's `reconnect_to_server_handler`: which server to try next, and after how
+    long (an exponential backoff per server)."""
+    server = min(servers, key=lambda s: s.reconnects)
+    n = server.reconnects
+    return server, 0.0 if n == 0 else min(FIRST_BACKOFF_S * 2 ** (n - 1), MAX_BACKOFF_S)
 
 
 class NatsError(Exception):
@@ -150,6 +163,7 @@ async def connect(
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,  # also while connecting the first time
         "reconnect_time_wait": RECONNECT_WAIT_S,
+        "reconnect_to_server_handler": _backoff,
         "connect_timeout": 2,
         "disconnected_cb": disconnected,
         "reconnected_cb": reconnected,
