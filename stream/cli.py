@@ -475,8 +475,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         changes["baseline"] = False
     if args.adaptive:
         changes["adaptive"] = True
+    if args.fleet and args.nats:
+        return _usage_error(f"--fleet and --nats are separate runs (see {PROG} bench --help)")
     if args.fleet:
         return _cmd_bench_fleet(args, changes)
+    if args.nats:
+        return _cmd_bench_nats(args, changes)
     try:
         settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
     except ValueError as e:
@@ -555,6 +559,50 @@ def _cmd_bench_fleet(args: argparse.Namespace, changes: dict[str, Any]) -> int:
             print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
             return 1
     return 0
+
+
+def _cmd_bench_nats(args: argparse.Namespace, changes: dict[str, Any]) -> int:
+    """`bench --nats`: NATS JetStream ingest → moments against TCP (docs/benchmarks.md)."""
+    from .bench import BenchError, BenchSettings, format_table
+    from .bench.broker import nats_missing
+    from .bench.natsbench import run_nats_bench
+    from .bench.settings import NatsBenchSettings
+
+    if args.plot:
+        return _usage_error(f"--plot draws the classic run only (see {PROG} bench --help)")
+    missing = nats_missing()
+    if missing:
+        return _usage_error(missing)
+    nats: dict[str, Any] = {}
+    if "runs" in changes:
+        nats["runs"] = changes.pop("runs")
+    try:
+        settings = BenchSettings.quick(**changes) if args.quick else BenchSettings(**changes)
+        sizes = NatsBenchSettings.quick(**nats) if args.quick else NatsBenchSettings(**nats)
+    except ValueError as e:
+        return _usage_error(f"{e} (see {PROG} bench --help)")
+    if args.json and (cause := _unwritable(args.json)):
+        return _usage_error(f"--json {args.json}: {cause}")
+    try:
+        result = run_nats_bench(
+            settings, sizes, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    except BenchError as e:
+        cause, _, output = str(e).partition("\n")
+        if output.strip():
+            sys.stderr.write(output.rstrip() + "\n")
+            cause = f"{cause.rstrip(': ')} (its output above)"
+        print_error(f"bench: {cause}")
+        return 1
+    print(format_table(result))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
+            return 1
+    return 0  # the target is reported, not an exit status
 
 
 def _scenarios(text: str) -> tuple[str, ...]:
@@ -797,6 +845,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="A,B,…",
         help="--fleet: which of default, tcp-fleet, udp-fleet, closed-loop (all; --quick: "
         "not closed-loop)",
+    )
+    bench.add_argument(
+        "--nats",
+        action="store_true",
+        help="NATS JetStream ingest → moments published, exactly once, against the TCP "
+        "path: max frames/s, latency at half load, ack lag (a nats-server of its own)",
     )
     bench.set_defaults(fn=_cmd_bench, cmd_parser=bench)
     return parser

