@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .failures import print_error, startup_cause
@@ -514,7 +514,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_bench_fleet(args: argparse.Namespace, changes: dict[str, Any]) -> int:
     """`bench --fleet`: the kernel phase and the fleet scenarios (docs/benchmarks.md)."""
-    from .bench import BenchError, BenchSettings, format_table
+    from .bench import BenchSettings, format_table
     from .bench.scenarios import format_paced_table, run_fleet_bench
     from .bench.settings import FleetSettings
 
@@ -538,32 +538,16 @@ def _cmd_bench_fleet(args: argparse.Namespace, changes: dict[str, Any]) -> int:
         return _usage_error(f"{e} (see {PROG} bench --help)")
     if args.json and (cause := _unwritable(args.json)):
         return _usage_error(f"--json {args.json}: {cause}")
-    try:
-        result = run_fleet_bench(
-            settings, sizes, log=lambda line: print(line, file=sys.stderr, flush=True)
-        )
-    except BenchError as e:
-        cause, _, output = str(e).partition("\n")
-        if output.strip():
-            sys.stderr.write(output.rstrip() + "\n")
-            cause = f"{cause.rstrip(': ')} (its output above)"
-        print_error(f"bench: {cause}")
-        return 1
-    print(format_table(result))
-    print(format_paced_table(result))
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        except OSError as e:
-            print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
-            return 1
-    return 0
+    return _bench_mode(
+        args,
+        lambda log: run_fleet_bench(settings, sizes, log=log),
+        (format_table, format_paced_table),
+    )
 
 
 def _cmd_bench_nats(args: argparse.Namespace, changes: dict[str, Any]) -> int:
     """`bench --nats`: NATS JetStream ingest → moments against TCP (docs/benchmarks.md)."""
-    from .bench import BenchError, BenchSettings, format_table
+    from .bench import BenchSettings, format_table
     from .bench.broker import nats_missing
     from .bench.natsbench import run_nats_bench
     from .bench.settings import NatsBenchSettings
@@ -583,10 +567,23 @@ def _cmd_bench_nats(args: argparse.Namespace, changes: dict[str, Any]) -> int:
         return _usage_error(f"{e} (see {PROG} bench --help)")
     if args.json and (cause := _unwritable(args.json)):
         return _usage_error(f"--json {args.json}: {cause}")
+    # (the target is reported, not an exit status)
+    return _bench_mode(
+        args, lambda log: run_nats_bench(settings, sizes, log=log), (format_table,)
+    )
+
+
+def _bench_mode(
+    args: argparse.Namespace,
+    run: Callable[[Callable[[str], None]], dict[str, Any]],
+    tables: Sequence[Callable[[dict[str, Any]], str]],
+) -> int:
+    """Run a `bench --fleet` / `--nats` mode (`run(log)`), progress lines on stderr; print
+    its `tables`, write `--json`; 0 once it ran, 1 (one line) when it could not."""
+    from .bench import BenchError
+
     try:
-        result = run_nats_bench(
-            settings, sizes, log=lambda line: print(line, file=sys.stderr, flush=True)
-        )
+        result = run(lambda line: print(line, file=sys.stderr, flush=True))
     except BenchError as e:
         cause, _, output = str(e).partition("\n")
         if output.strip():
@@ -594,7 +591,8 @@ def _cmd_bench_nats(args: argparse.Namespace, changes: dict[str, Any]) -> int:
             cause = f"{cause.rstrip(': ')} (its output above)"
         print_error(f"bench: {cause}")
         return 1
-    print(format_table(result))
+    for table in tables:
+        print(table(result))
     if args.json:
         try:
             with open(args.json, "w") as f:
@@ -602,7 +600,7 @@ def _cmd_bench_nats(args: argparse.Namespace, changes: dict[str, Any]) -> int:
         except OSError as e:
             print_error(f"bench: cannot write {e.filename}: {e.strerror or e}")
             return 1
-    return 0  # the target is reported, not an exit status
+    return 0
 
 
 def _scenarios(text: str) -> tuple[str, ...]:
