@@ -245,14 +245,16 @@ class NatsSource:
     async def _arrived(self, js: Any, ingest: Ingest, message: Msg, ready: list[Msg]) -> None:
         """Put messages in `ready` in stream order: one that arrives ahead of a missing one
         is held until it comes (a delivery lost with a connection is redelivered after
-        `ack_wait`); a redelivery of one taken already is dropped (its first delivery's
-        acknowledgement is on its way)."""
+        `ack_wait`). A message delivered again after it was taken (a server that lost
+        its consumer state in a restart delivers what it had already seen acknowledged)
+        goes too: admission rejects it as a duplicate, and it is acknowledged once what it
+        duplicates is durable."""
         delivered, sseq = _delivery(message.reply)
         if delivered > 1:
             self.redelivered += 1
             ingest.events.source_redelivered(LABEL, 1)
         if sseq < self._next:
-            del self._delivered[message.reply]  # the first delivery's ack covers it
+            ready.append(message)
             return
         replaced = self._held.get(sseq)
         if replaced is not None:  # a redelivery of a held one replaces it

@@ -91,6 +91,16 @@ def all_acknowledged(client: Client, n: int) -> bool:
     return info.num_ack_pending == 0 and info.num_pending == 0 and info.ack_floor.stream_seq >= n
 
 
+def wait_acknowledged(client: Client, daemon: DaemonProcess, n: int, timeout: float = 60) -> None:
+    """Every frame acknowledged, or an assertion naming the consumer's state."""
+    try:
+        wait_until(lambda: all_acknowledged(client, n), "every frame acknowledged", timeout)
+    except TimeoutError:
+        info = client.consumer("SENSORS", "enactive")
+        source = {k: v for k, v in daemon.metrics().items() if "source" in k[0]}
+        raise AssertionError(f"not every frame acknowledged: {info}; {source}") from None
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[NatsServer]:
     s = NatsServer(tmp_path / "js").start()
@@ -200,7 +210,7 @@ def test_exactly_once_across_sigkills(
                 daemon.start()
         n = STREAMS * FRAMES
         wait_until(lambda: client.stream_messages("MOMENTS") >= n, "every moment", 120)
-        wait_until(lambda: all_acknowledged(client, n), "every frame acknowledged", 60)
+        wait_acknowledged(client, daemon, n)
         duplicates = daemon.metrics()[("enactive_sink_duplicates_total", (("sink", "nats"),))]
         stored = moments_by_id(client)
         assert len(stored) == n == client.stream_messages("MOMENTS")
@@ -237,7 +247,7 @@ def test_server_restart_mid_stream(
         client.publish_many(messages[half:])
         n = len(messages)
         wait_until(lambda: client.stream_messages("MOMENTS") >= n, "every moment", 120)
-        wait_until(lambda: all_acknowledged(client, n), "every frame acknowledged", 60)
+        wait_acknowledged(client, daemon, n)
         stored = moments_by_id(client)
         assert len(stored) == n == client.stream_messages("MOMENTS")
         assert all(stored[key] == reference[key] for key in reference)
@@ -300,7 +310,7 @@ def test_a_full_moments_stream_slows_the_daemon_without_growing_memory(
         )
         n = len(messages)
         wait_until(lambda: client.stream_messages("MOMENTS") >= n, "every moment", 120)
-        wait_until(lambda: all_acknowledged(client, n), "every frame acknowledged", 60)
+        wait_acknowledged(client, daemon, n)
         assert len(moments_by_id(client)) == n == client.stream_messages("MOMENTS")
         assert daemon.stop() == 0
     finally:
