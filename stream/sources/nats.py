@@ -70,6 +70,9 @@ FETCH_WAIT_S = 0.25
 """The longest a fetch waits for messages (so a stop is noticed within it)."""
 ACK_TIMEOUT_S = 5.0
 """How long one `ack_sync` waits for the server's confirmation before it is retried."""
+ACK_TRIES = 3
+"""Attempts at an acknowledgement the server does not confirm before it is given up (the
+message is then delivered again, and acknowledged as a duplicate)."""
 ACKS_IN_FLIGHT = 512
 """Acknowledgements awaited at once."""
 CLOSE_ACKS_S = 10.0
@@ -120,6 +123,7 @@ class NatsSource:
         self._ingest: Ingest | None = None
         self._up = False
         self._acks: collections.deque[str] = collections.deque()
+        self._ack_tries: dict[str, int] = {}  # unconfirmed acknowledgements: attempts so far
         self._ack_ready = anyio.Event()
         # Delivery times of frames not yet acknowledged, oldest first (ack lag).
         self._delivered: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -389,8 +393,8 @@ class NatsSource:
     async def _ack_some(self) -> None:
         """Acknowledge up to `ACKS_IN_FLIGHT` positions at once, each confirmed by the
         server (what `ack_sync` does, without a request per message: the confirmations
-        come to one inbox, `_AckInbox`); one not confirmed in time (disconnected) goes
-        back to the front."""
+        come to one inbox, `_AckInbox`); one not confirmed in time (disconnected) is tried
+        again, up to `ACK_TRIES` times."""
         import nats.errors
 
         assert self._nc is not None and self._ack_inbox is not None
@@ -400,17 +404,28 @@ class NatsSource:
         except (nats.errors.Error, OSError) as e:
             log.debug("nats ack: %s", e)
             failed = batch
+        unconfirmed = set(failed)
         for reply in batch:
-            self._delivered.pop(reply, None)
+            if reply not in unconfirmed:
+                self._delivered.pop(reply, None)
+                self._ack_tries.pop(reply, None)
         done = len(batch) - len(failed)
         self.acknowledged += done
         if done and self._ingest is not None:
             self._ingest.events.source_acknowledged(LABEL, "ack", done)
+        connected = self._nc.is_connected
+        for reply in failed:
+            tries = self._ack_tries[reply] = self._ack_tries.get(reply, 0) + connected
+            if tries < ACK_TRIES:
+                self._acks.append(reply)  # behind the others: one that fails holds none up
+            else:
+                # Unconfirmed again and again: a server that restarted may ignore an ack
+                # for a delivery it no longer knows. If the ack did not take, the message
+                # comes again (a new delivery), is rejected as a duplicate and acknowledged.
+                del self._ack_tries[reply]
+                self._delivered.pop(reply, None)
         if failed:
-            self._acks.extendleft(reversed(failed))
-            for reply in failed:
-                self._delivered.setdefault(reply, time.monotonic_ns())
-            await anyio.sleep(FETCH_WAIT_S)  # the connection is coming back
+            await anyio.sleep(FETCH_WAIT_S)  # the connection may be coming back
 
     async def _keep_pending(self) -> None:
         """Every third of `ack_wait`, tell the server that the frames taken and not yet

@@ -97,7 +97,7 @@ def wait_acknowledged(client: Client, daemon: DaemonProcess, n: int, timeout: fl
         wait_until(lambda: all_acknowledged(client, n), "every frame acknowledged", timeout)
     except TimeoutError:
         info = client.consumer("SENSORS", "enactive")
-        source = {k: v for k, v in daemon.metrics().items() if "source" in k[0]}
+        source = {k: v for k, v in daemon.metrics().items() if "nats" in str(k) or "state" in k[0]}
         raise AssertionError(f"not every frame acknowledged: {info}; {source}") from None
 
 
