@@ -283,7 +283,13 @@ class NatsSource:
             try:
                 raw = await js.get_msg(self.settings.stream, self._next)
             except NotFoundError:
-                self._next += 1
+                # Gone: deleted, or expired with everything before it (`max_age`): then
+                # the stream's first message is the next there is.
+                try:
+                    first = (await js.stream_info(self.settings.stream)).state.first_seq
+                except Exception:  # no answer now: one at a time
+                    first = 0
+                self._next = max(self._next + 1, min(first, until))
                 continue
             except Exception as e:  # no answer now: wait for the redelivery
                 log.debug("nats get_msg %d: %s", self._next, e)

@@ -443,3 +443,33 @@ def test_record_a_nats_run_and_replay_it_into_nats(
         client.close()
         second.kill()
         fresh.stop(signal.SIGKILL)
+
+
+def test_deleted_and_expired_frames_are_skipped(
+    server: NatsServer, tmp_path: Path, compilation_cache: str
+) -> None:
+    """Messages gone from the frames stream before the daemon reads them (deleted, or
+    purged from the front as `max_age` does) are stepped over, not waited for."""
+    client = Client(server.url)
+    client.run(client.js.add_stream(name="SENSORS", subjects=["sensors.>"]))
+    messages = frames(3, 30)  # stream sequences 1..90
+    client.publish_many(messages)
+    client.run(client.js.purge_stream("SENSORS", seq=6))  # 1..5 gone, as if expired
+    for seq in range(40, 50):
+        assert client.run(client.js.delete_msg("SENSORS", seq))
+    daemon = nats_daemon(tmp_path, compilation_cache, server.url).start()
+    try:
+        left = len(messages) - 5 - 10
+        wait_until(lambda: client.stream_messages("MOMENTS") == left, "the moments left")
+        stored = moments_by_id(client)
+        assert len(stored) == left
+        assert ("n-000", 1) not in stored and ("n-000", 14) not in stored  # seqs 1, 40
+        info = client.consumer("SENSORS", "enactive")
+        wait_until(
+            lambda: client.consumer("SENSORS", "enactive").num_ack_pending == 0,
+            f"every frame acknowledged: {info}",
+        )
+        assert daemon.stop() == 0
+    finally:
+        client.close()
+        daemon.kill()
