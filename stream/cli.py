@@ -224,18 +224,15 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from .protocol import Dims
     from .send import SendError, send
 
-    tls = bool(args.tls or args.ca or args.cert)
-    if args.transport == "udp" and (tls or args.key or args.token is not None):
-        return _usage_error(
-            f"--transport udp carries no TLS and no token: use --transport tcp or json, or "
-            f"drop --tls, --ca, --cert, --key and --token (see {PROG} send --help)"
-        )
-    context = None
-    if tls:
-        context, cause = _client_context(args.ca, args.cert, args.key)
-        if context is None:
-            print_error(f"{cause} (check --ca, --cert, --key)")
-            return 1
+    refusal = (
+        "--transport udp carries no TLS and no token: use --transport tcp or json, or drop "
+        f"--tls, --ca, --cert, --key and --token (see {PROG} send --help)"
+        if args.transport == "udp"
+        else None
+    )
+    context, status = _client_tls(args, refusal)
+    if status is not None:
+        return status
     dims = Dims(args.state_dim, args.proprio_dim, args.tactile_dim, args.motor_dim)
     try:
         report = send(
@@ -262,7 +259,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         print_error(f"{e} (see {PROG} send --help)")
         return 2
     except SendError as e:
-        print_error(_send_failure(e, tls=tls, credentials=bool(args.token or args.cert)))
+        print_error(_send_failure(e, args))
         return 1
     except OSError as e:
         print_error(f"{_connect_failure(args.host, args.port, e)} (is `enactive-stream run` up?)")
@@ -286,18 +283,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         target = parse_target(args.to)
     except ReplayUsageError as e:
         return _usage_error(f"{e} (see {PROG} replay --help)")
-    tls = bool(args.tls or args.ca or args.cert)
-    if target.scheme != "tcp" and (tls or args.key or args.token is not None):
-        return _usage_error(
-            f"--to {target.scheme}://… takes no --tls, --ca, --cert, --key or --token here: "
-            f"replay to tcp://…, or drop them (see {PROG} replay --help)"
-        )
-    context = None
-    if tls:
-        context, cause = _client_context(args.ca, args.cert, args.key)
-        if context is None:
-            print_error(f"{cause} (check --ca, --cert, --key)")
-            return 1
+    refusal = (
+        f"--to {target.scheme}://… takes no --tls, --ca, --cert, --key or --token here: "
+        f"replay to tcp://…, or drop them (see {PROG} replay --help)"
+        if target.scheme != "tcp"
+        else None
+    )
+    context, status = _client_tls(args, refusal)
+    if status is not None:
+        return status
     try:
         reader = RecordingReader(args.file)
     except RecordingError as e:
@@ -325,7 +319,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         except ValueError as e:
             return _usage_error(f"{e} (see {PROG} replay --help)")
         except SendError as e:
-            print_error(_send_failure(e, tls=tls, credentials=bool(args.token or args.cert)))
+            print_error(_send_failure(e, args))
             return 1
         except OSError as e:
             print_error(f"{_connect_failure(host, port, e)} (is `enactive-stream run` up?)")
@@ -340,6 +334,25 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     else:
         print(f"{PROG}: {report.summary()}")
     return 1 if report.rejected or (target.scheme == "tcp" and not report.complete) else 0
+
+
+def _client_tls(
+    args: argparse.Namespace, refusal: str | None
+) -> tuple[ssl.SSLContext | None, int | None]:
+    """A sensor client's `--tls`, `--ca`, `--cert`, `--key`, `--token` (`send`, `replay`):
+    `(context, None)` — the TLS context, None for plain — or `(None, status)` once one line
+    said why not: `refusal` (the transport takes none of them; None: it does) or a file
+    that cannot be used."""
+    tls = bool(args.tls or args.ca or args.cert)
+    if refusal is not None and (tls or args.key or args.token is not None):
+        return None, _usage_error(refusal)
+    if not tls:
+        return None, None
+    context, cause = _client_context(args.ca, args.cert, args.key)
+    if context is None:
+        print_error(f"{cause} (check --ca, --cert, --key)")
+        return None, 1
+    return context, None
 
 
 def _client_context(
@@ -362,8 +375,11 @@ def _client_context(
     return context, ""
 
 
-def _send_failure(e: SendError, *, tls: bool, credentials: bool) -> str:
-    """The line for a `SendError`: the cause, and what to check."""
+def _send_failure(e: SendError, args: argparse.Namespace) -> str:
+    """The line for a `SendError` of a sensor client (`send`, `replay`): the cause, and
+    what to check given its options."""
+    tls = bool(args.tls or args.ca or args.cert)
+    credentials = bool(args.token or args.cert)
     if e.refused is not None and not credentials:
         return f"the daemon requires authentication: {e.refused} (--token, or --cert and --key)"
     if e.refused is not None:

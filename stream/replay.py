@@ -197,8 +197,8 @@ async def run_replay(
 
     async def produce(send: SendRecords) -> None:
         nonlocal frames, elapsed
-        start = due = anyio.current_time()
-        previous: int | None = None
+        start = anyio.current_time()
+        pacing = _Pacing(speed)
         chunk: list[bytes] = []
         size = 0
 
@@ -211,14 +211,11 @@ async def run_replay(
             return ok
 
         for record in reader:
-            if speed is not None:
-                if previous is not None:
-                    due += max(record.received_ns - previous, 0) / 1e9 / speed
-                previous = record.received_ns
-                if due > anyio.current_time():
-                    if chunk and not await flush():
-                        return  # the daemon closed the connection: `deliver` says why
-                    await anyio.sleep_until(due)
+            due = pacing.due(record.received_ns)
+            if due is not None:
+                if chunk and not await flush():
+                    return  # the daemon closed the connection: `deliver` says why
+                await anyio.sleep_until(due)
             frame = record.frame
             if reply:
                 frame = _with_reply(frame)
@@ -253,19 +250,17 @@ async def _replay_nats(
     url = f"nats://{target.host}:{target.port}"
     nc = await connect(NatsSettings(url=url, connect_timeout_s=5.0), name="enactive-stream replay")
     import nats.errors
+
     js = nc.jetstream(publish_async_max_pending=NATS_WINDOW)
     frames = size = 0
-    start = due = anyio.current_time()
-    previous: int | None = None
+    start = anyio.current_time()
+    pacing = _Pacing(speed)
     window: list[Any] = []
     try:
         for record in reader:
-            if speed is not None:
-                if previous is not None:
-                    due += max(record.received_ns - previous, 0) / 1e9 / speed
-                previous = record.received_ns
-                if due > anyio.current_time():
-                    await anyio.sleep_until(due)
+            due = pacing.due(record.received_ns)
+            if due is not None:
+                await anyio.sleep_until(due)
             frame = record.frame
             (id_length,) = _ID_LENGTH.unpack_from(frame, 12)
             stream_id = frame[FRAME_HEADER_BYTES : FRAME_HEADER_BYTES + id_length].decode()
@@ -289,6 +284,25 @@ async def _replay_nats(
         ignored_bytes=reader.ignored,
         tail=reader.problem,
     )
+
+
+class _Pacing:
+    """When each recorded frame is due: the gaps between recorded receipt times divided by
+    `speed` (a receipt time earlier than the one before is no gap); None: no pacing."""
+
+    def __init__(self, speed: float | None) -> None:
+        self.speed = speed
+        self.at = anyio.current_time()
+        self.previous: int | None = None
+
+    def due(self, received_ns: int) -> float | None:
+        """The time the frame received at `received_ns` is due; None if due now."""
+        if self.speed is None:
+            return None
+        if self.previous is not None:
+            self.at += max(received_ns - self.previous, 0) / 1e9 / self.speed
+        self.previous = received_ns
+        return self.at if self.at > anyio.current_time() else None
 
 
 async def _confirmed(window: list[Any]) -> None:
