@@ -15,6 +15,12 @@ on the hot path. Anything else goes frame by frame, with the same result.
 The batcher holds at most `limit` frames, current and held back (one run may take it
 past); beyond that it stops receiving, and back-pressure reaches the sources through the
 bounded stream before it.
+
+Freshness (`stream.freshness`, per source label): a frame of a `latest` source that
+would be held back behind its stream's earlier frames replaces them (they are shed); a
+frame of a `max_age` source older than its limit when its batch is handed out is shed.
+Shed frames are reported with `on_stale(n)`; each batch's sources, with the age of their
+newest frame in it, with `on_age(source, seconds)` (at most ten times a second).
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import numpy as np
 
 from .buffers import WeightedBuffer
+from .freshness import Freshness
 from .protocol import Frame, FrameRun
 
 __all__ = ["Batch", "Batcher"]
+
+AGE_EVERY_NS = 100_000_000
+"""How often (at most) the batcher reports its sources' sample ages."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -118,6 +128,8 @@ class Batcher:
     - `max_wait_s`: how long the oldest frame of a batch may wait for company.
     - `limit`: frames held at most (default 4 × `max_batch`).
     - `clock`: nanosecond clock matching `Frame.received_ns` (default `time.monotonic_ns`).
+    - `freshness`: each source label's policy (absent: `all`); `on_stale(n)`: `n` frames
+        were shed by it; `on_age(source, seconds)`: see the module's docstring.
 
     Call `idle(True)` when the device has nothing left to do and `idle(False)` when it
     gets work: while it is idle a waiting batch is handed out at once instead of at its
@@ -132,6 +144,9 @@ class Batcher:
         *,
         limit: int | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
+        freshness: Mapping[str, Freshness] | None = None,
+        on_stale: Callable[[int], None] = lambda n: None,
+        on_age: Callable[[str, float], None] = lambda source, seconds: None,
     ) -> None:
         self.max_batch = max_batch
         self._largest = max_batch
@@ -151,6 +166,12 @@ class Batcher:
         self._space = anyio.Event()
         self._took = anyio.Event()
         self._ended = False
+        policies = freshness or {}
+        self._latest = frozenset(k for k, f in policies.items() if f.kind == "latest")
+        self._max_age = {k: f.max_age_ns for k, f in policies.items() if f.kind == "max_age"}
+        self._on_stale = on_stale
+        self._on_age = on_age
+        self._aged_ns = 0  # when the ages were last reported
 
     # -- state ------------------------------------------------------------------------
 
@@ -203,6 +224,10 @@ class Batcher:
         stream_id = frame.stream_id
         held = self._held.get(stream_id)
         if held is not None:
+            if frame.source in self._latest:  # it replaces what waits before it
+                self._on_stale(len(held))
+                self._held_count -= len(held)
+                held.clear()
             held.append((frame, now))
             self._held_count += 1
         elif stream_id in self._ids or self._count >= self.max_batch:
@@ -298,9 +323,13 @@ class Batcher:
             await self._took.wait()
 
     def take(self) -> Batch:
-        """Hand out the current batch now and start the next one from held-back frames."""
+        """Hand out the current batch now and start the next one from held-back frames
+        (the batch may be empty when a freshness policy shed every frame in it)."""
         self._took.set()
         self._took = anyio.Event()
+        if self._max_age:
+            self._shed_old()
+        self._report_ages()
         batch = Batch.of(self._pieces, self._admitted)
         self._pieces, self._admitted, self._ids, self._count = [], [], set(), 0
         for stream_id in list(self._held):
@@ -318,13 +347,45 @@ class Batcher:
         self._space.set()
         return batch
 
+    def _shed_old(self) -> None:
+        now, limits = self._clock(), self._max_age
+        pieces: list[Frame | FrameRun] = []
+        admitted: list[int] = []
+        shed = 0
+        for piece, at in zip(self._pieces, self._admitted, strict=True):
+            limit = limits.get(piece.source)
+            if limit is not None and now - piece.received_ns > limit:
+                shed += len(piece) if type(piece) is FrameRun else 1
+            else:
+                pieces.append(piece)
+                admitted.append(at)
+        if shed:
+            self._on_stale(shed)
+            self._pieces, self._admitted = pieces, admitted
+
+    def _report_ages(self) -> None:
+        now = self._clock()
+        if now - self._aged_ns < AGE_EVERY_NS or not self._pieces:
+            return
+        self._aged_ns = now
+        newest: dict[str, int] = {}
+        for piece in self._pieces:
+            source, received = piece.source, piece.received_ns
+            if received > newest.get(source, -1):
+                newest[source] = received
+        for source, received in newest.items():
+            self._on_age(source, max(now - received, 0) / 1e9)
+
     async def next_batch(self) -> Batch | None:
         """Wait until the current batch is due, then hand it out. None once the input has
         ended and everything was handed out."""
         while True:
             due = self._due_in_s()
             if due <= 0.0:
-                return self.take()
+                batch = self.take()
+                if len(batch):
+                    return batch
+                continue
             if self._ended and not self._pieces:
                 return None
             self._changed = anyio.Event()

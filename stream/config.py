@@ -30,14 +30,17 @@ from .protocol import Dims
 __all__ = [
     "DEFAULT_BUCKETS",
     "EMBEDDED_DEFAULT_OVERRIDES",
+    "AlignConfig",
     "BatchingConfig",
     "Config",
     "ConfigError",
     "DeviceConfig",
     "IngestConfig",
     "LogConfig",
+    "LslConfig",
     "MetricsConfig",
     "ModelConfig",
+    "MqttConfig",
     "OutputConfig",
     "RecordConfig",
     "SecurityConfig",
@@ -245,7 +248,141 @@ class _Subject:
         return v
 
 
-_Rule = _Int | _Float | _Bool | _Str | _Address | _IntList | _Networks | _NatsUrl | _Subject
+FRESHNESS_POLICIES = ("all", "latest", "max_age_ms=N")
+MODALITIES = ("sensory", "proprio", "tactile", "motor")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Freshness:
+    def check(self, v: object) -> str:
+        if isinstance(v, str):
+            if v in ("all", "latest"):
+                return v
+            name, sep, n = v.partition("=")
+            if name == "max_age_ms" and sep:
+                try:
+                    ms = float(n)
+                except ValueError:
+                    ms = math.nan
+                if math.isfinite(ms) and ms > 0:
+                    return v
+        raise _Bad('must be "all", "latest" or "max_age_ms=N" with N > 0 (milliseconds)')
+
+
+@dataclasses.dataclass(frozen=True)
+class _MqttUrl:
+    def check(self, v: object) -> str:
+        what = 'must be "mqtt://host:port" or "mqtts://host:port", or "" for off'
+        if not isinstance(v, str):
+            raise _Bad(what)
+        if v:
+            scheme, sep, rest = v.partition("://")
+            host, _, port = rest.rpartition(":") if ":" in rest.lstrip("[") else (rest, "", "")
+            ok = scheme in ("mqtt", "mqtts") and sep and rest and "/" not in rest
+            ok = ok and bool(host or (rest and not port)) and (not port or port.isdigit())
+            if not ok or (port and not 0 < int(port) < 65536):
+                raise _Bad(what)
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Topic:
+    """An MQTT topic filter whose last level is `#` or `+` (the stream id), or a topic
+    prefix (`wildcard=False`: no wildcard at all)."""
+
+    wildcard: bool
+
+    def check(self, v: object) -> str:
+        levels = v.split("/") if isinstance(v, str) else []
+        ok = bool(levels) and all(not any(c in lv for c in "\x00 \t\r\n") for lv in levels)
+        if ok and self.wildcard:
+            ok = len(levels) > 1 and levels[-1] in ("#", "+")
+            ok = ok and all(lv and lv not in ("#", "+") for lv in levels[:-1])
+        elif ok:
+            ok = all(lv and "#" not in lv and "+" not in lv for lv in levels)
+        if not ok or not isinstance(v, str):
+            raise _Bad(
+                'must be a topic filter ending in "/#" or "/+", e.g. "sensors/#"'
+                if self.wildcard
+                else 'must be a topic prefix without wildcards, e.g. "moments"'
+            )
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+    """A list of tables (`[[section.key]]`), each with exactly these keys' rules; keys
+    marked optional may be left out."""
+
+    keys: tuple[tuple[str, Any, bool], ...]  # (name, rule, required)
+    example: str
+
+    def check(self, v: object) -> tuple[dict[str, Any], ...]:
+        if not isinstance(v, list | tuple) or not all(isinstance(t, dict) for t in v):
+            raise _Bad(f"must be a list of tables, e.g. {self.example}")
+        names = [k for k, _, _ in self.keys]
+        out = []
+        for i, table in enumerate(v):
+            for key in table:
+                if key not in names:
+                    raise _Bad(
+                        f"table {i + 1}: unknown key {key!r}; valid keys: {', '.join(names)}"
+                        f"{_did_you_mean(key, names)}"
+                    )
+            checked = {}
+            for key, rule, required in self.keys:
+                if key not in table:
+                    if required:
+                        raise _Bad(f"table {i + 1}: {key!r} is required")
+                    continue
+                try:
+                    checked[key] = rule.check(table[key])
+                except _Bad as bad:
+                    raise _Bad(f"table {i + 1}: {key} = {_toml_value(table[key])}: {bad}") from None
+            out.append(checked)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamId:
+    def check(self, v: object) -> str:
+        if not isinstance(v, str) or not v or len(v.encode()) > 255 or not v.isprintable():
+            raise _Bad("must be a stream id: 1 to 255 bytes of printable UTF-8")
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class _StrList:
+    item: Any
+    choices: tuple[str, ...] = ()
+
+    def check(self, v: object) -> tuple[str, ...]:
+        if not isinstance(v, list | tuple) or not v:
+            raise _Bad("must be a non-empty list of strings")
+        items = tuple(self.item.check(x) for x in v)
+        if len(set(items)) != len(items):
+            raise _Bad("must not repeat an entry")
+        return items
+
+
+@dataclasses.dataclass(frozen=True)
+class _Modalities:
+    def check(self, v: object) -> tuple[str, ...]:
+        what = f"must be a non-empty list of modalities, in any order, from {', '.join(MODALITIES)}"
+        if (
+            not isinstance(v, list | tuple)
+            or not v
+            or not all(x in MODALITIES for x in v)
+            or len(set(v)) != len(v)
+        ):
+            raise _Bad(what)
+        return tuple(v)
+
+
+_Rule = (
+    _Int | _Float | _Bool | _Str | _Address | _IntList | _Networks | _NatsUrl | _Subject
+    | _Freshness | _MqttUrl | _Topic | _Tables | _StreamId | _StrList | _Modalities
+)
 
 
 class _Bad(Exception):
@@ -283,6 +420,7 @@ class IngestConfig:
     frame_timeout_s: float = _f(30.0, _Float(0, 86400))
     poll_interval_ms: float = _f(1.0, _Float(0, 100))
     udp_allow: tuple[str, ...] = _f((), _Networks())
+    freshness: str = _f("all", _Freshness())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -456,6 +594,78 @@ class RecordConfig:
     path: str = _f("", _Str())
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """`[mqtt]`: MQTT ingest and moments (docs/integrations.md; the `mqtt` extra). Off
+    while `url` is empty."""
+
+    url: str = _f("", _MqttUrl())
+    topics: str = _f("sensors/#", _Topic(wildcard=True))
+    qos: int = _f(1, _Int(0, 2))
+    consume: bool = _f(True, _Bool())
+    publish_moments: bool = _f(True, _Bool())
+    moments_topic: str = _f("moments", _Topic(wildcard=False))
+    moments_qos: int = _f(1, _Int(0, 2))
+    moments_buffer: int = _f(8192, _QUEUE)
+    client_id: str = _f("enactive-stream", _Str())
+    persistent_session: bool = _f(True, _Bool())
+    session_expiry_s: int = _f(86400, _Int(0, (1 << 32) - 1))
+    keepalive_s: int = _f(30, _Int(1, 65535))
+    username: str = _f("", _Str())
+    password: str = _f("", _Str())
+    tls_ca_file: str = _f("", _Str())
+    tls_cert_file: str = _f("", _Str())
+    tls_key_file: str = _f("", _Str())
+    freshness: str = _f("all", _Freshness())
+
+
+_LSL_OUTLET = _Tables(
+    keys=(
+        ("name", _Str(), True),
+        ("stream_id", _StreamId(), False),
+        ("modalities", _Modalities(), False),
+    ),
+    example='[[lsl.outlets]] name = "imu-1", modalities = ["proprio"]',
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LslConfig:
+    """`[lsl]`: Lab Streaming Layer inlets (docs/integrations.md; the `lsl` extra). Off
+    while `predicate` is empty."""
+
+    predicate: str = _f("", _Str())
+    freshness: str = _f("latest", _Freshness())
+    clock_sync: str = _f("processing", _Str(("processing", "time_correction", "none")))
+    dejitter: bool = _f(True, _Bool())
+    chunk_samples: int = _f(1024, _Int(1, 1 << 20))
+    max_buflen_s: int = _f(360, _Int(1, 86400))
+    resolve_interval_s: float = _f(1.0, _Float(0.05, 3600))
+    outlets: tuple[dict[str, Any], ...] = _f((), _LSL_OUTLET)
+
+
+_ALIGN_BODY = _Tables(
+    keys=(
+        ("id", _StreamId(), True),
+        ("drive", _StreamId(), True),
+        ("inputs", _StrList(_StreamId()), True),
+        ("tolerance_ms", _Float(0, 60000), False),
+        ("max_wait_ms", _Float(0, 60000), False),
+    ),
+    example='[[align.bodies]] id = "arm-1", drive = "imu-1", inputs = ["touch-1"]',
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlignConfig:
+    """`[align]`: bodies joined from several input streams by timestamp
+    (`stream.alignment`, docs/integrations.md)."""
+
+    tolerance_ms: float = _f(10.0, _Float(0, 60000))
+    max_wait_ms: float = _f(100.0, _Float(0, 60000))
+    bodies: tuple[dict[str, Any], ...] = _f((), _ALIGN_BODY)
+
+
 _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "output": OutputConfig,
@@ -469,6 +679,9 @@ _SECTIONS: dict[str, type] = {
     "security": SecurityConfig,
     "nats": NatsConfig,
     "record": RecordConfig,
+    "mqtt": MqttConfig,
+    "lsl": LslConfig,
+    "align": AlignConfig,
 }
 
 
@@ -488,6 +701,9 @@ class Config:
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     nats: NatsConfig = dataclasses.field(default_factory=NatsConfig)
     record: RecordConfig = dataclasses.field(default_factory=RecordConfig)
+    mqtt: MqttConfig = dataclasses.field(default_factory=MqttConfig)
+    lsl: LslConfig = dataclasses.field(default_factory=LslConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
 
     @property
     def dims(self) -> Dims:
@@ -528,6 +744,8 @@ def _toml_value(v: object) -> str:
         return repr(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, str):
         out = []
         for c in v:
@@ -694,6 +912,16 @@ def _check_cross(cfg: Config, raw: _Raw) -> None:
             )
         if nats.tls_key_file and not nats.tls_cert_file:
             raise ConfigError("nats.tls_key_file is set without nats.tls_cert_file")
+    mqtt = cfg.mqtt
+    if mqtt.url:
+        if mqtt.tls_key_file and not mqtt.tls_cert_file:
+            raise ConfigError("mqtt.tls_key_file is set without mqtt.tls_cert_file")
+        if mqtt.persistent_session and not mqtt.client_id:
+            raise ConfigError(
+                'mqtt.client_id = "": a persistent session needs a client id of its own '
+                "(or set mqtt.persistent_session = false)"
+            )
+    _check_bodies(cfg.align, raw["align"].get("bodies", (None, "default"))[1])
     try:
         _ = cfg.model_config  # what the model refuses, across fields too
     except processors.ModelConfigError as e:
@@ -704,6 +932,31 @@ def _check_cross(cfg: Config, raw: _Raw) -> None:
         value = _toml_value(getattr(cfg.model, key))
         reason = e.reason.replace(f"{e.owner}.", "model.")
         raise ConfigError(f"model.{key} = {value}: {reason} (from {origin})") from None
+
+
+def _check_bodies(align: AlignConfig, origin: str) -> None:
+    """Each input stream feeds one body, and no body is itself an input."""
+    fed: dict[str, str] = {}
+    for body in align.bodies:
+        inputs = (body["drive"], *body["inputs"])
+        if body["drive"] in body["inputs"]:
+            raise ConfigError(
+                f"align.bodies: body {body['id']!r} lists its drive {body['drive']!r} among "
+                f"its inputs too (from {origin})"
+            )
+        for stream_id in inputs:
+            if stream_id in fed:
+                raise ConfigError(
+                    f"align.bodies: input {stream_id!r} feeds both {fed[stream_id]!r} and "
+                    f"{body['id']!r}; an input stream feeds one body (from {origin})"
+                )
+            fed[stream_id] = body["id"]
+    for body in align.bodies:
+        if body["id"] in fed:
+            raise ConfigError(
+                f"align.bodies: body {body['id']!r} is also an input (of "
+                f"{fed[body['id']]!r}); a body's frames are not aligned again (from {origin})"
+            )
 
 
 def _resolve_dirs(cfg: Config, env: Mapping[str, str]) -> Config:

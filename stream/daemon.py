@@ -56,9 +56,11 @@ import processors
 from processors import CompilationCounter, SlabStep
 
 from .affinity import cpu_split, pinned
+from .alignment import bodies
 from .checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, parse_address
 from .events import Events, Listener
+from .freshness import Freshness
 from .http import serve_http
 from .jetstream import NatsSettings, require_nats
 from .metrics import Metrics
@@ -109,6 +111,12 @@ def sink_names(config: Config) -> tuple[str, ...]:
     )
 
 
+def freshness_policies(config: Config) -> dict[str, Freshness]:
+    """Each source label's freshness policy (`stream.freshness`); NATS has none."""
+    ingest = Freshness.parse(config.ingest.freshness)
+    return {"tcp": ingest, "json": ingest, "udp": ingest}
+
+
 def nats_settings(config: Config) -> NatsSettings:
     """How the NATS source and sink connect, and how the streams are created."""
     n = config.nats
@@ -132,12 +140,23 @@ def nats_settings(config: Config) -> NatsSettings:
 
 class _Links(Listener):
     """Which broker sources are disconnected now (not ready while one is), logged as
-    their connections come and go."""
+    their connections come and go. (An LSL outlet that goes away is logged, but the
+    daemon stays ready: the other outlets and sources still flow.)"""
+
+    BROKERS = ("nats", "mqtt")
 
     def __init__(self) -> None:
         self.down: set[str] = set()
 
     def source_state(self, source: str, up: bool) -> None:
+        if source not in self.BROKERS:
+            log.log(
+                logging.INFO if up else logging.WARNING,
+                "%s: %s",
+                source,
+                "every outlet connected" if up else "an outlet was lost; resolving it",
+            )
+            return
         if up and source in self.down:
             self.down.discard(source)
             log.info("%s: connected again", source)
@@ -479,6 +498,8 @@ class Daemon:
                 session_start=cfg.ingest.session_start,
                 stream_ttl_s=cfg.state.stream_ttl_s,
                 new_streams_per_batch=cfg.ingest.new_streams_per_batch,
+                freshness=freshness_policies(cfg),
+                bodies=bodies(cfg.align),
                 # a broker's unacknowledged messages never reach its limit
                 checkpoint_positions=cfg.nats.max_ack_pending // 2
                 if cfg.nats.url and cfg.nats.consume

@@ -49,7 +49,8 @@ class PipelineEvents(Protocol):
         """One frame from `source` was rejected for `reason` (`protocol.REASONS`)."""
 
     def dropped(self, reason: str, n: int) -> None:
-        """`n` well-formed frames were dropped by an overload policy (`overload`)."""
+        """`n` well-formed frames were dropped: by an overload policy (`overload`), a
+        freshness policy (`stale`), or the alignment, too late to join a frame (`late`)."""
 
     def limited(self, listener: str, reason: str) -> None:
         """A connection to `listener` (its configuration key, e.g. `ingest.tcp`) was
@@ -58,7 +59,8 @@ class PipelineEvents(Protocol):
         `header_timeout`, `accept_error`, ...)."""
 
     def source_state(self, source: str, up: bool) -> None:
-        """A broker source's connection went down (False) or came (back) up (True)."""
+        """A source's connection (a broker, an LSL outlet) went down (False) or came
+        (back) up (True)."""
 
     def source_redelivered(self, source: str, n: int) -> None:
         """`n` messages were delivered again by `source`'s broker (not acknowledged in
@@ -67,6 +69,10 @@ class PipelineEvents(Protocol):
     def source_acknowledged(self, source: str, kind: str, n: int) -> None:
         """`n` messages were acknowledged to `source`'s broker: `ack` (their effect is
         durable, or they were duplicates of what is) or `term` (they can never decode)."""
+
+    def sample_age(self, source: str, seconds: float) -> None:
+        """The newest sample from `source` in a batch about to be stepped was `seconds`
+        old (since its receipt, or for a source that knows it, its capture)."""
 
     # -- admission, batcher, executor ------------------------------------------------------
     def batch(
@@ -130,6 +136,9 @@ class Listener:
         pass
 
     def source_acknowledged(self, source: str, kind: str, n: int) -> None:
+        pass
+
+    def sample_age(self, source: str, seconds: float) -> None:
         pass
 
     def batch(
@@ -198,6 +207,10 @@ class Events:
     def source_acknowledged(self, source: str, kind: str, n: int) -> None:
         for each in self.listeners:
             each.source_acknowledged(source, kind, n)
+
+    def sample_age(self, source: str, seconds: float) -> None:
+        for each in self.listeners:
+            each.sample_age(source, seconds)
 
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray

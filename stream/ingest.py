@@ -19,12 +19,14 @@ Overload policies:
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import anyio
 
 from .admission import Admission
+from .alignment import Aligner, Body
 from .buffers import WeightedBuffer
 from .events import PipelineEvents
 from .protocol import Dims, Frame, FrameRejected, FrameRun
@@ -60,6 +62,13 @@ class Ingest:
         theirs while one is there, so a stream's order holds) until `pump_new_streams`
         lets them into the pipeline, a few per batch: a flood of new stream ids cannot
         crowd out the streams already known. None: no separate lane.
+    - `bodies`: bodies joined from several input streams (`stream.alignment`): a frame
+        of one of their inputs goes to the `Aligner`, and the body frames it makes go on
+        to admission in its place. `run_alignment` must then run beside the sources.
+
+    Waiting for room: a frame that joins a body waits, like any frame, for room for
+    itself; the body frames it completes (those of the driving frames waiting for it,
+    at most `max_wait` × the driving rate) are taken whatever the bound.
     """
 
     def __init__(
@@ -71,6 +80,7 @@ class Ingest:
         events: PipelineEvents,
         admission: Admission | None = None,
         lane: WeightedBuffer[Frame] | None = None,
+        bodies: Sequence[Body] = (),
     ) -> None:
         self.buffer = buffer
         self.admission = admission
@@ -80,6 +90,18 @@ class Ingest:
         self.max_frame_bytes = max_frame_bytes
         self.events = events
         self.stopped = anyio.Event()
+        self.aligner = (
+            Aligner(
+                bodies,
+                dims,
+                reject=lambda frame, reason: events.rejected(frame.source, reason),
+                late=lambda n: events.dropped("late", n),
+                release=self._release,
+            )
+            if bodies
+            else None
+        )
+        self._aligner_waits = anyio.Event()
 
     def received(self, source: str, n: int = 1) -> None:
         """Count `n` frames that arrived from `source`."""
@@ -140,6 +162,11 @@ class Ingest:
 
     def _admit(self, item: Item) -> Sequence[FrameRejected]:
         admission, buffer = self.admission, self.buffer
+        aligner = self.aligner
+        if aligner is not None and aligner.wants(
+            item.stream_ids if type(item) is FrameRun else item.stream_id  # type: ignore[union-attr]
+        ):
+            return self._align(aligner, item)
         if type(item) is FrameRun:
             if admission is None or (
                 (not self._in_lane or self._in_lane.keys().isdisjoint(item.stream_ids))
@@ -171,6 +198,62 @@ class Ingest:
             else:
                 self.buffer.push(frame)
         return why
+
+    def _align(self, aligner: Aligner, item: Item) -> Sequence[FrameRejected]:
+        """Frames of a body's inputs to the aligner, the body frames it completes (and
+        any other frame of a run) to admission, in order."""
+        rejected: list[FrameRejected] = []
+        now = time.monotonic_ns()
+        frames = item.frames() if isinstance(item, FrameRun) else [item]
+        for frame in frames:
+            if not aligner.wants(frame.stream_id):
+                ready: Sequence[Frame] = (frame,)
+            else:
+                ready, why = aligner.add(frame, now)
+                if why is not None:
+                    rejected.append(why)
+            for each in ready:
+                why = self._admit_frame(each)
+                if why is not None:
+                    rejected.append(why)
+        if aligner.pending:
+            self._aligner_waits.set()
+        return rejected
+
+    def _release(self, frame: Frame, body_id: str, barrier: int | None) -> None:
+        if self.admission is not None:
+            self.admission.commits.rejected(frame.source, frame.position, body_id, barrier)
+
+    async def run_alignment(self) -> None:
+        """Hand over the body frames whose driving frame has waited its `max_wait`, as
+        they fall due, until `stop()`; then every body frame still waiting (call it beside
+        the sources; it returns once they have)."""
+        aligner = self.aligner
+        if aligner is None:
+            return
+        while not self.stopped.is_set():
+            due = aligner.next_due_ns()
+            if due is None:
+                self._aligner_waits = anyio.Event()
+                with anyio.move_on_after(0.1):  # (and look at `stopped` now and then)
+                    await self._aligner_waits.wait()
+                continue
+            delay = (due - time.monotonic_ns()) / 1e9
+            if delay > 0:
+                await anyio.sleep(delay)
+            await self._hand_over(aligner.due(time.monotonic_ns()))
+
+    async def flush_alignment(self) -> None:
+        """Hand over every body frame still waiting (once the sources have stopped)."""
+        if self.aligner is not None:
+            await self._hand_over(self.aligner.flush())
+
+    async def _hand_over(self, frames: Sequence[Frame]) -> None:
+        for frame in frames:
+            target = self.target(frame)
+            while not target.fits(1):
+                await target.wait_room()
+            self._admit_frame(frame)
 
     async def pump_new_streams(self, per_batch: int, batch_taken: Callable[[], Any]) -> None:
         """Move frames from the lane into the pipeline, at most `per_batch` before each

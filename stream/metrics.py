@@ -63,11 +63,14 @@ __all__ = [
 
 # The `source` labels and sink names the code has. A configuration pre-declares the series
 # of the ones it runs (`Metrics(sources=..., sinks=...)`); the others appear at first use.
-SOURCES = ("tcp", "json", "udp", "synthetic", "nats")
-SINKS = ("tcp", "jsonl", "stdout", "nats")
+SOURCES = ("tcp", "json", "udp", "synthetic", "nats", "mqtt", "lsl")
+SINKS = ("tcp", "jsonl", "stdout", "nats", "mqtt")
+LINKED_SOURCES = ("nats", "mqtt", "lsl")
+"""Sources that connect to something that can go away (a broker, an outlet): they have a
+connection state, disconnections and reconnections (`enactive_source_up`, ...)."""
 BROKER_SOURCES = ("nats",)
-"""Sources that connect to a broker: they have a connection state, acknowledgements and
-redeliveries (`enactive_source_*`)."""
+"""Sources that acknowledge to a broker: they have acknowledgements, redeliveries and an
+acknowledgement lag (`enactive_source_acks_total`, ...)."""
 ACK_KINDS = ("ack", "term")
 LISTENERS = ("ingest.tcp", "output.tcp", "metrics.listen")
 LIMIT_REASONS = (
@@ -80,7 +83,7 @@ LIMIT_REASONS = (
     "unauthorized",
     "tls_handshake",
 )
-DROP_REASONS = ("overload",)
+DROP_REASONS = ("overload", "stale", "late")
 STAGES = ("queue", "batch_wait", "device", "integrate", "emit")
 PHASES = ("warmup", "background", "runtime")
 SINK_DROP_REASONS = ("slow_sink", "slow_subscriber", "disconnected", "error")
@@ -343,14 +346,24 @@ class Metrics:
             "1 while the source can take frames (a broker source: connected), else 0.",
             ["source"],
         )
-        brokers = [s for s in self.sources if s in BROKER_SOURCES]
-        if brokers:
+        self.source_sample_age = gauge(
+            "source_sample_age_seconds",
+            "Age of the newest sample from the source in the last batch stepped: the step's "
+            "time minus the sample's (receipt, or for LSL its capture time).",
+            ["source"],
+        )
+        linked = [s for s in self.sources if s in LINKED_SOURCES]
+        if linked:
             self.source_disconnects = counter(
-                "source_disconnects_total", "A broker source's connection was lost.", ["source"]
+                "source_disconnects_total",
+                "A source's connection (a broker, an LSL outlet) was lost.",
+                ["source"],
             )
             self.source_reconnects = counter(
-                "source_reconnects_total", "A broker source's connection came back.", ["source"]
+                "source_reconnects_total", "A source's lost connection came back.", ["source"]
             )
+        brokers = [s for s in self.sources if s in BROKER_SOURCES]
+        if brokers:
             self.source_redeliveries = counter(
                 "source_redeliveries_total",
                 "Messages the broker delivered again (not acknowledged in time, or delivered "
@@ -368,7 +381,7 @@ class Metrics:
                 "Age of the oldest frame from the source not yet acknowledged (0: none).",
                 ["source"],
             )
-        if "nats" in self.sinks:
+        if "nats" in self.sinks:  # (a broker that drops duplicates by id)
             self.sink_duplicates_total = counter(
                 "sink_duplicates_total",
                 "Moments the broker dropped as duplicates of ones it had stored (re-emitted "
@@ -407,10 +420,12 @@ class Metrics:
         }
         self._was_down: set[str] = set()
         for source in self.sources:
-            self.source_up.labels(source).set(0 if source in BROKER_SOURCES else 1)
-        for source in brokers:
+            self.source_up.labels(source).set(0 if source in LINKED_SOURCES else 1)
+            self.source_sample_age.labels(source)
+        for source in linked:
             self.source_disconnects.labels(source)
             self.source_reconnects.labels(source)
+        for source in brokers:
             self.source_redeliveries.labels(source)
             for kind in ACK_KINDS:
                 self.source_acks.labels(source, kind)
@@ -517,7 +532,7 @@ class Metrics:
     def source_state(self, source: str, up: bool) -> None:
         """Sets `enactive_source_up`; counts a disconnection, and a reconnection after one."""
         self.source_up.labels(source).set(1 if up else 0)
-        if source not in BROKER_SOURCES:
+        if source not in LINKED_SOURCES:
             return
         if not up and source not in self._was_down:
             self._was_down.add(source)
@@ -535,6 +550,10 @@ class Metrics:
         """Counts `n` messages acknowledged to `source`'s broker (`ACK_KINDS`)."""
         if source in BROKER_SOURCES and kind in ACK_KINDS:
             self.source_acks.labels(source, kind).inc(n)
+
+    def sample_age(self, source: str, seconds: float) -> None:
+        """Sets `enactive_source_sample_age_seconds`."""
+        self.source_sample_age.labels(source).set(seconds)
 
     def sink_duplicates(self, sink: str, n: int) -> None:
         """Counts `n` moments the broker dropped as duplicates."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -32,11 +32,13 @@ from processors import SlabStep
 
 from .adaptive import AdaptiveBatching
 from .admission import Admission
+from .alignment import Body
 from .batcher import Batch, Batcher
 from .buffers import WeightedBuffer
 from .commits import CommitLog
 from .events import Events, PipelineEvents
 from .executor import Executor, Stepped
+from .freshness import Freshness
 from .ingest import Ingest, Item
 from .integrator import integrate
 from .protocol import Dims, Frame, MomentSizes
@@ -69,6 +71,9 @@ class PipelineSettings:
         crowd out known streams (0: no separate lane).
     - `checkpoint_positions`: source positions waiting for a checkpoint that make one
         due at once (0: only the interval).
+    - `freshness`: each source label's freshness policy (`stream.freshness`; absent:
+        `all`), applied by the batcher.
+    - `bodies`: bodies joined from several input streams (`stream.alignment`).
     """
 
     dims: Dims
@@ -81,6 +86,8 @@ class PipelineSettings:
     stream_ttl_s: float = 0.0
     new_streams_per_batch: int = 0
     checkpoint_positions: int = 0
+    freshness: Mapping[str, Freshness] = dataclasses.field(default_factory=dict)
+    bodies: tuple[Body, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,7 +134,13 @@ class Pipeline:
         by_label = {label: s for s in self.sources for label in s.labels}
         self.buffer: WeightedBuffer[Item] = WeightedBuffer(settings.ingest_queue)
         self.step = step
-        self.batcher = Batcher(max(step.buckets), settings.max_wait_s)
+        self.batcher = Batcher(
+            max(step.buckets),
+            settings.max_wait_s,
+            freshness=settings.freshness,
+            on_stale=lambda n: self.events.dropped("stale", n),
+            on_age=lambda source, seconds: self.events.sample_age(source, seconds),
+        )
         # Batches stay within the buckets compiled so far (`buckets_compiled`).
         self.batcher.set_largest_bucket(step.largest_ready)
         self._on_adapt = on_adapt
@@ -162,6 +175,7 @@ class Pipeline:
             events=events,
             admission=Admission(table, events, self.commits),
             lane=self.lane,
+            bodies=settings.bodies,
         )
         self.executor = Executor(
             step,
@@ -234,6 +248,7 @@ class Pipeline:
                     stages.start_soon(self._admit_new_streams)
                 try:
                     async with anyio.create_task_group() as feeding:
+                        feeding.start_soon(self.ingest.run_alignment)
                         for source in self.sources:
                             port = await feeding.start(source.run, self.ingest)
                             if port is not None:
@@ -243,6 +258,7 @@ class Pipeline:
                         # Sources finish the data in hand and return; one still blocked
                         # after the grace period is cancelled.
                         feeding.cancel_scope.deadline = anyio.current_time() + SOURCE_GRACE_S
+                    await self.ingest.flush_alignment()
                 finally:
                     if self.lane is not None:
                         self.lane.close()  # the lane drains, then the buffer closes

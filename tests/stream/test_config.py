@@ -321,7 +321,7 @@ def test_as_dict_lists_every_section_with_plain_values() -> None:
     d = load_config(env=HOME_ENV).as_dict()
     assert list(d) == [
         "ingest", "output", "metrics", "batching", "model", "state", "synthetic", "device", "log",
-        "security", "nats", "record",
+        "security", "nats", "record", "mqtt", "lsl", "align",
     ]  # fmt: skip
     assert d["batching"]["buckets"] == [1, 8, 32, 64, 96, 128, 192, 256]
     assert d["model"]["som_grid"] == [20, 20]

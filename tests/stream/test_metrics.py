@@ -69,9 +69,10 @@ EXPECTED = {
     "enactive_moments_dropped": "counter",
     "enactive_subscribers": "gauge",
     "enactive_source_up": "gauge",
-    "enactive_source_disconnects": "counter",  # these five with a broker source (nats)
+    "enactive_source_sample_age_seconds": "gauge",
+    "enactive_source_disconnects": "counter",  # these two with nats, mqtt or lsl
     "enactive_source_reconnects": "counter",
-    "enactive_source_redeliveries": "counter",
+    "enactive_source_redeliveries": "counter",  # these three with a broker that acks (nats)
     "enactive_source_acks": "counter",
     "enactive_source_ack_lag_seconds": "gauge",
     "enactive_sink_duplicates": "counter",  # with the nats sink
@@ -299,6 +300,7 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_active_streams": 1,
         "enactive_known_streams": 1,
         "enactive_source_up": len(DEFAULT_SOURCES),
+        "enactive_source_sample_age_seconds": len(DEFAULT_SOURCES),
         "enactive_batch_max_wait_seconds": 1,
         "enactive_batch_max_size": 1,
         "enactive_ready": 1,
@@ -318,7 +320,7 @@ def test_series_of_the_embedded_default_shape() -> None:
         "enactive_device_memory_bytes": 0,  # at scrape time, and only where reported (GPU)
     }
     assert (len(DEFAULT_SOURCES), len(REASONS), len(buckets)) == (4, 13, 8)
-    assert sum(got.values()) == 115  # 180 when every source and sink the code knew was declared
+    assert sum(got.values()) == 121
 
 
 def test_no_series_for_what_is_not_configured(registry: CollectorRegistry) -> None:
@@ -343,13 +345,13 @@ def test_unconfigured_labels_appear_at_first_use(registry: CollectorRegistry) ->
     m = Metrics(registry, sources=("tcp",), sinks=("tcp",))
     get = registry.get_sample_value
     m.received("udp", 2)  # a label the code has, not pre-declared: its own series
-    m.received("lsl", 3)  # a label the code does not have: "other"
+    m.received("serial", 3)  # a label the code does not have: "other"
     m.rejected("json", "bad_json")
     m.emitted("stdout", 4)
-    m.sink_dropped("mqtt", "slow_sink", 5)
+    m.sink_dropped("kafka", "slow_sink", 5)
     assert get("enactive_frames_received_total", {"source": "udp"}) == 2
     assert get("enactive_frames_received_total", {"source": "other"}) == 3
-    assert get("enactive_frames_received_total", {"source": "lsl"}) is None
+    assert get("enactive_frames_received_total", {"source": "serial"}) is None
     assert get("enactive_frames_rejected_total", {"source": "json", "reason": "bad_json"}) == 1
     assert get("enactive_frames_rejected_total", {"source": "json", "reason": "oversize"}) is None
     assert get("enactive_moments_emitted_total", {"sink": "stdout"}) == 4
