@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,5 +187,34 @@ def test_freshness_latest_sheds_what_queued_while_the_daemon_was_stalled(
         assert newest == {f"s-{s}": 200 for s in range(4)}  # ... and the newest was stepped
         age = metrics[("enactive_source_sample_age_seconds", (("source", "udp"),))]
         assert 0 < age < 1.0
+    finally:
+        d.kill()
+
+
+def test_the_alignment_example(tmp_path: Path, compilation_cache: str) -> None:
+    """docs/integrations.md's alignment example, as printed: its `[align]` section in
+    the daemon's configuration, its script against the daemon's ports."""
+    docs = (Path(__file__).parents[2] / "docs" / "integrations.md").read_text()
+    section = docs.split("## Aligning streams of different rates", 1)[1]
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "# align.toml" in toml and "# align.py" in script
+    d = DaemonProcess(tmp_path, compilation_cache, extra=toml)
+    d.start()
+    try:
+        (tmp_path / "align.toml").write_text(d.config.read_text())  # the script's dims
+        script = script.replace("7400", str(d.ports["tcp"])).replace(
+            "7401", str(d.ports["output"])
+        )
+        assert d.ports["tcp"] == d.ports["udp"]
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "arm-1: 1000 frames, 500 with touch\n"
     finally:
         d.kill()
