@@ -56,6 +56,10 @@ from .protocol import MOTOR, PROPRIO, SENSORY, SESSION_START, TACTILE, Dims, Fra
 
 __all__ = ["Aligner", "Body", "bodies"]
 
+MAX_HELD = 8192
+"""Samples held per other input at most; beyond, the oldest go (a driving input that is
+silent while the others send must not make them grow without end)."""
+
 Release = Callable[[Frame, str, int | None], None]
 """`release(frame, body_id, barrier)`: a consumed sample's position may be committed
 once `body_id`'s processed seq reaches `barrier` (None: at the next checkpoint)."""
@@ -101,12 +105,18 @@ class _Input:
         self.times: list[int] = []
         self.newest_ns: int | None = None
 
-    def add(self, t: int, frame: Frame) -> None:
+    def add(self, t: int, frame: Frame) -> list[Frame]:
+        """Hold a sample; returns those that had to go to make room (the oldest)."""
         i = bisect.bisect_right(self.times, t)
         self.times.insert(i, t)
         self.samples.insert(i, frame)
         if self.newest_ns is None or t > self.newest_ns:
             self.newest_ns = t
+        if len(self.samples) <= MAX_HELD:
+            return []
+        gone = self.samples[: MAX_HELD // 2]
+        del self.samples[: MAX_HELD // 2], self.times[: MAX_HELD // 2]
+        return gone
 
     def latest(self, t: int, tolerance_ns: int) -> Frame | None:
         """The latest sample at or before `t`, if at most `tolerance_ns` older."""
@@ -209,7 +219,9 @@ class Aligner:
             if late_before is not None and t <= late_before:
                 self._dropped_late(frame, body)
                 return [], None
-            state.others[frame.stream_id].add(t, frame)
+            for gone in state.others[frame.stream_id].add(t, frame):
+                if gone.position is not None:
+                    self._release(gone, body.id, None)
         return self._ready(state, now_ns, force=False), None
 
     def due(self, now_ns: int) -> list[Frame]:

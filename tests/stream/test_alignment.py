@@ -335,3 +335,16 @@ async def test_the_ingest_turns_inputs_into_body_frames_and_lets_others_through(
     assert counts.rejections == ["duplicate_seq"]
     await ingest.put(touch(2, 0.8))  # before the frame at 1 ms, already out
     assert counts.drops == {"late": 1}
+
+
+def test_an_input_whose_drive_is_silent_holds_a_bounded_number_of_samples() -> None:
+    from stream.alignment import MAX_HELD
+
+    aligner = Aligner([body()], DIMS)
+    feed(aligner, [touch(i + 1, float(i)) for i in range(3 * MAX_HELD)])
+    held = aligner.inputs["touch"].others["touch"]
+    assert len(held.samples) <= MAX_HELD
+    assert held.times == sorted(held.times) and held.times[-1] == (3 * MAX_HELD - 1) * MS
+    # the newest are what a frame that comes now joins
+    (f,) = feed(aligner, [imu(1, 3 * MAX_HELD - 1.0)])
+    assert f.present == PROPRIO | TACTILE and f.payload[8] == 3 * MAX_HELD - 1
