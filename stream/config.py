@@ -611,6 +611,8 @@ class MqttConfig:
     persistent_session: bool = _f(True, _Bool())
     session_expiry_s: int = _f(86400, _Int(0, (1 << 32) - 1))
     keepalive_s: int = _f(30, _Int(1, 65535))
+    protocol: str = _f("5", _Str(("5", "3.1.1")))
+    connect_timeout_s: float = _f(30.0, _Float(0, 3600))
     username: str = _f("", _Str())
     password: str = _f("", _Str())
     tls_ca_file: str = _f("", _Str())

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import jax
@@ -74,6 +74,9 @@ from .sources import Source, SyntheticSource, TcpSource, UdpSource
 from .status import StatusLine
 from .streams import StreamTable
 from .xla import xla_backend_started, xla_cpu_threads
+
+if TYPE_CHECKING:
+    from .mqtt import MqttSettings
 
 __all__ = ["Daemon", "compile_order", "sink_names"]
 
@@ -106,6 +109,7 @@ def sink_names(config: Config) -> tuple[str, ...]:
             ("jsonl", out.jsonl),
             ("stdout", out.stdout),
             ("nats", config.nats.url and config.nats.publish_moments),
+            ("mqtt", config.mqtt.url and config.mqtt.publish_moments),
         )
         if on
     )
@@ -114,7 +118,33 @@ def sink_names(config: Config) -> tuple[str, ...]:
 def freshness_policies(config: Config) -> dict[str, Freshness]:
     """Each source label's freshness policy (`stream.freshness`); NATS has none."""
     ingest = Freshness.parse(config.ingest.freshness)
-    return {"tcp": ingest, "json": ingest, "udp": ingest}
+    return {
+        "tcp": ingest,
+        "json": ingest,
+        "udp": ingest,
+        "mqtt": Freshness.parse(config.mqtt.freshness),
+    }
+
+
+def mqtt_settings(config: Config) -> MqttSettings:
+    """How the MQTT source and sink connect (the `[mqtt]` section)."""
+    from .mqtt import MqttSettings
+
+    m = config.mqtt
+    return MqttSettings(
+        url=m.url,
+        client_id=m.client_id,
+        persistent_session=m.persistent_session,
+        session_expiry_s=m.session_expiry_s,
+        keepalive_s=m.keepalive_s,
+        protocol=m.protocol,
+        connect_timeout_s=m.connect_timeout_s,
+        username=m.username,
+        password=m.password,
+        tls_ca_file=m.tls_ca_file,
+        tls_cert_file=m.tls_cert_file,
+        tls_key_file=m.tls_key_file,
+    )
 
 
 def nats_settings(config: Config) -> NatsSettings:
@@ -593,6 +623,15 @@ class Daemon:
                     ),
                 )
             )
+        if cfg.mqtt.url and cfg.mqtt.consume:
+            from .mqtt import require_mqtt
+
+            require_mqtt()
+            from .sources.mqtt import MqttSource
+
+            sources.append(
+                MqttSource(mqtt_settings(cfg), topics=cfg.mqtt.topics, qos=cfg.mqtt.qos)
+            )
         if cfg.synthetic.streams:
             sources.append(
                 SyntheticSource(
@@ -643,6 +682,23 @@ class Daemon:
                     buffer=n.moments_buffer,
                     in_flight=n.publish_in_flight,
                     events=events,
+                )
+            )
+        m = self.config.mqtt
+        if m.url and m.publish_moments:
+            from .mqtt import require_mqtt
+
+            require_mqtt()
+            from .sinks.mqtt import MqttMomentSink
+
+            sinks.append(
+                MqttMomentSink(
+                    mqtt_settings(self.config),
+                    topic=m.moments_topic,
+                    qos=m.moments_qos,
+                    buffer=m.moments_buffer,
+                    events=events,
+                    cache=cache,
                 )
             )
         return sinks

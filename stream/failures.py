@@ -26,6 +26,7 @@ def _message_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .jetstream import NatsError
+    from .mqtt import MqttError
     from .net import ListenError
     from .recording import RecordingError
 
@@ -35,6 +36,7 @@ def _message_errors() -> tuple[type[BaseException], ...]:
         ModelConfigError,
         ListenError,
         NatsError,
+        MqttError,
         RecordingError,
     )
 

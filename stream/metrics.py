@@ -68,9 +68,9 @@ SINKS = ("tcp", "jsonl", "stdout", "nats", "mqtt")
 LINKED_SOURCES = ("nats", "mqtt", "lsl")
 """Sources that connect to something that can go away (a broker, an outlet): they have a
 connection state, disconnections and reconnections (`enactive_source_up`, ...)."""
-BROKER_SOURCES = ("nats",)
-"""Sources that acknowledge to a broker: they have acknowledgements, redeliveries and an
-acknowledgement lag (`enactive_source_acks_total`, ...)."""
+BROKER_SOURCES = ("nats", "mqtt")
+"""Sources that acknowledge to a broker: they have acknowledgements and redeliveries
+(`enactive_source_acks_total`, ...), and NATS an acknowledgement lag."""
 ACK_KINDS = ("ack", "term")
 LISTENERS = ("ingest.tcp", "output.tcp", "metrics.listen")
 LIMIT_REASONS = (
@@ -372,10 +372,12 @@ class Metrics:
             )
             self.source_acks = counter(
                 "source_acks_total",
-                "Messages acknowledged to the broker: ack (effect durable, or a duplicate of "
-                "one that is) or term (can never decode; never redelivered).",
+                "Messages acknowledged to the broker: ack (nats: effect durable, or a "
+                "duplicate of one that is; mqtt: in the pipeline) or term (can never decode; "
+                "never redelivered).",
                 ["source", "kind"],
             )
+        if "nats" in self.sources:
             self.source_ack_lag = gauge(
                 "source_ack_lag_seconds",
                 "Age of the oldest frame from the source not yet acknowledged (0: none).",
@@ -429,7 +431,8 @@ class Metrics:
             self.source_redeliveries.labels(source)
             for kind in ACK_KINDS:
                 self.source_acks.labels(source, kind)
-            self.source_ack_lag.labels(source)
+            if source == "nats":
+                self.source_ack_lag.labels(source)
         if "nats" in self.sinks:
             self.sink_duplicates_total.labels("nats")
         self.ready.set(0)

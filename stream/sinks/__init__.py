@@ -5,6 +5,8 @@
 - `StdoutSink`: JSON lines on standard output.
 - `stream.sinks.nats.NatsMomentSink`: NATS JetStream, exactly once (a `ReliableSink`;
   imported on its own: it needs the `nats` extra).
+- `stream.sinks.mqtt.MqttMomentSink`: an MQTT broker, one moment per message (imported on
+  its own: it needs the `mqtt` extra).
 
 Every sink has a `name`, a non-blocking `offer(batch)`, an `async run()` and the moments it
 holds (`queued`, `buffers`); it reports through `PipelineEvents`. See `Sink` for the contract.
