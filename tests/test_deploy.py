@@ -392,12 +392,12 @@ def test_unknown_label_values_are_caught() -> None:
     assert _unknown_label_values(ok) == set()
     bad = (
         'enactive_frames_dropped_total{reason="slow_sink"}'
-        ' + enactive_frames_received_total{source=~"tcp|nats", source="mqtt"}'
+        ' + enactive_frames_received_total{source=~"tcp|nats", source="kafka"}'
         ' + enactive_stage_latency_seconds_bucket{stage="nope", le="0.001"}'
     )
     assert _unknown_label_values(bad) == {
         'enactive_frames_dropped_total{reason="slow_sink"}',
-        'enactive_frames_received_total{source="mqtt"}',
+        'enactive_frames_received_total{source="kafka"}',
         'enactive_stage_latency_seconds_bucket{stage="nope"}',
     }
 
