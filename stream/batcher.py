@@ -18,7 +18,9 @@ bounded stream before it.
 
 Freshness (`stream.freshness`, per source label): a frame of a `latest` source that
 would be held back behind its stream's earlier frames replaces them (they are shed); a
-frame of a `max_age` source older than its limit when its batch is handed out is shed.
+frame of a `max_age` source older than its limit when its batch is handed out is shed. A
+frame that starts a session is never shed (the stream's state reset it carries would be
+lost).
 Shed frames are reported with `on_stale(n)`; each batch's sources, with the age of their
 newest frame in it, with `on_age(source, seconds)` (at most ten times a second).
 """
@@ -36,7 +38,7 @@ import numpy as np
 
 from .buffers import WeightedBuffer
 from .freshness import Freshness
-from .protocol import Frame, FrameRun
+from .protocol import SESSION_START, Frame, FrameRun
 
 __all__ = ["Batch", "Batcher"]
 
@@ -224,10 +226,13 @@ class Batcher:
         stream_id = frame.stream_id
         held = self._held.get(stream_id)
         if held is not None:
-            if frame.source in self._latest:  # it replaces what waits before it
-                self._on_stale(len(held))
-                self._held_count -= len(held)
-                held.clear()
+            if frame.source in self._latest:  # it replaces what waits before it ...
+                kept = [h for h in held if h[0].present & SESSION_START]  # ... but a reset
+                if len(kept) < len(held):
+                    self._on_stale(len(held) - len(kept))
+                    self._held_count -= len(held) - len(kept)
+                    held.clear()
+                    held.extend(kept)
             held.append((frame, now))
             self._held_count += 1
         elif stream_id in self._ids or self._count >= self.max_batch:
@@ -354,7 +359,11 @@ class Batcher:
         shed = 0
         for piece, at in zip(self._pieces, self._admitted, strict=True):
             limit = limits.get(piece.source)
-            if limit is not None and now - piece.received_ns > limit:
+            if (
+                limit is not None
+                and now - piece.received_ns > limit
+                and not piece.present & SESSION_START  # (its stream's reset is kept)
+            ):
                 shed += len(piece) if type(piece) is FrameRun else 1
             else:
                 pieces.append(piece)

@@ -123,6 +123,7 @@ def freshness_policies(config: Config) -> dict[str, Freshness]:
         "json": ingest,
         "udp": ingest,
         "mqtt": Freshness.parse(config.mqtt.freshness),
+        "lsl": Freshness.parse(config.lsl.freshness),
     }
 
 
@@ -170,8 +171,8 @@ def nats_settings(config: Config) -> NatsSettings:
 
 class _Links(Listener):
     """Which broker sources are disconnected now (not ready while one is), logged as
-    their connections come and go. (An LSL outlet that goes away is logged, but the
-    daemon stays ready: the other outlets and sources still flow.)"""
+    their connections come and go. (An LSL outlet that goes away is logged by the
+    source; the daemon stays ready: the other outlets and sources still flow.)"""
 
     BROKERS = ("nats", "mqtt")
 
@@ -180,12 +181,6 @@ class _Links(Listener):
 
     def source_state(self, source: str, up: bool) -> None:
         if source not in self.BROKERS:
-            log.log(
-                logging.INFO if up else logging.WARNING,
-                "%s: %s",
-                source,
-                "every outlet connected" if up else "an outlet was lost; resolving it",
-            )
             return
         if up and source in self.down:
             self.down.discard(source)
@@ -632,6 +627,13 @@ class Daemon:
             sources.append(
                 MqttSource(mqtt_settings(cfg), topics=cfg.mqtt.topics, qos=cfg.mqtt.qos)
             )
+        if cfg.lsl.predicate:
+            from .lsl import require_lsl
+
+            require_lsl()
+            from .sources.lsl import LslSettings, LslSource
+
+            sources.append(LslSource(LslSettings.of(cfg.lsl), dims=cfg.dims))
         if cfg.synthetic.streams:
             sources.append(
                 SyntheticSource(

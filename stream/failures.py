@@ -26,6 +26,7 @@ def _message_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .jetstream import NatsError
+    from .lsl import LslError
     from .mqtt import MqttError
     from .net import ListenError
     from .recording import RecordingError
@@ -37,6 +38,7 @@ def _message_errors() -> tuple[type[BaseException], ...]:
         ListenError,
         NatsError,
         MqttError,
+        LslError,
         RecordingError,
     )
 

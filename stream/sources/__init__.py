@@ -5,6 +5,10 @@
 - `SyntheticSource` (`run_synthetic`): the built-in synthetic bodies, policy `block`.
 - `stream.sources.nats.NatsSource`: a NATS JetStream durable consumer, policy `block`
   (imported on its own: it needs the `nats` extra).
+- `stream.sources.mqtt.MqttSource`: an MQTT subscription, policy `block` (the `mqtt`
+  extra).
+- `stream.sources.lsl.LslSource`: Lab Streaming Layer inlets, policy `drop_oldest` (the
+  `lsl` extra).
 """
 
 from .base import OpenedSource, Source

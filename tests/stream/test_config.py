@@ -355,7 +355,8 @@ def test_docs_describe_every_key_and_show_the_defaults(tmp_path: Path) -> None:
     for section, values in defaults.as_dict().items():
         for key in values:
             assert f"`ENACTIVE_{section.upper()}_{key.upper()}`" in text, (section, key)
-    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    complete = text.split("## A complete file", 1)[1]
+    example = complete.split("```toml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "from-docs.toml"
     path.write_text(example)
     assert load_config(path, env=HOME_ENV) == defaults

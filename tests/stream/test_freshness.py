@@ -8,7 +8,7 @@ import pytest
 from stream.batcher import Batcher
 from stream.config import ConfigError, load_config
 from stream.freshness import ALL, Freshness
-from stream.protocol import Frame
+from stream.protocol import SESSION_START, Frame
 
 MS = 1_000_000
 
@@ -95,3 +95,30 @@ async def test_a_batch_shed_whole_is_never_handed_out() -> None:
     now[0] = 5 * MS
     b.end()
     assert await b.next_batch() is None
+
+
+def test_a_frame_that_starts_a_session_is_never_shed() -> None:
+    stale: list[int] = []
+    b = Batcher(
+        8,
+        0.001,
+        clock=lambda: 100 * MS,
+        freshness={"udp": Freshness.parse("latest"), "lsl": Freshness.parse("max_age_ms=1")},
+        on_stale=stale.append,
+    )
+    start = frame("a", 1, 0)
+    start.present |= SESSION_START
+    b.add(frame("a", 7, 0))
+    for f in (start, frame("a", 2, 0), frame("a", 3, 0)):
+        b.add(f)
+    old_start = frame("l", 1, 0, source="lsl")
+    old_start.present |= SESSION_START
+    b.add(old_start)
+    b.add(frame("m", 1, 0, source="lsl"))
+    taken = [b.take() for _ in range(3)]
+    assert [list(zip(t.stream_ids, t.seq, strict=True)) for t in taken] == [
+        [("a", 7), ("l", 1)],  # the old lsl session start kept, its plain neighbour shed
+        [("a", 1)],  # the session start kept ...
+        [("a", 3)],  # ... and the newest; a2 shed
+    ]
+    assert sum(stale) == 2
