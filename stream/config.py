@@ -25,6 +25,7 @@ from typing import Any
 
 import processors
 
+from .freshness import Freshness
 from .protocol import Dims
 
 __all__ = [
@@ -248,7 +249,6 @@ class _Subject:
         return v
 
 
-FRESHNESS_POLICIES = ("all", "latest", "max_age_ms=N")
 MODALITIES = ("sensory", "proprio", "tactile", "motor")
 
 
@@ -256,16 +256,11 @@ MODALITIES = ("sensory", "proprio", "tactile", "motor")
 class _Freshness:
     def check(self, v: object) -> str:
         if isinstance(v, str):
-            if v in ("all", "latest"):
+            try:
+                Freshness.parse(v)
                 return v
-            name, sep, n = v.partition("=")
-            if name == "max_age_ms" and sep:
-                try:
-                    ms = float(n)
-                except ValueError:
-                    ms = math.nan
-                if math.isfinite(ms) and ms > 0:
-                    return v
+            except ValueError:
+                pass
         raise _Bad('must be "all", "latest" or "max_age_ms=N" with N > 0 (milliseconds)')
 
 

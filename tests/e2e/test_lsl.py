@@ -5,7 +5,6 @@ come back, a stalled daemon resumes on fresh data, a misshapen outlet is refused
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
@@ -13,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -42,34 +40,6 @@ pytestmark = pytest.mark.timeout(300)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ALL4 = SENSORY | PROPRIO | TACTILE | MOTOR
-LSL_CONFIG = """\
-; liblsl for the tests: discovery on this machine only, over IPv4 loopback (no network
-; needed, none reached), errors only in the log.
-[ports]
-IPv6 = disable
-[multicast]
-ResolveScope = machine
-[lab]
-KnownPeers = {127.0.0.1}
-[log]
-level = -2
-"""
-
-
-def _lsl_config() -> None:
-    """Point liblsl — here, and in the daemons and children started here — at
-    `LSL_CONFIG`, unless `LSLAPICFG` already names a file (liblsl reads it once, at its
-    first use in a process)."""
-    if os.environ.get("LSLAPICFG"):
-        return
-    path = Path(tempfile.gettempdir()) / f"enactive-lsl-test-{os.getpid()}.cfg"
-    path.write_text(LSL_CONFIG)
-    atexit.register(path.unlink, missing_ok=True)
-    os.environ["LSLAPICFG"] = str(path)
-
-
-_lsl_config()
-
 
 def need(what: str, ok: bool) -> None:
     if not ok:

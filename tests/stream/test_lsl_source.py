@@ -4,15 +4,12 @@ loss and return, many outlets, stop)."""
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -34,33 +31,6 @@ from stream.streams import StreamTable
 DIMS = Dims(4, 3, 2, 2)
 ALL4 = SENSORY | PROPRIO | TACTILE | MOTOR
 IN_CI = os.environ.get("CI", "").lower() == "true"
-
-LSL_CONFIG = """\
-; liblsl for the tests: discovery on this machine only, over IPv4 loopback (no network
-; needed, none reached), errors only in the log.
-[ports]
-IPv6 = disable
-[multicast]
-ResolveScope = machine
-[lab]
-KnownPeers = {127.0.0.1}
-[log]
-level = -2
-"""
-
-
-def _lsl_config() -> None:
-    """Point liblsl at `LSL_CONFIG` (read once, at its first use in this process),
-    unless `LSLAPICFG` already names a file."""
-    if os.environ.get("LSLAPICFG"):
-        return
-    path = Path(tempfile.gettempdir()) / f"enactive-lsl-test-{os.getpid()}.cfg"
-    path.write_text(LSL_CONFIG)
-    atexit.register(path.unlink, missing_ok=True)
-    os.environ["LSLAPICFG"] = str(path)
-
-
-_lsl_config()
 
 
 def need_pylsl() -> Any:
