@@ -11,7 +11,9 @@
 ```
 
 Every arrow is bounded, so a full stage slows the one before it; a source that cannot
-be slowed drops and counts (`stream.sources.base`). Every stage reports through one
+be slowed drops and counts (`stream.sources.base`). Frames of an aligned body's inputs
+are joined into the body's frames before admission (`stream.alignment`, in `Ingest`);
+the batcher sheds what a source's freshness policy calls stale (`stream.freshness`). Every stage reports through one
 `PipelineEvents`. Shutdown cascades: `stop()` tells the sources to stop taking data;
 once they have returned the ingest buffer is closed, the batcher hands out what it
 holds, the executor steps it and writes the final checkpoint (committing what it
