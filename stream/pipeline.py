@@ -13,11 +13,11 @@
 Every arrow is bounded, so a full stage slows the one before it; a source that cannot
 be slowed drops and counts (`stream.sources.base`). Frames of an aligned body's inputs
 are joined into the body's frames before admission (`stream.alignment`, in `Ingest`);
-the batcher sheds what a source's freshness policy calls stale (`stream.freshness`). Every stage reports through one
-`PipelineEvents`. Shutdown cascades: `stop()` tells the sources to stop taking data;
-once they have returned the ingest buffer is closed, the batcher hands out what it
-holds, the executor steps it and writes the final checkpoint (committing what it
-covers), the integrator emits the last moments and the sinks flush.
+the batcher sheds what a source's freshness policy calls stale (`stream.freshness`).
+Every stage reports through one `PipelineEvents`. Shutdown cascades: `stop()` tells the
+sources to stop taking data; once they have returned the ingest buffer is closed, the
+batcher hands out what it holds, the executor steps it and writes the final checkpoint
+(committing what it covers), the integrator emits the last moments and the sinks flush.
 """
 
 from __future__ import annotations
