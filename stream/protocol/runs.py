@@ -12,6 +12,7 @@ rejections with the same reasons.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
@@ -32,7 +33,7 @@ from ._types import (
 )
 from .frames import _check_counts, check_stream_id, non_finite_payload
 
-__all__ = ["MIN_RUN", "decode_run"]
+__all__ = ["MIN_RUN", "decode_messages", "decode_run", "like_messages"]
 
 MIN_RUN = 4
 """Frames a run needs before the vectorised path is worth its set-up."""
@@ -172,3 +173,42 @@ def decode_run(
                 Frame(stream_id, seq[i], timestamp[i], payload[i], present, received_ns, source)
             )
     return out, pos + n * size
+
+
+def like_messages(payloads: Sequence[bytes | bytearray], start: int) -> int:
+    """Where the stretch of broker messages from `payloads[start]` that may form a run
+    ends: binary frames (not JSON) of the first one's size."""
+    first = payloads[start]
+    end = start + 1
+    if first[:1] != b"{":
+        while end < len(payloads) and len(payloads[end]) == len(first):
+            end += 1
+    return end
+
+
+def decode_messages(
+    payloads: Sequence[bytes | bytearray],
+    dims: Dims,
+    *,
+    max_frame_bytes: int,
+    received_ns: int,
+    source: str,
+) -> FrameRun | None:
+    """Broker messages of one frame each (a stretch `like_messages` found, at least
+    `MIN_RUN` long) decoded as one `FrameRun` at the head of them, in one numpy pass;
+    None when a frame among them is rejected (the caller then goes one by one, each with
+    its reason)."""
+    data = b"".join(payloads)
+    items, _ = decode_run(
+        data,
+        0,
+        len(data),
+        dims,
+        max_frame_bytes=max_frame_bytes,
+        received_ns=received_ns,
+        source=source,
+        as_run=True,
+    )
+    if len(items) != 1 or type(items[0]) is not FrameRun:
+        return None
+    return items[0]

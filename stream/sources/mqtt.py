@@ -51,8 +51,8 @@ from anyio.abc import TaskStatus
 from ..buffers import Overflow
 from ..ingest import Ingest
 from ..mqtt import Connection, Link, MqttSettings, topic_prefix
-from ..protocol import FrameRejected, FrameRun, decode_message
-from ..protocol.runs import MIN_RUN, decode_run
+from ..protocol import FrameRejected, decode_message
+from ..protocol.runs import MIN_RUN, decode_messages, like_messages
 
 if TYPE_CHECKING:
     from paho.mqtt.client import MQTTMessage
@@ -211,12 +211,10 @@ class MqttSource:
         if dup:
             self.redelivered += dup
             ingest.events.source_redelivered(LABEL, dup)
+        payloads = [m.payload for _, m in items]
         i, n = 0, len(items)
         while i < n:
-            first = items[i][1].payload
-            j = i + 1
-            while j < n and len(items[j][1].payload) == len(first) and first[:1] != b"{":
-                j += 1
+            j = like_messages(payloads, i)
             if j - i >= MIN_RUN:
                 taken = await self._take_run(ingest, items[i:j])
                 if taken:
@@ -228,20 +226,15 @@ class MqttSource:
     async def _take_run(self, ingest: Ingest, items: list[tuple[Connection, MQTTMessage]]) -> int:
         """Hand over the longest run at the head of `items` (same-size binary frames) that
         decodes whole and whose topics name its frames; how many (0: none)."""
-        data = b"".join(m.payload for _, m in items)
-        items_, _ = decode_run(
-            data,
-            0,
-            len(data),
+        run = decode_messages(
+            [m.payload for _, m in items],
             ingest.dims,
             max_frame_bytes=ingest.max_frame_bytes,
             received_ns=time.monotonic_ns(),
             source=LABEL,
-            as_run=True,
         )
-        if len(items_) != 1 or type(items_[0]) is not FrameRun:
+        if run is None:
             return 0  # a rejection among them: one by one, each with its reason
-        run = items_[0]
         k = len(run)
         prefix = self._prefix
         try:

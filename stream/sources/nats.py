@@ -55,8 +55,8 @@ from anyio.abc import TaskStatus
 from ..buffers import Overflow
 from ..ingest import Ingest
 from ..jetstream import NatsError, NatsSettings, connect, ensure_stream
-from ..protocol import FrameRejected, FrameRun, decode_message
-from ..protocol.runs import MIN_RUN, decode_run
+from ..protocol import FrameRejected, decode_message
+from ..protocol.runs import MIN_RUN, decode_messages, like_messages
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -306,12 +306,10 @@ class NatsSource:
         """Decode and hand over `messages`, in order: stretches of like binary frames
         (the same size, header and modalities: one sensor fleet's usual traffic) as one
         `FrameRun` each, decoded in one numpy pass (`decode_run`); the rest one by one."""
+        payloads = [m.data for m in messages]
         i, n = 0, len(messages)
         while i < n:
-            first = messages[i].data
-            j = i + 1
-            while j < n and len(messages[j].data) == len(first) and first[:1] != b"{":
-                j += 1
+            j = like_messages(payloads, i)
             if j - i >= MIN_RUN:
                 taken = await self._take_run(ingest, messages[i:j])
                 if taken:
@@ -323,21 +321,15 @@ class NatsSource:
     async def _take_run(self, ingest: Ingest, messages: list[Msg]) -> int:
         """Hand over the longest run at the head of `messages` (same-size binary frames)
         that decodes whole and whose subjects name its frames; how many (0: none)."""
-        data = b"".join(m.data for m in messages)
-        now = time.monotonic_ns()
-        items, _ = decode_run(
-            data,
-            0,
-            len(data),
+        run = decode_messages(
+            [m.data for m in messages],
             ingest.dims,
             max_frame_bytes=ingest.max_frame_bytes,
-            received_ns=now,
+            received_ns=time.monotonic_ns(),
             source=LABEL,
-            as_run=True,
         )
-        if len(items) != 1 or type(items[0]) is not FrameRun:
+        if run is None:
             return 0  # a rejection among them: one by one, each with its reason
-        run = items[0]
         k = len(run)
         prefix = self._prefix
         if run.stream_ids != [m.subject[prefix:] for m in messages[:k]]:

@@ -15,7 +15,7 @@ from stream.protocol import (
     decode_frame,
     encode_frame,
 )
-from stream.protocol.runs import MIN_RUN, decode_run
+from stream.protocol.runs import MIN_RUN, decode_messages, decode_run, like_messages
 
 DIMS = Dims(3, 2, 2, 1)
 IDS = ["a-01", "b-02", "c\x0103", "d\xe9", "e 05", "f-06"]  # some invalid, one 2-byte char
@@ -123,3 +123,23 @@ def test_short_runs_and_absent_modalities() -> None:
     assert all(isinstance(f, Frame) for f in items)
     np.testing.assert_array_equal(items[0].payload, [1, 1, 1, 0, 0, 0, 0, 2])  # type: ignore[union-attr]
     assert items[0].present == 1 | 8  # type: ignore[union-attr]
+
+
+def test_broker_messages_form_runs_of_like_binary_frames() -> None:
+    rng = np.random.default_rng(5)
+    good = frames(rng, 6, corrupt=0.0)
+    short = encode_frame("ok-1", 99, 0.0, sensory=np.zeros(3))  # another size
+    json_line = b'{"stream": "ok-1", "seq": 100, "t": 0}'
+    payloads = [*good, short, json_line, json_line]
+    assert like_messages(payloads, 0) == 6
+    assert like_messages(payloads, 6) == 7
+    assert like_messages(payloads, 7) == 8  # JSON never runs, even beside its twin
+    run = decode_messages(
+        good, DIMS, max_frame_bytes=1 << 20, received_ns=7, source="nats"
+    )
+    assert run is not None and len(run) == 6 and run.seq == list(range(1, 7))
+    assert run.received_ns == 7 and run.source == "nats"
+    for i, payload in enumerate(good):
+        same(run.frame(i), decode_frame(payload, DIMS, received_ns=7, source="nats"))
+    bad = [*good[:3], frames(rng, 1, corrupt=2.0)[0], *good[4:]]
+    assert decode_messages(bad, DIMS, max_frame_bytes=1 << 20, received_ns=7, source="x") is None
