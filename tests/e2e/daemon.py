@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.protocol import Dims, Moment, MomentReader
@@ -233,6 +234,24 @@ def payload(rng: np.random.Generator) -> dict[str, np.ndarray]:
         "tactile": rng.standard_normal(DIMS.tactile).astype(np.float32),
         "motor": rng.standard_normal(DIMS.motor).astype(np.float32),
     }
+
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(what: str, ok: bool) -> None:
+    """Skip when `what` is missing (`ok` false) — fail in CI, which must install it."""
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"{what} is needed (CI=true: CI must install it)")
+        pytest.skip(f"{what} is needed")
+
+
+def free_port() -> int:
+    """A loopback TCP port free now (for a server the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

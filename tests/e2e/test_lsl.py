@@ -34,18 +34,11 @@ from stream.protocol import (
 )
 from stream.recording import RecordingReader
 
-from .daemon import CONFIG, DIMS, DaemonProcess, wait_for
+from .daemon import CONFIG, DIMS, DaemonProcess, need, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 ALL4 = SENSORY | PROPRIO | TACTILE | MOTOR
-
-def need(what: str, ok: bool) -> None:
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"{what} is needed (CI=true: CI must install it)")
-        pytest.skip(f"{what} is needed")
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,8 @@ from stream.protocol import (
     encode_json_frame,
 )
 
-from .daemon import DIMS, DaemonProcess, payload, wait_for
-from .mosquitto import Client, Mosquitto, free_port, need_mosquitto, wait_until
+from .daemon import DIMS, DaemonProcess, free_port, payload, wait_for
+from .mosquitto import Client, Mosquitto, need_mosquitto
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -145,7 +145,7 @@ def test_round_trip_to_mqtt_and_tcp(
     finally:
         publisher.close()
     n = len(messages)
-    wait_until(lambda: sum(moments_of(subscriber, "rt-").values()) >= n, "every moment on MQTT")
+    wait_for(lambda: sum(moments_of(subscriber, "rt-").values()) >= n, "every moment on MQTT")
     assert moments_of(subscriber, "rt-") == expected  # each exactly once
     got = collections.Counter((m.stream_id, m.seq) for m in tcp.read(n))
     assert got == expected
@@ -180,7 +180,7 @@ def test_a_duplicate_is_rejected_not_stepped(
         lambda: rejected(daemon).get("stale_seq", 0) > before.get("stale_seq", 0),
         f"the repeats counted: {rejected(daemon)}",
     )
-    wait_until(lambda: sum(moments_of(subscriber, "dup-").values()) >= 2, "two moments")
+    wait_for(lambda: sum(moments_of(subscriber, "dup-").values()) >= 2, "two moments")
     after = rejected(daemon)
     assert after.get("duplicate_seq", 0) - before.get("duplicate_seq", 0) == 1
     assert after.get("stale_seq", 0) - before.get("stale_seq", 0) == 1
@@ -207,7 +207,7 @@ def test_bad_input_is_counted_by_reason_and_the_stream_goes_on(
         publisher.publish_many(good[:30] + poison + good[30:])
     finally:
         publisher.close()
-    wait_until(lambda: sum(moments_of(subscriber, "ok-").values()) >= len(good), "good moments")
+    wait_for(lambda: sum(moments_of(subscriber, "ok-").values()) >= len(good), "good moments")
     assert moments_of(subscriber, "ok-") == ids(good)
     assert not moments_of(subscriber, "bad-")
     wait_for(lambda: sum(rejected(daemon).values()) - sum(before.values()) >= 6, "six rejections")
@@ -235,7 +235,7 @@ def test_broker_restart_mid_stream(tmp_path: Path, compilation_cache: str) -> No
         publisher = Client(broker.port)
         publisher.publish_many(first)
         publisher.close()
-        wait_until(lambda: sum(moments_of(subscriber).values()) >= len(first), "first half")
+        wait_for(lambda: sum(moments_of(subscriber).values()) >= len(first), "first half")
         subscriber.close()
         broker.stop()
         wait_for(lambda: metric(daemon, "enactive_source_up", source="mqtt") == 0, "source down")
@@ -249,7 +249,7 @@ def test_broker_restart_mid_stream(tmp_path: Path, compilation_cache: str) -> No
         publisher = Client(broker.port)
         publisher.publish_many(second)
         publisher.close()
-        wait_until(lambda: sum(moments_of(subscriber).values()) >= len(second), "second half")
+        wait_for(lambda: sum(moments_of(subscriber).values()) >= len(second), "second half")
         assert moments_of(subscriber) == ids(second)
         assert metric(daemon, "enactive_source_disconnects_total", source="mqtt") >= 1
         assert metric(daemon, "enactive_source_reconnects_total", source="mqtt") >= 1
@@ -284,7 +284,7 @@ def test_daemon_restart_with_a_persistent_session_loses_nothing(
         publisher.publish_many(away)
         publisher.close()
         daemon.start()
-        wait_until(lambda: sum(moments_of(subscriber, "away-").values()) >= len(away), "moments")
+        wait_for(lambda: sum(moments_of(subscriber, "away-").values()) >= len(away), "moments")
         assert moments_of(subscriber, "away-") == ids(away)
         assert metric(daemon, "enactive_frames_received_total", source="mqtt") == len(away)
         assert daemon.stop() == 0
@@ -597,7 +597,7 @@ async def test_the_sink_buffers_while_the_broker_is_away(tmp_path: Path, qos: in
             subscriber = Client(broker.port).subscribe("moments/#")
             await until(lambda: counts.c["emitted"] >= 150, "the buffered batches")
             tg.cancel_scope.cancel()
-        wait_until(lambda: len(subscriber.received()) >= 100, "the buffered moments")
+        wait_for(lambda: len(subscriber.received()) >= 100, "the buffered moments")
         got = collections.Counter(
             (m.stream_id, m.seq)
             for message in subscriber.received()

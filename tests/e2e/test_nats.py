@@ -16,7 +16,7 @@ import pytest
 
 from stream.protocol import MomentReader, encode_frame, encode_json_frame
 
-from .daemon import DIMS, MODEL, DaemonProcess, payload
+from .daemon import DIMS, MODEL, DaemonProcess, free_port, payload
 from .natsserver import Client, NatsServer, need_nats, wait_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -345,8 +345,6 @@ def test_an_incompatible_existing_stream_is_one_line(
 
 def test_no_server_is_one_line(tmp_path: Path, compilation_cache: str) -> None:
     need_nats()
-    from .natsserver import free_port
-
     daemon = nats_daemon(
         tmp_path, compilation_cache, f"nats://127.0.0.1:{free_port()}", "connect_timeout_s = 1"
     )
