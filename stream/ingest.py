@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import anyio
@@ -37,6 +37,8 @@ T = TypeVar("T")
 Item: TypeAlias = Frame | FrameRun
 """What goes through the ingest buffer: one frame, or a run of frames."""
 _NONE: tuple[FrameRejected, ...] = ()
+PUMP_ITEMS = 1024
+"""The most items `Ingest.pump` takes out of a ring at once."""
 
 
 def frames_in(item: object) -> int:
@@ -294,21 +296,30 @@ class Ingest:
     def _overload(self, item: object, weight: int) -> None:
         self.events.dropped("overload", weight)
 
-    async def pump(self, ring: WeightedBuffer[T], decode: Callable[[T], Item | None]) -> None:
+    async def pump(
+        self, ring: WeightedBuffer[T], decode: Callable[[list[T]], Iterable[Item]]
+    ) -> None:
         """Move items from `ring` into the pipeline until the ring is closed and empty,
-        turning each into a frame with `decode` on the way (None: it was rejected and
-        counted) — so the items a full ring drops were never decoded: shedding load costs
-        almost nothing. Everything that fits is moved at once, without yielding per item
-        (a pump that yields per item falls behind a reader that does not, and the ring
-        then drops what the pipeline had room for)."""
+        turning them into frames and runs with `decode` on the way — so the items a full
+        ring drops were never decoded: shedding load costs almost nothing.
+
+        Each round takes the oldest item and as many more as the pipeline's buffer has
+        room for (at most `PUMP_ITEMS`): `decode(items)` gives what to hand over, in
+        order (rejections counted, left out), consumed one at a time as each is handed
+        over — a lazy `decode` judges each item as the pipeline stands when it goes in.
+        Everything that fits is moved at once, without yielding per item (a pump that
+        yields per item falls behind a reader that does not, and the ring then drops
+        what the pipeline had room for)."""
         while True:
             try:
-                item = ring.get_nowait()
+                items = [ring.get_nowait()]
             except anyio.WouldBlock:
                 await ring.wait_readable()
                 continue
             except anyio.EndOfStream:
                 return
-            frame = decode(item)
-            if frame is not None and self.put_nowait(frame) is None:
-                await self.put(frame)  # the pipeline is full: wait for room
+            more = min(self.buffer.limit - self.buffer.weight, PUMP_ITEMS, len(ring) + 1) - 1
+            items += (ring.get_nowait() for _ in range(more))
+            for item in decode(items):
+                if self.put_nowait(item) is None:
+                    await self.put(item)  # the pipeline is full: wait for room

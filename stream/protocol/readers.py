@@ -68,6 +68,16 @@ class FrameReader:
         """Bytes held for a frame that has not arrived completely."""
         return len(self._buf)
 
+    def lone_frame(self, data: bytes) -> bool:
+        """Whether `data` is exactly one whole binary frame that starts where the stream
+        stands and does not ask for replies: what `feed` would decode by itself, with no
+        state to carry, so it may be decoded together with other connections' frames
+        (`stream.protocol.runs.message_runs`) instead."""
+        if self._buf or self._skip or self._lost is not None or len(data) < FRAME_HEADER_BYTES:
+            return False
+        magic, length = _PREFIX.unpack_from(data)
+        return magic == MAGIC_FRAME and 8 + length == len(data) and not data[10] & FRAME_REPLY
+
     def feed(self, data: Buffer, received_ns: int) -> list[Frame | FrameRejected | FrameRun]:
         """Consume the next bytes of the stream.
 

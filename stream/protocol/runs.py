@@ -33,7 +33,7 @@ from ._types import (
 )
 from .frames import _check_counts, check_stream_id, non_finite_payload
 
-__all__ = ["MIN_RUN", "decode_messages", "decode_run", "like_messages"]
+__all__ = ["MIN_RUN", "decode_messages", "decode_run", "like_messages", "message_runs"]
 
 MIN_RUN = 4
 """Frames a run needs before the vectorised path is worth its set-up."""
@@ -212,3 +212,42 @@ def decode_messages(
     if len(items) != 1 or type(items[0]) is not FrameRun:
         return None
     return items[0]
+
+
+def message_runs(
+    payloads: Sequence[bytes | bytearray],
+    dims: Dims,
+    *,
+    max_frame_bytes: int,
+    received_ns: Sequence[int],
+    source: str,
+) -> list[tuple[int, int, FrameRun | None]]:
+    """Messages of one frame each (datagrams; one read from each of many connections)
+    split, in order, into runs decoded in one numpy pass each and what must go one by one.
+
+    **Returns:** `(start, end, run)` for consecutive stretches covering every payload:
+    `run` holds the frames of `payloads[start:end]`, received at `received_ns[start]` (the
+    earliest of them); None where those payloads must be decoded one by one (fewer than
+    `MIN_RUN` alike, or a frame among them rejected: each then gets its own reason).
+    """
+    out: list[tuple[int, int, FrameRun | None]] = []
+    i, n = 0, len(payloads)
+    while i < n:
+        j = like_messages(payloads, i)
+        run = None
+        if j - i >= MIN_RUN:
+            run = decode_messages(
+                payloads[i:j],
+                dims,
+                max_frame_bytes=max_frame_bytes,
+                received_ns=received_ns[i],
+                source=source,
+            )
+        if run is not None:
+            j = i + len(run)  # (a frame unlike the first ends it: the rest goes on)
+        if out and run is None and out[-1][2] is None:
+            out[-1] = (out[-1][0], j, None)  # one by one, after one by one: one stretch
+        else:
+            out.append((i, j, run))
+        i = j
+    return out

@@ -249,7 +249,7 @@ class LslSource:
         self._mailbox = mailbox = _Mailbox()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(ingest.pump, ring, self._admissible)
+                tg.start_soon(ingest.pump, ring, functools.partial(map, self._admissible))
                 async with anyio.create_task_group() as delivery:
                     delivery.start_soon(self._deliver, ingest)
                     async with anyio.create_task_group() as followers:

@@ -34,9 +34,12 @@ switch, no per-read registration with the event loop). The poller decodes, check
 hands over without waiting; the moment a connection needs to wait — the pipeline is full,
 a reply must be written, its framing was lost, its credentials were refused — it leaves
 the selector for a task of its own that carries on with the same state over an anyio
-stream, and stays there. TLS connections are such tasks from the start. The wire logic
-(authentication, language, decoding, permissions, counting) is one sans-I/O object,
-`_Wire`, shared by both.
+stream, and stays there. When a pass reads one whole binary frame from each of several
+connections (a fleet sending a frame per send), those frames are decoded together as
+runs of like frames — one numpy pass and one admission per run, received at the pass's
+start — rather than connection by connection (`_Poller.hand_over_lone_frames`). TLS
+connections are such tasks from the start. The wire logic (authentication, language,
+decoding, permissions, counting) is one sans-I/O object, `_Wire`, shared by both.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from ..protocol import (
     encode_error_line,
     encode_reply,
 )
+from ..protocol.runs import message_runs
 from ..security import (
     AUTH_TIMEOUT_S,
     UNAUTHORIZED_REPLY,
@@ -331,6 +335,19 @@ class _Wire:
         reader = self.reader
         return isinstance(reader, LineReader) or (reader is not None and reader.replies)
 
+    def lone_frame(self, data: bytes) -> bool:
+        """Whether `data` is one whole binary frame that may be decoded together with
+        other connections' frames: nothing of the connection's state would change but the
+        counts, no reply is ever owed (the sender does not read them), and no permission
+        applies (`FrameReader.lone_frame`)."""
+        reader = self.reader
+        return (
+            type(reader) is FrameReader
+            and self.identity is None
+            and not reader.replies
+            and reader.lone_frame(data)
+        )
+
     def decode(self, data: bytes) -> _Decoded:
         """Everything one read of `data` completes, counted as received (and the framing
         error, as rejected)."""
@@ -416,7 +433,9 @@ class _Polled:
         self.paused = False  # waiting for room in the pipeline
         self.waiting: Sequence[Item | FrameRejected] = ()  # what waits for that room
 
-    def readable(self, now: float) -> None:
+    def readable(self, now: float, lone: list[tuple[_Polled, bytes]]) -> None:
+        """Read what the connection has: decode it and hand it over, or, when it is one
+        frame alone (`_Wire.lone_frame`), append it to `lone` for the pass to decode."""
         try:
             data = self.sock.recv(READ_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -427,6 +446,14 @@ class _Polled:
             self.close()
             return
         self.last_read = now
+        if self.wire.lone_frame(data):
+            self.partial_since = None
+            lone.append((self, data))
+        else:
+            self.consume(data, now)
+
+    def consume(self, data: bytes, now: float) -> None:
+        """Decode `data` read from the connection and hand what it completes over."""
         decoded = self.wire.decode(data)
         self.partial_since = (self.partial_since or now) if self.wire.pending_bytes else None
         self._hand_over(decoded)
@@ -574,12 +601,38 @@ class _Poller:
         ready = self.selector.fileno()  # the selector itself is readable then
         while True:
             await anyio.wait_readable(ready)
-            now = time.monotonic()
+            now, received_ns = time.monotonic(), time.monotonic_ns()
+            lone: list[tuple[_Polled, bytes]] = []
             for key, _ in self.selector.select(0):
                 connection: _Polled = key.data
                 if connection in self.connections and not connection.paused:
-                    connection.readable(now)  # (not handed over earlier in this pass)
+                    connection.readable(now, lone)  # (not handed over earlier in this pass)
+            if lone:
+                self.hand_over_lone_frames(lone, now, received_ns)
             await anyio.sleep(self.interval_s)
+
+    def hand_over_lone_frames(
+        self, lone: list[tuple[_Polled, bytes]], now: float, received_ns: int
+    ) -> None:
+        """Hand over one frame read alone from each of many connections: runs of like
+        frames decoded in one numpy pass and admitted at once, each frame received at
+        the pass's start; the rest — too few alike, a rejection among them, no room for
+        a run — connection by connection, as they would have gone."""
+        ingest = self.server.ingest
+        lone.sort(key=lambda read: len(read[1]))  # like frames together (stable: in order)
+        payloads = [data for _, data in lone]
+        for start, end, run in message_runs(
+            payloads,
+            ingest.dims,
+            max_frame_bytes=ingest.max_frame_bytes,
+            received_ns=[received_ns] * len(payloads),
+            source="tcp",
+        ):
+            if run is not None and ingest.put_nowait(run) is not None:
+                ingest.received("tcp", len(run))  # (rejections at admission: counted)
+                continue
+            for connection, data in lone[start:end]:
+                connection.consume(data, now)
 
     async def sweep(self) -> None:
         """Close the connections past a limit, checking a few times per shortest limit."""

@@ -2,9 +2,10 @@
 
 A datagram holds one binary frame or one JSON object (first byte `{`); either way its
 source label is `udp`. A UDP sender cannot be slowed down, so datagrams go into a
-bounded drop-oldest ring (`Ingest.ring`) whose pump decodes them into the ingest; when the
-ring is full the oldest datagram is dropped and counted as `overload`; so are the
-datagrams the kernel drops when its receive buffer overflows (Linux reports them).
+bounded drop-oldest ring (`Ingest.ring`) whose pump decodes them into the ingest (like
+datagrams taken together as one run, in one numpy pass); when the ring is full the oldest
+datagram is dropped and counted as `overload`; so are the datagrams the kernel drops when
+its receive buffer overflows (Linux reports them).
 Rejections are counted, never answered. With an allow-list (`ingest.udp_allow`,
 `stream.security.AddressFilter`) a datagram from a source address outside it is rejected
 as `forbidden` as it is read, before the ring.
@@ -16,16 +17,17 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import anyio
 from anyio.abc import TaskStatus
 
 from ..buffers import Overflow, WeightedBuffer
-from ..ingest import Ingest
+from ..ingest import Ingest, Item
 from ..net import naming_listener
 from ..protocol import Frame, FrameRejected, decode_message
-from .tcp import TcpSource
+from ..protocol.runs import message_runs
+from .tcp import POLL_INTERVAL_S, TcpSource
 
 __all__ = ["UdpSource", "serve_udp"]
 
@@ -116,8 +118,7 @@ async def serve_udp(
         raise ValueError(f"buffer={buffer}, expected >= 1")
     dims, max_frame_bytes = ingest.dims, ingest.max_frame_bytes
 
-    def decode(item: tuple[bytes, int]) -> Frame | None:
-        data, received_ns = item
+    def decode_one(data: bytes, received_ns: int) -> Frame | None:
         try:
             return decode_message(
                 data, dims, max_frame_bytes=max_frame_bytes, received_ns=received_ns, source="udp"
@@ -125,6 +126,22 @@ async def serve_udp(
         except FrameRejected as exc:
             ingest.rejected("udp", exc.reason)
             return None
+
+    def decode(items: list[tuple[bytes, int]]) -> Iterator[Item]:
+        """Datagrams taken together: runs of like frames in one numpy pass each, the rest
+        one by one (each rejection counted)."""
+        payloads = [data for data, _ in items]
+        received = [received_ns for _, received_ns in items]
+        for start, end, run in message_runs(
+            payloads, dims, max_frame_bytes=max_frame_bytes, received_ns=received, source="udp"
+        ):
+            if run is not None:
+                yield run
+                continue
+            for data, received_ns in items[start:end]:
+                frame = decode_one(data, received_ns)
+                if frame is not None:
+                    yield frame
 
     ring: WeightedBuffer[tuple[bytes, int]] = ingest.ring(buffer)
     with await _bind(address) as sock:
@@ -216,6 +233,9 @@ async def _receive(
                 total = _meminfo_drops(sock) if i > 1 else None
                 if total is not None:
                     count_kernel_drops(total)
+                # Dry: rest a moment so that the next wake-up reads what arrives meanwhile
+                # together (one pump round, runs), as the TCP poller does.
+                await anyio.sleep(POLL_INTERVAL_S)
                 break
             except ConnectionError:  # an ICMP error echoed back for an unrelated send
                 continue

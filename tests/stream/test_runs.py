@@ -15,7 +15,13 @@ from stream.protocol import (
     decode_frame,
     encode_frame,
 )
-from stream.protocol.runs import MIN_RUN, decode_messages, decode_run, like_messages
+from stream.protocol.runs import (
+    MIN_RUN,
+    decode_messages,
+    decode_run,
+    like_messages,
+    message_runs,
+)
 
 DIMS = Dims(3, 2, 2, 1)
 IDS = ["a-01", "b-02", "c\x0103", "d\xe9", "e 05", "f-06"]  # some invalid, one 2-byte char
@@ -143,3 +149,34 @@ def test_broker_messages_form_runs_of_like_binary_frames() -> None:
         same(run.frame(i), decode_frame(payload, DIMS, received_ns=7, source="nats"))
     bad = [*good[:3], frames(rng, 1, corrupt=2.0)[0], *good[4:]]
     assert decode_messages(bad, DIMS, max_frame_bytes=1 << 20, received_ns=7, source="x") is None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.lists(st.sampled_from("ggggggsjbn"), max_size=40))
+def test_messages_split_into_runs_and_one_by_one_cover_all_in_order(
+    seed: int, kinds: list[str]
+) -> None:
+    # g: a good frame; s: a session start; j: JSON; b: a NaN payload; n: another size.
+    rng = np.random.default_rng(seed)
+    make = {
+        "g": lambda i: frames(rng, 1, corrupt=0.0)[0],
+        "s": lambda i: encode_frame("ok-1", i, 0.0, start=True, sensory=np.ones(3)),
+        "j": lambda i: b'{"stream": "j", "seq": %d, "t": 0}' % i,
+        "b": lambda i: frames(rng, 1, corrupt=2.0)[0],
+        "n": lambda i: encode_frame("ok-1", i, 0.0, sensory=np.zeros(3)),
+    }
+    payloads = [make[k](i) for i, k in enumerate(kinds)]
+    received = [1000 + i for i in range(len(payloads))]
+    out = message_runs(payloads, DIMS, max_frame_bytes=1 << 20, received_ns=received, source="u")
+    assert [start for start, _, _ in out] == [0, *(end for _, end, _ in out)][: len(out)]
+    assert (out[-1][1] if out else 0) == len(payloads)
+    for start, end, run in out:
+        if run is None:
+            continue
+        assert len(run) == end - start >= MIN_RUN
+        assert run.received_ns == received[start] and run.source == "u"
+        for i in range(start, end):
+            expected = decode_frame(payloads[i], DIMS, received_ns=received[start], source="u")
+            same(run.frame(i - start), expected)
+    if kinds and set(kinds) == {"g"} and len(kinds) >= MIN_RUN:
+        assert [run is not None for _, _, run in out] == [True]  # one run, all of them

@@ -224,6 +224,53 @@ async def test_tcp_binary_sender_that_asks_gets_reply_records_for_every_rejectio
     ]
 
 
+async def test_tcp_one_frame_from_each_of_many_connections_goes_over_as_runs():
+    # A fleet: 30 connections each sending one frame per send. What one pass of the poller
+    # reads alone from each is decoded together: runs across connections, the same frames
+    # as one by one; a bad frame among them is rejected alone, a sender that reads
+    # replies still gets its own.
+    with Recorder() as rec:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_tcp, rec.ingest, (HOST, 0))
+            links = [await anyio.connect_tcp(HOST, port) for _ in range(30)]
+            for i, link in enumerate(links):  # a first frame each: the connection's language
+                await link.send(frame_bytes(f"s{i}", 1))
+            await rec.until(lambda: rec.counts["tcp"] == 30)
+            first = await rec.frames(30)
+            assert sorted(f.stream_id for f in first) == sorted(f"s{i}" for i in range(30))
+            items: list[Item] = []
+            for seq in range(2, 6):
+                for i, link in enumerate(links):
+                    if (i, seq) == (7, 3):  # NaN in a payload: rejected, counted, unanswered
+                        await link.send(encode_frame("s7", 3, 0.0, sensory=[np.nan] * 4))
+                    elif (i, seq) == (9, 4):  # asks for replies: that one is answered
+                        await link.send(encode_frame("s9", 4, 0.0, reply=True, motor=[1.0]))
+                    else:
+                        await link.send(frame_bytes(f"s{i}", seq))
+                await rec.until(lambda seq=seq: rec.counts["tcp"] == 30 * seq)
+                while len(rec.buffer):
+                    items.append(rec.buffer.get_nowait())
+            reply = await links[9].receive()
+            for link in links:
+                await link.aclose()
+            tg.cancel_scope.cancel()
+    runs = [item for item in items if isinstance(item, FrameRun)]
+    assert runs and max(len(set(run.stream_ids)) for run in runs) >= 10  # across connections
+    got = [f for item in items for f in (item.frames() if isinstance(item, FrameRun) else [item])]
+    by_stream: dict[str, list[int]] = collections.defaultdict(list)
+    for f in got:
+        by_stream[f.stream_id].append(f.seq)
+        assert f.source == "tcp"
+        np.testing.assert_array_equal(f.payload, np.arange(DIMS.total, dtype=np.float32) + f.seq)
+    expected = {f"s{i}": [2, 3, 4, 5] for i in range(30)}
+    expected["s7"], expected["s9"] = [2, 4, 5], [2, 3, 5]
+    assert by_stream == expected
+    assert sorted(rec.reasons) == [("tcp", "dim_mismatch"), ("tcp", "non_finite")]
+    assert [(r.reason, r.stream_id, r.seq) for r in ReplyReader().feed(reply)] == [
+        ("dim_mismatch", "s9", 4)
+    ]
+
+
 async def test_tcp_binary_sender_that_does_not_ask_is_never_written_to(
     tcp: tuple[Recorder, int],
 ):
@@ -395,6 +442,26 @@ async def test_udp_binary_and_json_datagrams_arrive(udp: tuple[Recorder, int]):
     np.testing.assert_array_equal(frames[1].payload, np.arange(DIMS.total, dtype=np.float32) + 1)
     await rec.until(lambda: rec.counts["udp"] == 4)
     assert rec.reasons == [("udp", "bad_magic")]
+
+
+async def test_udp_like_datagrams_go_over_as_runs_and_a_bad_one_alone(udp: tuple[Recorder, int]):
+    rec, port = udp
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        datagrams = [frame_bytes(f"u{i % 5}", 1 + i // 5) for i in range(40)]
+        datagrams[23] = encode_frame("u3", 5, 0.0, sensory=[np.nan] * 4)
+        for data in datagrams:  # sent while the event loop is not reading: one backlog
+            sock.sendto(data, (HOST, port))
+        await rec.until(lambda: rec.counts["udp"] == 40)
+    items = []
+    with anyio.fail_after(5):
+        while sum(len(i) if isinstance(i, FrameRun) else 1 for i in items) < 39:
+            items.append(await rec.buffer.get())
+    assert any(isinstance(item, FrameRun) and len(item) >= 8 for item in items)
+    got = [f for item in items for f in (item.frames() if isinstance(item, FrameRun) else [item])]
+    assert [(f.stream_id, f.seq) for f in got] == [
+        (f"u{i % 5}", 1 + i // 5) for i in range(40) if i != 23
+    ]
+    assert rec.reasons == [("udp", "non_finite")]
 
 
 async def test_udp_overload_drops_the_oldest_and_counts_it():
