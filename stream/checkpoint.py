@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,8 +36,10 @@ from .streams import StreamTable
 __all__ = [
     "CheckpointError",
     "Restored",
+    "checkpoint_arrays",
     "discard_checkpoint",
     "load_checkpoint",
+    "merge_contents",
     "save_checkpoint",
 ]
 
@@ -77,21 +80,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {
-        f"slab_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(rows))
-    }
-    evicted = [(s, row) for s, row in table.evicted.items() if row is not None]
-    if evicted:
-        stacked = table.host.gather([row for _, row in evicted])
-        arrays.update({f"evicted_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(stacked))})
-    meta = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "slots": dict(table.slot_of),
-        "evicted": [s for s, _ in evicted],
-        "seq": table.processed_seq,
-    }
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    arrays = checkpoint_arrays(rows, table, fingerprint)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TEMP, suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -107,6 +96,45 @@ def save_checkpoint(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def checkpoint_arrays(
+    rows: Any,
+    table: StreamTable,
+    fingerprint: dict[str, Any],
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint (`.npz` entries: `slab_<i>`, `evicted_<i>`, `meta`) of
+    the streams of `table` that `keep` keeps (None: all), `rows` as for
+    `save_checkpoint`. With `keep`, the slots saved are the kept streams' rows' positions
+    among themselves (0, 1, …): what a scaled-out deployment's partition holds."""
+    slots = dict(table.slot_of)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(rows)]
+    if keep is not None:
+        index = np.fromiter(
+            (i for i, s in enumerate(slots) if keep(s)), np.intp, count=-1
+        )
+        leaves = [leaf[index] for leaf in leaves]
+        slots = {s: i for i, s in enumerate(s for s in slots if keep(s))}
+    arrays = {f"slab_{i}": leaf for i, leaf in enumerate(leaves)}
+    evicted = [
+        (s, row)
+        for s, row in table.evicted.items()
+        if row is not None and (keep is None or keep(s))
+    ]
+    if evicted:
+        stacked = table.host.gather([row for _, row in evicted])
+        arrays.update({f"evicted_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(stacked))})
+    seq = table.processed_seq
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "slots": slots,
+        "evicted": [s for s, _ in evicted],
+        "seq": seq if keep is None else {s: q for s, q in seq.items() if keep(s)},
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    return arrays
 
 
 def _keep_as_previous(path: Path, previous: Path, link: Path) -> None:
@@ -246,6 +274,33 @@ def _previous(
         first = f"{problem}; the previous checkpoint too: " if problem else ""
         fix = FIX.replace("move it", "move them") if problem else FIX
         raise CheckpointError(f"{first}{e.at(path)}; {fix}") from None
+
+
+def merge_contents(contents: Contents, like_slab: Any, table: StreamTable) -> None:
+    """Add checked `contents` (a partition's) to `like_slab` and `table`, which may hold
+    other partitions' streams already: its streams take free slots (the most recently
+    used first), those that find none and its evicted ones are kept on the host. Call
+    `table.forget_unprocessed` once every partition is in."""
+    leaves, treedef = jax.tree.flatten(like_slab)
+    streams = list(contents.slots)  # least recently used first
+    fit = min(len(streams), len(table.free))
+    in_slab, on_host = streams[len(streams) - fit :], streams[: len(streams) - fit]
+    slots = [table.free.pop() for _ in in_slab]
+    taken = np.fromiter((contents.slots[s] for s in in_slab), np.intp, len(in_slab))
+    for leaf, got in zip(leaves, contents.slab, strict=True):
+        leaf[slots] = got[taken]
+    for stream_id, slot in zip(in_slab, slots, strict=True):
+        table.slot_of[stream_id] = slot
+    host = np.fromiter((contents.slots[s] for s in on_host), np.intp, len(on_host))
+    if len(host) or contents.evicted:
+        parts = [[got[host]] for got in contents.slab]
+        if contents.evicted:
+            for part, extra in zip(parts, contents.stacked, strict=True):
+                part.append(extra)
+        stacked = [np.concatenate(part) for part in parts]
+        table.evicted_states([*on_host, *contents.evicted], jax.tree.unflatten(treedef, stacked))
+    table.processed_seq.update(contents.seq)
+    table.restored.update(contents.seq)
 
 
 def _apply(contents: Contents, like_slab: Any, table: StreamTable) -> Any:

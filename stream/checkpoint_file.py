@@ -35,7 +35,7 @@ class Unusable(Exception):
         super().__init__(what)
         self.what, self.sep = what, sep
 
-    def at(self, path: Path) -> str:
+    def at(self, path: Path | str) -> str:
         return f"{path}{self.sep}{self.what}"
 
 
@@ -52,9 +52,10 @@ class Contents(NamedTuple):
 
 
 def read_checkpoint_file(
-    path: Path, like_slab: Any, capacity: int, fingerprint: dict[str, Any]
+    path: Path | IO[bytes], like_slab: Any, capacity: int, fingerprint: dict[str, Any]
 ) -> Contents:
-    """Read `path` and check all of it; nothing is used before everything passed.
+    """Read `path` (a file, or the bytes of one) and check all of it; nothing is used
+    before everything passed.
 
     **Arguments:** `like_slab`, a fresh host slab: each leaf's dtype and row shape are
     what the file's arrays must have; `capacity`, the slab's rows; `fingerprint`, what the

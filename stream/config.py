@@ -249,6 +249,14 @@ class _Subject:
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class _Instance:
+    def check(self, v: object) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1024):
+            return v
+        raise _Bad('must be an integer in [0, 1023], or "auto" (the host name\'s ordinal)')
+
+
 MODALITIES = ("sensory", "proprio", "tactile", "motor")
 
 
@@ -376,7 +384,7 @@ class _Modalities:
 
 _Rule = (
     _Int | _Float | _Bool | _Str | _Address | _IntList | _Networks | _NatsUrl | _Subject
-    | _Freshness | _MqttUrl | _Topic | _Tables | _StreamId | _StrList | _Modalities
+    | _Freshness | _MqttUrl | _Topic | _Tables | _StreamId | _StrList | _Modalities | _Instance
 )
 
 
@@ -663,6 +671,18 @@ class AlignConfig:
     bodies: tuple[dict[str, Any], ...] = _f((), _ALIGN_BODY)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """`[cluster]`: this daemon as one of `instances` sharing the NATS frames stream's
+    partitions (docs/operations.md, "Scaling out"; needs `[nats]`). Off while
+    `instances` is 0."""
+
+    instances: int = _f(0, _Int(0, 1024))
+    instance: int | str = _f("auto", _Instance())
+    partitions: int = _f(0, _Int(0, 4096))
+    state_bucket: str = _f("ENACTIVE_STATE", _Subject(wildcard=False))
+
+
 _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "output": OutputConfig,
@@ -679,6 +699,7 @@ _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "lsl": LslConfig,
     "align": AlignConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -701,6 +722,7 @@ class Config:
     mqtt: MqttConfig = dataclasses.field(default_factory=MqttConfig)
     lsl: LslConfig = dataclasses.field(default_factory=LslConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     @property
     def dims(self) -> Dims:
@@ -919,6 +941,7 @@ def _check_cross(cfg: Config, raw: _Raw) -> None:
                 "(or set mqtt.persistent_session = false)"
             )
     _check_bodies(cfg.align, raw["align"].get("bodies", (None, "default"))[1])
+    _check_cluster(cfg, raw["cluster"])
     try:
         _ = cfg.model_config  # what the model refuses, across fields too
     except processors.ModelConfigError as e:
@@ -929,6 +952,46 @@ def _check_cross(cfg: Config, raw: _Raw) -> None:
         value = _toml_value(getattr(cfg.model, key))
         reason = e.reason.replace(f"{e.owner}.", "model.")
         raise ConfigError(f"model.{key} = {value}: {reason} (from {origin})") from None
+
+
+def _check_cluster(cfg: Config, raw: dict[str, tuple[object, str]]) -> None:
+    """A cluster instance consumes NATS, knows its number, and has partitions to share."""
+    cluster = cfg.cluster
+
+    def origin(key: str) -> str:
+        return raw.get(key, (None, "default"))[1]
+
+    if not cluster.instances:
+        default = ClusterConfig()
+        given = [k for k in raw if getattr(cluster, k) != getattr(default, k)]
+        if given:
+            raise ConfigError(
+                f"cluster.{given[0]} is set but cluster.instances is not (from "
+                f"{origin(given[0])}): set it to the number of instances"
+            )
+        return
+    if not (cfg.nats.url and cfg.nats.consume):
+        raise ConfigError(
+            "[cluster] shares the NATS frames stream's partitions: set nats.url (and keep "
+            f"nats.consume = true) (from {origin('instances')})"
+        )
+    if cluster.partitions < cluster.instances:
+        raise ConfigError(
+            f"cluster.partitions = {cluster.partitions}: must be at least cluster.instances "
+            f"= {cluster.instances}, or some instance owns none (from {origin('partitions')})"
+        )
+    if isinstance(cluster.instance, int) and cluster.instance >= cluster.instances:
+        raise ConfigError(
+            f"cluster.instance = {cluster.instance}: instances are numbered 0 to "
+            f"{cluster.instances - 1} (cluster.instances = {cluster.instances}) (from "
+            f"{origin('instance')})"
+        )
+    if not cfg.nats.subjects.endswith(".>"):
+        raise ConfigError(
+            f"nats.subjects = {_toml_value(cfg.nats.subjects)}: with [cluster] the frames "
+            'stream is partitioned on the stream id after its prefix, e.g. "sensors.>" '
+            f"(from {origin('instances')})"
+        )
 
 
 def _check_bodies(align: AlignConfig, origin: str) -> None:

@@ -43,7 +43,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,7 @@ from .jetstream import NatsSettings, require_nats
 from .metrics import Metrics
 from .net import ConnectionLimits
 from .notify import Notifier
+from .partitions import Cluster, instance_from_hostname
 from .pipeline import Pipeline, PipelineSettings
 from .recording import Recorder
 from .security import prepare as prepare_security
@@ -77,6 +78,7 @@ from .xla import xla_backend_started, xla_cpu_threads
 
 if TYPE_CHECKING:
     from .mqtt import MqttSettings
+    from .partition_state import PartitionStore
 
 __all__ = ["Daemon", "compile_order", "sink_names"]
 
@@ -146,6 +148,29 @@ def mqtt_settings(config: Config) -> MqttSettings:
         tls_cert_file=m.tls_cert_file,
         tls_key_file=m.tls_key_file,
     )
+
+
+def cluster_of(config: Config, hostname: str | None = None) -> Cluster | None:
+    """This instance's place in a scaled-out deployment (`[cluster]`; None without it),
+    `instance = "auto"` taken from the host name's ordinal.
+
+    **Raises:** `ConfigError` when the host name has no ordinal, or one out of range."""
+    c = config.cluster
+    if not c.instances:
+        return None
+    instance = c.instance
+    if instance == "auto":
+        try:
+            instance = instance_from_hostname(hostname)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if instance >= c.instances:
+            raise ConfigError(
+                f'cluster.instance = "auto": the host name gives {instance}, but instances are '
+                f"numbered 0 to {c.instances - 1} (cluster.instances = {c.instances})"
+            )
+    assert isinstance(instance, int)
+    return Cluster(c.instances, instance, c.partitions, c.state_bucket)
 
 
 def nats_settings(config: Config) -> NatsSettings:
@@ -230,6 +255,7 @@ class Daemon:
         # Who may connect, checked before anything slow: a listener beyond loopback without
         # TLS and authentication refuses the start (ConfigError), unless security.insecure.
         self.security = prepare_security(config)
+        self.cluster = cluster_of(config)
         self.sources = self._sources()
         self._discard_checkpoint = discard_checkpoint
         self._started = time.monotonic()
@@ -256,6 +282,7 @@ class Daemon:
             sources=tuple(label for source in self.sources for label in source.labels),
             sinks=sink_names(config),
             recording=bool(config.record.path),
+            partitions=self.cluster.owned if self.cluster else (),
         )
         # The recording is checked (a crash's tail cut away) before anything slow.
         self.recorder = (
@@ -277,6 +304,13 @@ class Daemon:
         self._serving = anyio.Event()  # ready once: the rest compiles from then on
         self._compiled_buckets: list[int] = []  # as announced, on the event loop
         self._links = _Links()  # broker sources' connections
+        self._store: PartitionStore | None = None  # the partitions' state (with [cluster])
+        if self.cluster is not None and discard_checkpoint:
+            raise ConfigError(
+                "--discard-checkpoint: with [cluster] the state is in the JetStream "
+                f"buckets {self.cluster.state_bucket} (delete partition.<p> there to start "
+                "a partition fresh)"
+            )
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -332,12 +366,15 @@ class Daemon:
                 step = await anyio.to_thread.run_sync(self._make_step, devices)
                 compiled = anyio.Event()  # enough buckets to serve
                 outer.start_soon(self._compile, step, compiled)
-                await built_event.wait()  # (a failure cancels this wait: the error is its)
-                table, slab = await anyio.to_thread.run_sync(self._prepare, step, built[0])
-                await compiled.wait()
-                with pinned({self.cpus.loop} if self.cpus else None):
-                    async with self._recording():
-                        await self._serve(step, table, slab, counter, task_status)
+                async with self._state_store(step) as found:
+                    await built_event.wait()  # (a failure cancels this wait: the error is its)
+                    table, slab = await anyio.to_thread.run_sync(
+                        self._prepare, step, built[0], found
+                    )
+                    await compiled.wait()
+                    with pinned({self.cpus.loop} if self.cpus else None):
+                        async with self._recording():
+                            await self._serve(step, table, slab, counter, task_status)
                 outer.cancel_scope.cancel()  # (a compilation under way is finished first)
         finally:
             counter.close()
@@ -426,7 +463,43 @@ class Daemon:
         after = time.monotonic() - self._started
         self._say(f"all {len(step.buckets)} buckets compiled, {after:.1f} s after start")
 
-    def _prepare(self, step: SlabStep, model: Any) -> tuple[StreamTable, Any]:
+    @contextlib.asynccontextmanager
+    async def _state_store(self, step: SlabStep) -> AsyncIterator[dict[int, bytes] | None]:
+        """With [cluster], the partitions' state in JetStream, open while the daemon
+        runs: what it holds of the owned partitions (None without [cluster])."""
+        if self.cluster is None:
+            yield None
+            return
+        from .partition_state import PartitionStore
+        from .sources.nats import NatsSource
+
+        self._phase = "reading the partitions' state from JetStream"
+        source = next(s for s in self.sources if isinstance(s, NatsSource))
+        metrics = self.metrics
+
+        def fenced(partition: int) -> None:
+            source.release(partition)
+            metrics.partitions_owned(len(store.owned))
+
+        store = PartitionStore(
+            nats_settings(self.config),
+            self.cluster,
+            self._fingerprint(step),
+            on_fenced=fenced,
+            on_write=metrics.partition_checkpoint,
+        )
+        async with store.open():
+            found = await store.fetch()
+            self._store = store
+            metrics.partitions_owned(len(store.owned))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.watch)
+                yield found
+                tg.cancel_scope.cancel()
+
+    def _prepare(
+        self, step: SlabStep, model: Any, found: dict[int, bytes] | None = None
+    ) -> tuple[StreamTable, Any]:
         cfg = self.config
         step.bind(model)
         self._phase = "restoring the checkpoint"
@@ -437,6 +510,13 @@ class Daemon:
             reclaim_idle_s=cfg.state.reclaim_idle_s,
         )
         fresh = step.host_slab()
+        if self._store is not None and found is not None:
+            streams = self._store.restore(found, fresh, table)
+            where = f"{len(found)} of {len(self._store.owned)} partitions"
+            self._say(f"restored {streams} streams from {where} in {self.cluster.state_bucket}")  # type: ignore[union-attr]
+            slab = step.put_slab(fresh)
+            self._phase = ""
+            return table, slab
         if self._discard_checkpoint:
             discard_checkpoint(cfg.state.dir)
         restored = load_checkpoint(
@@ -499,8 +579,15 @@ class Daemon:
         events = Events([metrics, status, _CheckpointLog(self._notifier.status), self._links])
         fingerprint = self._fingerprint(step)
 
+        store = self._store
+
         def checkpoint(rows: Any, snapshot: StreamTable) -> None:
-            save_checkpoint(cfg.state.dir, rows, snapshot, fingerprint)
+            if store is None:
+                save_checkpoint(cfg.state.dir, rows, snapshot, fingerprint)
+                return
+            blobs = store.encode(rows, snapshot)  # (a worker thread: the loop goes on)
+            if blobs:
+                anyio.from_thread.run(store.write, blobs)
 
         def adapted(max_wait_s: float, max_batch: int) -> None:
             metrics.batch_max_wait.set(max_wait_s)
@@ -605,6 +692,7 @@ class Daemon:
             from .sources.nats import NatsSource, NatsSourceSettings
 
             n = cfg.nats
+            cluster = self.cluster
             sources.append(
                 NatsSource(
                     nats_settings(cfg),
@@ -616,6 +704,8 @@ class Daemon:
                         max_ack_pending=n.max_ack_pending,
                         ack_wait_s=n.effective_ack_wait_s(cfg.state.checkpoint_interval_s),
                     ),
+                    partitions=cluster.partitions if cluster else 0,
+                    owned=cluster.owned if cluster else (),
                 )
             )
         if cfg.mqtt.url and cfg.mqtt.consume:

@@ -74,6 +74,16 @@ class PipelineEvents(Protocol):
         """The newest sample from `source` in a batch about to be stepped was `seconds`
         old (since its receipt, or for a source that knows it, its capture)."""
 
+    def partitions_owned(self, n: int) -> None:
+        """This instance of a scaled-out deployment consumes `n` partitions now."""
+
+    def partition_pending(self, partition: int, n: int) -> None:
+        """`n` messages of `partition` wait in the frames stream, not yet delivered."""
+
+    def partition_checkpoint(self, partition: int, outcome: str) -> None:
+        """A checkpoint of `partition` was `written` to JetStream, `failed` (retried at
+        the next), or `fenced`: another instance wrote it since, and owns it now."""
+
     # -- admission, batcher, executor ------------------------------------------------------
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray
@@ -139,6 +149,15 @@ class Listener:
         pass
 
     def sample_age(self, source: str, seconds: float) -> None:
+        pass
+
+    def partitions_owned(self, n: int) -> None:
+        pass
+
+    def partition_pending(self, partition: int, n: int) -> None:
+        pass
+
+    def partition_checkpoint(self, partition: int, outcome: str) -> None:
         pass
 
     def batch(
@@ -211,6 +230,18 @@ class Events:
     def sample_age(self, source: str, seconds: float) -> None:
         for each in self.listeners:
             each.sample_age(source, seconds)
+
+    def partitions_owned(self, n: int) -> None:
+        for each in self.listeners:
+            each.partitions_owned(n)
+
+    def partition_pending(self, partition: int, n: int) -> None:
+        for each in self.listeners:
+            each.partition_pending(partition, n)
+
+    def partition_checkpoint(self, partition: int, outcome: str) -> None:
+        for each in self.listeners:
+            each.partition_checkpoint(partition, outcome)
 
     def batch(
         self, bucket: int, rows: int, queue_s: np.ndarray, batch_wait_s: np.ndarray

@@ -221,9 +221,13 @@ async def ensure_stream(
     settings: NatsSettings,
     *,
     check_duplicate_window: bool,
+    transform: tuple[str, str] | None = None,
 ) -> bool:
     """Create the stream `name` over `subjects` if it is absent (True), or check that the
-    existing one is compatible (False).
+    existing one is compatible (False). `transform`: the subject transform `(source,
+    destination)` the stream applies to what it stores (the partitions of a scaled-out
+    deployment, `stream.partitions`); an existing stream must have the same one (or
+    none, without `transform`).
 
     **Raises:** `NatsError` for an incompatible existing stream, or a failure to create."""
     from nats.js import api
@@ -241,6 +245,7 @@ async def ensure_stream(
             num_replicas=settings.replicas,
             max_age=settings.max_age_s,
             duplicate_window=settings.duplicate_window_s,
+            subject_transform=api.SubjectTransform(*transform) if transform else None,
         )
         try:
             await js.add_stream(config)
@@ -253,6 +258,18 @@ async def ensure_stream(
         raise NatsError(
             f"JetStream stream {name} exists with subjects {have}, which do not cover "
             f"{missing}: change nats.subjects or the stream"
+        )
+    mapped = info.config.subject_transform
+    pair = (mapped.src, mapped.dest) if mapped is not None else None
+    if pair != transform:
+        if pair is not None and transform is None:
+            raise NatsError(
+                f"JetStream stream {name} partitions its subjects ({pair[0]} to {pair[1]}): "
+                "consume it with [cluster] set, or choose another nats.stream"
+            )
+        raise NatsError(
+            f"JetStream stream {name} exists with the subject transform {pair}, not "
+            f"{transform}: each cluster.partitions needs a stream of its own (nats.stream)"
         )
     window = info.config.duplicate_window or 0.0
     if check_duplicate_window and window + 1e-9 < settings.duplicate_window_s:

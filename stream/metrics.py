@@ -72,6 +72,8 @@ BROKER_SOURCES = ("nats", "mqtt")
 """Sources that acknowledge to a broker: they have acknowledgements and redeliveries
 (`enactive_source_acks_total`, ...), and NATS an acknowledgement lag."""
 ACK_KINDS = ("ack", "term")
+PARTITION_WRITES = ("written", "failed")
+"""Outcomes of a partition checkpoint's write to JetStream (`fenced` is counted apart)."""
 LISTENERS = ("ingest.tcp", "output.tcp", "metrics.listen")
 LIMIT_REASONS = (
     "max_connections",
@@ -222,6 +224,7 @@ class Metrics:
         jax_version: str | None = None,
         backend: str = "unknown",
         recording: bool = False,
+        partitions: Sequence[int] = (),
         process_metrics: bool = True,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
@@ -383,6 +386,29 @@ class Metrics:
                 "Age of the oldest frame from the source not yet acknowledged (0: none).",
                 ["source"],
             )
+        self.partitions = tuple(partitions)
+        if self.partitions:  # an instance of a scaled-out deployment
+            self.owned_partitions = gauge(
+                "cluster_partitions_owned", "Partitions this instance consumes now."
+            )
+            self.partition_pending_messages = gauge(
+                "cluster_partition_pending_messages",
+                "Messages of an owned partition waiting in the frames stream, not yet "
+                "delivered (its consumer's num_pending, every 5 s).",
+                ["partition"],
+            )
+            self.partition_checkpoints = counter(
+                "cluster_checkpoint_writes_total",
+                "Partition checkpoints written to the JetStream key-value bucket "
+                "(written) or not (failed: retried at the next checkpoint).",
+                ["outcome"],
+            )
+            self.fencing_losses = counter(
+                "cluster_fencing_losses_total",
+                "Partitions given up because another instance wrote their checkpoint "
+                "first (two instances with the same number, or one that outlived its "
+                "replacement).",
+            )
         if "nats" in self.sinks:  # (a broker that drops duplicates by id)
             self.sink_duplicates_total = counter(
                 "sink_duplicates_total",
@@ -435,6 +461,11 @@ class Metrics:
                 self.source_ack_lag.labels(source)
         if "nats" in self.sinks:
             self.sink_duplicates_total.labels("nats")
+        for partition in self.partitions:
+            self.partition_pending_messages.labels(str(partition))
+        if self.partitions:
+            for outcome in PARTITION_WRITES:
+                self.partition_checkpoints.labels(outcome)
         self.ready.set(0)
         self.set_build_info(
             version=version or _version("enactive-stream"),
@@ -557,6 +588,25 @@ class Metrics:
     def sample_age(self, source: str, seconds: float) -> None:
         """Sets `enactive_source_sample_age_seconds`."""
         self.source_sample_age.labels(source).set(seconds)
+
+    def partitions_owned(self, n: int) -> None:
+        """Sets `enactive_cluster_partitions_owned`."""
+        if self.partitions:
+            self.owned_partitions.set(n)
+
+    def partition_pending(self, partition: int, n: int) -> None:
+        """Sets `enactive_cluster_partition_pending_messages{partition}` (owned ones)."""
+        if partition in self.partitions:
+            self.partition_pending_messages.labels(str(partition)).set(n)
+
+    def partition_checkpoint(self, partition: int, outcome: str) -> None:
+        """Counts a partition checkpoint's write, or a fencing loss."""
+        if not self.partitions:
+            return
+        if outcome == "fenced":
+            self.fencing_losses.inc()
+        elif outcome in PARTITION_WRITES:
+            self.partition_checkpoints.labels(outcome).inc()
 
     def sink_duplicates(self, sink: str, n: int) -> None:
         """Counts `n` moments the broker dropped as duplicates."""

@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 from anyio.abc import TaskStatus
@@ -55,6 +55,7 @@ from anyio.abc import TaskStatus
 from ..buffers import Overflow
 from ..ingest import Ingest
 from ..jetstream import NatsError, NatsSettings, connect, ensure_stream
+from ..partitions import partition_transform
 from ..protocol import FrameRejected, decode_message
 from ..protocol.runs import MIN_RUN, decode_messages, like_messages
 
@@ -75,6 +76,8 @@ ACK_TRIES = 3
 message is then delivered again, and acknowledged as a duplicate)."""
 ACKS_IN_FLIGHT = 512
 """Acknowledgements awaited at once."""
+PENDING_EVERY_S = 5.0
+"""How often each owned partition's undelivered messages are counted (consumer info)."""
 CLOSE_ACKS_S = 10.0
 """How long the acknowledgements still due at shutdown may take."""
 LABEL = "nats"
@@ -110,19 +113,35 @@ class NatsSource:
     labels: tuple[str, ...] = (LABEL,)
     overflow: Overflow = "block"
 
-    def __init__(self, connection: NatsSettings, settings: NatsSourceSettings) -> None:
+    def __init__(
+        self,
+        connection: NatsSettings,
+        settings: NatsSourceSettings,
+        *,
+        partitions: int = 0,
+        owned: Sequence[int] = (),
+    ) -> None:
         self.connection = connection
         self.settings = settings
-        self._subject_prefix = subject_prefix(settings.subjects)
-        self._prefix = len(self._subject_prefix)
-        self._next = 1  # the stream sequence of the next message to hand over
-        self._held: dict[int, Msg] = {}  # arrived ahead of `_next`, by stream sequence
-        self._missing = 0  # a stream sequence known to be redelivered later
+        self.partitions = partitions
+        prefix = subject_prefix(settings.subjects)
+        if partitions:
+            self._consumers = {
+                f"{settings.durable}-p{p}": _Consumer(
+                    f"{settings.durable}-p{p}", f"{prefix}{p}.*", f"{prefix}{p}.", p
+                )
+                for p in owned
+            }
+        else:
+            self._consumers = {
+                settings.durable: _Consumer(settings.durable, settings.subjects, prefix, None)
+            }
         self._nc: Client | None = None
         self._ack_inbox: _AckInbox | None = None
         self._ingest: Ingest | None = None
         self._up = False
         self._acks: collections.deque[str] = collections.deque()
+        self._naks: collections.deque[str] = collections.deque()  # deliveries handed back
         self._ack_tries: dict[str, int] = {}  # unconfirmed acknowledgements: attempts so far
         self._ack_ready = anyio.Event()
         # Delivery times of frames not yet acknowledged, oldest first (ack lag).
@@ -130,6 +149,7 @@ class NatsSource:
         self.acknowledged = 0
         self.terminated = 0
         self.redelivered = 0
+        self.released: list[int] = []  # partitions given up (another instance owns them)
 
     # -- what the pipeline calls -------------------------------------------------------------
 
@@ -142,10 +162,25 @@ class NatsSource:
         try:
             js = nc.jetstream()
             s = self.settings
-            await ensure_stream(
-                js, s.stream, [s.subjects], self.connection, check_duplicate_window=False
-            )
-            await self._ensure_consumer(js)
+            if self.partitions:
+                source, destination = partition_transform(
+                    subject_prefix(s.subjects), self.partitions
+                )
+                await ensure_stream(
+                    js,
+                    s.stream,
+                    [source],
+                    self.connection,
+                    check_duplicate_window=False,
+                    transform=(source, destination),
+                )
+            else:
+                await ensure_stream(
+                    js, s.stream, [s.subjects], self.connection, check_duplicate_window=False
+                )
+            for consumer in self._consumers.values():
+                if not consumer.released:  # (fenced at start: never touched)
+                    await self._ensure_consumer(js, consumer)
             self._nc = nc
             self._ack_inbox = await _AckInbox.open(nc)
             async with anyio.create_task_group() as tg:
@@ -171,29 +206,102 @@ class NatsSource:
             raise RuntimeError("NatsSource.run() outside open()")
         self._ingest = ingest
         self._state(self._up)
-        js = self._nc.jetstream()
-        pull = _Pull(self._nc, self.settings)
-        await pull.start()
+        consumers = [c for c in self._consumers.values() if not c.released]
+        for consumer in consumers:
+            consumer.pull = _Pull(self._nc, self.settings, consumer.name)
+            await consumer.pull.start()
         task_status.started(None)
-        while ingest.accepting:
-            messages = await pull.next_messages()
+        async with anyio.create_task_group() as tg:
+            if self.partitions:
+                tg.start_soon(self._watch_pending)
+            async with anyio.create_task_group() as consuming:
+                for consumer in consumers:
+                    consuming.start_soon(self._consume, ingest, consumer)
+            tg.cancel_scope.cancel()
+        for consumer in self._consumers.values():
+            if consumer.pull is not None:
+                await consumer.pull.stop()
+
+    def commit(self, positions: Sequence[object]) -> None:
+        """Queue the acknowledgement of each position (a reply subject); one of a
+        partition given up (`release`) is not acknowledged but handed back (`+NAK`): its
+        effect is in no state this instance writes."""
+        if self.released:
+            kept = []
+            for reply in positions:
+                consumer = self._consumers.get(_delivery(reply).consumer)  # type: ignore[arg-type]
+                if consumer is not None and consumer.released:
+                    self._give_back(reply)  # type: ignore[arg-type]
+                else:
+                    kept.append(reply)
+            positions = kept
+        self._acks.extend(positions)  # type: ignore[arg-type]
+        self._ack_ready.set()
+
+    def release(self, partition: int) -> None:
+        """Stop consuming `partition` (another instance owns it now): nothing more is
+        fetched from it, what it delivered and is not acknowledged is handed back
+        (`+NAK`, so the owner has it at once), and nothing of it is acknowledged."""
+        for consumer in self._consumers.values():
+            if consumer.partition == partition and not consumer.released:
+                consumer.released = True
+                self.released.append(partition)
+                consumer.held.clear()
+                name = consumer.name
+                for reply in [r for r in self._delivered if _delivery(r).consumer == name]:
+                    self._give_back(reply)
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    async def _consume(self, ingest: Ingest, consumer: _Consumer) -> None:
+        """Fetch, order and hand over one consumer's frames until the ingest stops (or
+        the partition is released)."""
+        assert self._nc is not None and consumer.pull is not None
+        js = self._nc.jetstream()
+        while ingest.accepting and not consumer.released:
+            messages = await consumer.pull.next_messages()
+            if consumer.released:
+                for message in messages:
+                    self._give_back(message.reply)
+                return
             now = time.monotonic_ns()
             for message in messages:  # taken: kept alive (`+WPI`) until acknowledged
                 self._delivered.setdefault(message.reply, now)
             ready: list[Msg] = []
             for message in messages:
-                await self._arrived(js, ingest, message, ready)
-            await self._hand_over(ingest, ready)
-        await pull.stop()
+                await self._arrived(js, ingest, consumer, message, ready)
+            if not messages and consumer.held:  # (the stream did not answer: try again)
+                await self._drain(js, consumer, ready)
+            await self._hand_over(ingest, consumer, ready)
 
-    def commit(self, positions: Sequence[object]) -> None:
-        """Queue the acknowledgement of each position (a reply subject)."""
-        self._acks.extend(positions)  # type: ignore[arg-type]
+    async def _watch_pending(self) -> None:
+        """Every `PENDING_EVERY_S`, each owned partition's messages not yet delivered
+        (its consumer's `num_pending`), reported as `partition_pending`."""
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        while True:
+            for consumer in self._consumers.values():
+                if consumer.released or consumer.partition is None:
+                    continue
+                try:
+                    info = await js.consumer_info(self.settings.stream, consumer.name)
+                except Exception as e:  # no answer now: the next round
+                    log.debug("nats consumer info %s: %s", consumer.name, e)
+                    continue
+                if self._ingest is not None:
+                    self._ingest.events.partition_pending(
+                        consumer.partition, int(info.num_pending or 0)
+                    )
+            await anyio.sleep(PENDING_EVERY_S)
+
+    def _give_back(self, reply: str) -> None:
+        """Queue a `+NAK` of a delivery: the server delivers it again at once (to
+        whoever pulls; not confirmed: one lost comes back after `ack_wait`)."""
+        self._delivered.pop(reply, None)
+        self._naks.append(reply)
         self._ack_ready.set()
 
-    # -- inside ---------------------------------------------------------------------------------
-
-    async def _ensure_consumer(self, js: Any) -> None:
+    async def _ensure_consumer(self, js: Any, consumer: _Consumer) -> None:
         """Create the durable consumer; an existing one resumes from its acknowledgement
         floor. One with messages still pending (delivered to a daemon that crashed) is
         created again from that floor, so they come at once and in order rather than
@@ -205,26 +313,27 @@ class NatsSource:
         s = self.settings
         floor = 0
         try:
-            info = await js.consumer_info(s.stream, s.durable)
+            info = await js.consumer_info(s.stream, consumer.name)
         except NotFoundError:
             info = None
         if info is not None:
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
             c = info.config
             if not info.num_ack_pending and (c.filter_subject, c.ack_wait, c.max_ack_pending) == (
-                s.subjects, s.ack_wait_s, s.max_ack_pending
+                consumer.filter, s.ack_wait_s, s.max_ack_pending
             ):
                 first = (await js.stream_info(s.stream)).state.first_seq
-                self._next = max(floor + 1, first)
+                consumer.next = max(floor + 1, first)
+                consumer.last_dseq = info.delivered.consumer_seq if info.delivered else 0
                 return  # as it was left
-            await js.delete_consumer(s.stream, s.durable)
+            await js.delete_consumer(s.stream, consumer.name)
             log.info(
                 "nats: consumer %s resumes after stream sequence %d (%d messages were pending)",
-                s.durable, floor, info.num_ack_pending or 0,
+                consumer.name, floor, info.num_ack_pending or 0,
             )  # fmt: skip
         config = api.ConsumerConfig(
-            durable_name=s.durable,
-            name=s.durable,
+            durable_name=consumer.name,
+            name=consumer.name,
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=(
                 api.DeliverPolicy.BY_START_SEQUENCE if floor else api.DeliverPolicy.ALL
@@ -233,76 +342,99 @@ class NatsSource:
             ack_wait=s.ack_wait_s,
             max_ack_pending=s.max_ack_pending,
             max_deliver=-1,
-            filter_subject=s.subjects,
+            filter_subject=consumer.filter,
         )
         try:
             # Creates it, or updates what may change of an existing one (ack_wait, ...).
             await js.add_consumer(s.stream, config=config)
         except APIError as e:
             raise NatsError(
-                f"JetStream consumer {s.durable} on stream {s.stream}: {e.description} "
+                f"JetStream consumer {consumer.name} on stream {s.stream}: {e.description} "
                 "(delete it, or choose another nats.durable)"
             ) from None
         first = (await js.stream_info(s.stream)).state.first_seq
-        self._next = max(floor + 1, first)
+        consumer.next = max(floor + 1, first)
+        consumer.last_dseq = 0
 
-    async def _arrived(self, js: Any, ingest: Ingest, message: Msg, ready: list[Msg]) -> None:
-        """Put messages in `ready` in stream order: one that arrives ahead of a missing one
-        is held until it comes (a delivery lost with a connection is redelivered after
-        `ack_wait`). A message delivered again after it was taken (a server that lost
-        its consumer state in a restart delivers what it had already seen acknowledged)
-        goes too: admission rejects it as a duplicate, and it is acknowledged once what it
-        duplicates is durable."""
-        delivered, sseq = _delivery(message.reply)
-        if delivered > 1:
+    async def _arrived(
+        self, js: Any, ingest: Ingest, consumer: _Consumer, message: Msg, ready: list[Msg]
+    ) -> None:
+        """Put `consumer`'s messages in `ready` in stream order.
+
+        A consumer delivers a message for the first time in stream order, and numbers
+        every delivery (redeliveries too) one after another. While those numbers follow
+        on, no delivery was lost, so a message is handed over as soon as it arrives.
+        After a gap (a delivery lost with a connection is redelivered after `ack_wait`)
+        the messages are held, and the next one there is for the consumer's subjects is
+        looked up in the stream (`_skip_gap`) before each is handed over, until a first
+        delivery numbered past the gap has been; one that is missing is waited for.
+        A message delivered again after it was handed over (a server that lost its
+        consumer state in a restart delivers what it had already seen acknowledged)
+        goes too: admission rejects it as a duplicate, and it is acknowledged once what
+        it duplicates is durable."""
+        delivery = _delivery(message.reply)
+        if delivery.delivered > 1:
             self.redelivered += 1
             ingest.events.source_redelivered(LABEL, 1)
-        if sseq < self._next:
+        if delivery.dseq != consumer.last_dseq + 1 and consumer.gap_below < delivery.dseq:
+            consumer.gap_below = delivery.dseq  # the deliveries lost are numbered below
+        consumer.last_dseq = delivery.dseq
+        sseq = delivery.sseq
+        if sseq < consumer.next:
             ready.append(message)
             return
-        replaced = self._held.get(sseq)
+        replaced = consumer.held.get(sseq)
         if replaced is not None:  # a redelivery of a held one replaces it
             self._delivered.pop(replaced.reply, None)
-        self._held[sseq] = message
-        while self._held:
-            if self._next in self._held:
-                ready.append(self._held.pop(self._next))
-                self._next += 1
-            elif not await self._skip_gap(js, min(self._held)):
-                return
+        consumer.held[sseq] = message
+        await self._drain(js, consumer, ready)
 
-    async def _skip_gap(self, js: Any, until: int) -> bool:
-        """Move `_next` past stream sequences below `until` that hold nothing for this
-        consumer (deleted, expired, another subject); False at the first one that does
-        (its delivery was lost: it will be redelivered)."""
+    async def _drain(self, js: Any, consumer: _Consumer, ready: list[Msg]) -> None:
+        """Move the held messages that may go now to `ready`, in stream order."""
+        held = consumer.held
+        while held:
+            if consumer.next not in held:
+                if not consumer.gap_below:
+                    consumer.next = min(held)  # none lost: nothing of ours lies between
+                elif not await self._skip_gap(js, consumer, min(held)):
+                    return
+                continue
+            first = held.pop(consumer.next)
+            ready.append(first)
+            consumer.next += 1
+            past = _delivery(first.reply)
+            if consumer.gap_below and past.delivered == 1 and past.dseq >= consumer.gap_below:
+                consumer.gap_below = 0  # every delivery lost is accounted for
+
+    async def _skip_gap(self, js: Any, consumer: _Consumer, until: int) -> bool:
+        """Move `consumer.next` to the next stream sequence there is for the consumer's
+        subjects, if that is `until` (what lies between is deleted, expired, or another
+        subject's); False when it is below (its delivery was lost: it will be
+        redelivered), or the stream does not answer now."""
         from nats.js.errors import NotFoundError
 
-        if self._missing == self._next:
+        if consumer.missing == consumer.next:
             return False  # known to be on its way
-        while self._next < until:
-            try:
-                raw = await js.get_msg(self.settings.stream, self._next)
-            except NotFoundError:
-                # Gone: deleted, or expired with everything before it (`max_age`): then
-                # the stream's first message is the next there is.
-                try:
-                    first = (await js.stream_info(self.settings.stream)).state.first_seq
-                except Exception:  # no answer now: one at a time
-                    first = 0
-                self._next = max(self._next + 1, min(first, until))
-                continue
-            except Exception as e:  # no answer now: wait for the redelivery
-                log.debug("nats get_msg %d: %s", self._next, e)
-                return False
-            if raw.subject is None or not raw.subject.startswith(self._subject_prefix):
-                self._next += 1
-                continue
-            self._missing = self._next
-            log.info("nats: message %d is missing (a lost delivery); waiting for it", self._next)
+        try:
+            raw = await js.get_msg(
+                self.settings.stream, seq=consumer.next, subject=consumer.filter, next=True
+            )
+        except NotFoundError:  # deleted or expired since: what is held is all there is
+            consumer.next = until
+            return True
+        except Exception as e:  # no answer now: wait for the redelivery
+            log.debug("nats get_msg %d: %s", consumer.next, e)
             return False
-        return True
+        seq = raw.seq or 0
+        if seq >= until or seq < consumer.next:
+            consumer.next = until
+            return True
+        consumer.next = seq
+        consumer.missing = seq
+        log.info("nats: message %d is missing (a lost delivery); waiting for it", seq)
+        return False
 
-    async def _hand_over(self, ingest: Ingest, messages: list[Msg]) -> None:
+    async def _hand_over(self, ingest: Ingest, consumer: _Consumer, messages: list[Msg]) -> None:
         """Decode and hand over `messages`, in order: stretches of like binary frames
         (the same size, header and modalities: one sensor fleet's usual traffic) as one
         `FrameRun` each, decoded in one numpy pass (`decode_run`); the rest one by one."""
@@ -311,14 +443,14 @@ class NatsSource:
         while i < n:
             j = like_messages(payloads, i)
             if j - i >= MIN_RUN:
-                taken = await self._take_run(ingest, messages[i:j])
+                taken = await self._take_run(ingest, consumer, messages[i:j])
                 if taken:
                     i += taken
                     continue
-            await self._take(ingest, messages[i])
+            await self._take(ingest, consumer, messages[i])
             i += 1
 
-    async def _take_run(self, ingest: Ingest, messages: list[Msg]) -> int:
+    async def _take_run(self, ingest: Ingest, consumer: _Consumer, messages: list[Msg]) -> int:
         """Hand over the longest run at the head of `messages` (same-size binary frames)
         that decodes whole and whose subjects name its frames; how many (0: none)."""
         run = decode_messages(
@@ -331,7 +463,7 @@ class NatsSource:
         if run is None:
             return 0  # a rejection among them: one by one, each with its reason
         k = len(run)
-        prefix = self._prefix
+        prefix = len(consumer.prefix)
         if run.stream_ids != [m.subject[prefix:] for m in messages[:k]]:
             return 0
         run.positions = [m.reply for m in messages[:k]]
@@ -340,7 +472,7 @@ class NatsSource:
             await ingest.put(run)
         return k
 
-    async def _take(self, ingest: Ingest, message: Msg) -> None:
+    async def _take(self, ingest: Ingest, consumer: _Consumer, message: Msg) -> None:
         now = time.monotonic_ns()
         ingest.received(LABEL)
         reply = message.reply
@@ -352,7 +484,7 @@ class NatsSource:
                 received_ns=now,
                 source=LABEL,
             )
-            sid = message.subject[self._prefix :]
+            sid = message.subject[len(consumer.prefix) :]
             if frame.stream_id != sid:
                 raise FrameRejected(
                     "bad_stream_id",
@@ -382,9 +514,17 @@ class NatsSource:
             self._ingest.events.source_acknowledged(LABEL, "term", 1)
 
     async def _acknowledge(self) -> None:
+        import nats.errors
+
+        assert self._nc is not None
         while True:
             await self._ack_ready.wait()
             self._ack_ready = anyio.Event()
+            while self._naks:
+                try:
+                    await self._nc.publish(self._naks.popleft(), b"+NAK")
+                except (nats.errors.Error, OSError) as e:
+                    log.debug("nats nak: %s", e)
             while self._acks:
                 await self._ack_some()
 
@@ -454,6 +594,33 @@ class NatsSource:
         return 0.0
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Consumer:
+    """One durable consumer the source reads, and its in-order hand-over.
+
+    - `name`, `filter`: the durable's name and subject filter; `prefix`, the subject's
+        literal part before the stream id; `partition`, its partition (None: unpartitioned).
+    - `next`: the stream sequence of the next message to hand over; `held`, messages
+        arrived ahead of it, by stream sequence; `missing`, a stream sequence known to be
+        redelivered later.
+    - `last_dseq`: the last delivery's number; `gap_below`, nonzero after a gap in them:
+        some delivery numbered below it was lost.
+    - `released`: given up (another instance owns the partition).
+    """
+
+    name: str
+    filter: str
+    prefix: str
+    partition: int | None
+    next: int = 1
+    held: dict[int, Msg] = dataclasses.field(default_factory=dict)
+    missing: int = 0
+    last_dseq: int = 0
+    gap_below: int = 0
+    released: bool = False
+    pull: _Pull | None = None
+
+
 class _Pull:
     """The consumer's messages, pulled with requests of our own
     (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`, each for `fetch_batch` messages,
@@ -461,10 +628,10 @@ class _Pull:
     fewer than a batch are still asked for, so one is always waiting at the server. (nats-py's
     `fetch` waits for every message with a timeout of its own: ~35 µs of CPU each.)"""
 
-    def __init__(self, nc: Client, settings: NatsSourceSettings) -> None:
+    def __init__(self, nc: Client, settings: NatsSourceSettings, consumer: str) -> None:
         self.nc = nc
         self.batch = settings.fetch_batch
-        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.durable}"
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{consumer}"
         self.request = json.dumps(
             {"batch": self.batch, "expires": int(FETCH_WAIT_S * 1e9)}
         ).encode()
@@ -571,13 +738,24 @@ def subject_prefix(subjects: str) -> str:
     return "".join(t + "." for t in literal)
 
 
-def _delivery(reply: str | None) -> tuple[int, int]:
-    """How many times the server delivered this message, and its stream sequence, from
-    its reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
-    seq>.<time>.<pending>`, with a domain and account hash after `ACK` on newer servers).
-    """
+class _Delivery(NamedTuple):
+    consumer: str
+    delivered: int
+    sseq: int
+    dseq: int
+
+
+def _delivery(reply: str | None) -> _Delivery:
+    """Which consumer delivered this message, how many times the server delivered it,
+    its stream sequence and the delivery's number, from its reply subject
+    (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+    or with a domain and an account hash after `ACK` and a token at the end on newer
+    servers)."""
     tokens = (reply or "").split(".")
+    at = 2 if len(tokens) == 9 else 4
     try:
-        return int(tokens[-5]), int(tokens[-4])
+        return _Delivery(
+            tokens[at + 1], int(tokens[at + 2]), int(tokens[at + 3]), int(tokens[at + 4])
+        )
     except (IndexError, ValueError):
         raise NatsError(f"not a JetStream delivery: reply subject {reply!r}") from None

@@ -46,31 +46,41 @@ class NatsServer:
         self.monitor = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = store.parent / f"nats-{self.port}.log"
+        self.extra: list[str] = []  # more arguments (a cluster's)
+        self.health = "/healthz?js-enabled-only=true"
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> NatsServer:
-        argv = [
+    def argv(self) -> list[str]:
+        return [
             self.binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
-            "-p", str(self.port), "-m", str(self.monitor),
+            "-p", str(self.port), "-m", str(self.monitor), *self.extra,
         ]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> NatsServer:
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Until its monitoring port says JetStream is up (`health`)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.monitor}/healthz?js-enabled-only=true"
-        while True:  # ready once its monitoring port says JetStream is up
+        url = f"http://127.0.0.1:{self.monitor}{self.health}"
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited:\n{self.log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
-                        return self
+                        return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("nats-server not healthy")
+                raise TimeoutError(f"nats-server not healthy:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -85,6 +95,39 @@ class NatsServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class NatsCluster:
+    """`size` clustered `nats-server -js` nodes on loopback (routes between all, JetStream
+    replicated across them), each stoppable and restartable on its own."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.nodes = [NatsServer(root / f"node-{i}") for i in range(size)]
+        routes = [free_port() for _ in self.nodes]
+        for i, node in enumerate(self.nodes):
+            node.extra = [
+                "--server_name", f"n{i}", "--cluster_name", "enactive",
+                "--cluster", f"nats://127.0.0.1:{routes[i]}",
+                "--routes", ",".join(f"nats://127.0.0.1:{r}" for r in routes),
+            ]  # fmt: skip
+            node.health = "/healthz"  # JetStream's meta group has a leader, and is current
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 60.0) -> NatsCluster:
+        for node in self.nodes:  # (each waits for the others to form the cluster)
+            with node.log.open("ab") as log:
+                node.proc = subprocess.Popen(node.argv(), stdout=log, stderr=subprocess.STDOUT)
+        for node in self.nodes:
+            node.wait_healthy(timeout)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for node in self.nodes:
+            node.stop(sig)
 
 
 class Client:

@@ -321,7 +321,7 @@ def test_as_dict_lists_every_section_with_plain_values() -> None:
     d = load_config(env=HOME_ENV).as_dict()
     assert list(d) == [
         "ingest", "output", "metrics", "batching", "model", "state", "synthetic", "device", "log",
-        "security", "nats", "record", "mqtt", "lsl", "align",
+        "security", "nats", "record", "mqtt", "lsl", "align", "cluster",
     ]  # fmt: skip
     assert d["batching"]["buckets"] == [1, 8, 32, 64, 96, 128, 192, 256]
     assert d["model"]["som_grid"] == [20, 20]
@@ -389,3 +389,39 @@ def test_record_path_is_off_by_default_and_a_path() -> None:
     assert cfg.record.path == "123"  # a file named 123, not a number
     with pytest.raises(ConfigError, match=r"record\.path = 5: must be a string"):
         load_config(env=HOME_ENV, overrides={"record.path": 5})
+
+
+CLUSTER = {"nats.url": "nats://127.0.0.1:4222", "cluster.instances": 3, "cluster.partitions": 12}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expect"),
+    [
+        ({"cluster.instance": 1}, "cluster.instance is set but cluster.instances is not"),
+        ({**CLUSTER, "nats.url": ""}, "[cluster] shares the NATS frames stream's partitions"),
+        ({**CLUSTER, "nats.consume": False}, "keep nats.consume = true"),
+        ({**CLUSTER, "cluster.partitions": 2}, "cluster.partitions = 2: must be at least"),
+        ({**CLUSTER, "cluster.instance": 3}, "cluster.instance = 3: instances are numbered 0 to 2"),
+        ({**CLUSTER, "cluster.instance": "first"}, 'or "auto"'),
+        ({**CLUSTER, "nats.subjects": "sensors.*"}, "partitioned on the stream id after its"),
+        ({**CLUSTER, "cluster.state_bucket": "a.b"}, "must be a JetStream name"),
+    ],
+)
+def test_cluster_is_checked(overrides: dict, expect: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env=HOME_ENV, overrides=overrides)
+    assert expect in str(info.value)
+
+
+def test_cluster_instance_auto_comes_from_the_host_name() -> None:
+    from stream.daemon import cluster_of
+
+    cfg = load_config(env=HOME_ENV, overrides=CLUSTER)
+    assert cfg.cluster.instance == "auto"
+    cluster = cluster_of(cfg, "enactive-stream-2")
+    assert cluster is not None and (cluster.instance, cluster.owned) == (2, [2, 5, 8, 11])
+    with pytest.raises(ConfigError, match="has none"):
+        cluster_of(cfg, "laptop")
+    with pytest.raises(ConfigError, match="the host name gives 7"):
+        cluster_of(cfg, "enactive-stream-7")
+    assert cluster_of(load_config(env=HOME_ENV)) is None
