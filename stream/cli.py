@@ -9,6 +9,7 @@ error and 1 for a runtime one, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.metadata
 import importlib.util
 import json
@@ -491,8 +492,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         changes["baseline"] = False
     if args.adaptive:
         changes["adaptive"] = True
-    if args.fleet and args.nats:
-        return _usage_error(f"--fleet and --nats are separate runs (see {PROG} bench --help)")
+    if args.fleet + args.nats + args.cluster > 1:
+        return _usage_error(
+            f"--fleet, --nats and --cluster are separate runs (see {PROG} bench --help)"
+        )
+    if args.cluster:
+        return _cmd_bench_cluster(args)
     if args.fleet:
         return _cmd_bench_fleet(args, changes)
     if args.nats:
@@ -584,8 +589,30 @@ def _cmd_bench_nats(args: argparse.Namespace, changes: dict[str, Any]) -> int:
     if args.json and (cause := _unwritable(args.json)):
         return _usage_error(f"--json {args.json}: {cause}")
     # (the target is reported, not an exit status)
+    return _bench_mode(args, lambda log: run_nats_bench(settings, sizes, log=log), (format_table,))
+
+
+def _cmd_bench_cluster(args: argparse.Namespace) -> int:
+    """`bench --cluster`: scaled out over NATS JetStream (docs/benchmarks.md)."""
+    from .bench.broker import nats_missing
+    from .bench.cluster import ClusterBenchSettings, format_cluster_table, run_cluster_bench
+
+    if args.plot:
+        return _usage_error(f"--plot draws the classic run only (see {PROG} bench --help)")
+    missing = nats_missing()
+    if missing:
+        return _usage_error(missing)
+    given = {"runs": args.runs, "streams": args.streams, "cache_dir": args.cache_dir}
+    try:
+        settings = ClusterBenchSettings.of(quick=args.quick, **given)
+    except ValueError as e:
+        return _usage_error(f"{e} (see {PROG} bench --help)")
+    if args.json and (cause := _unwritable(args.json)):
+        return _usage_error(f"--json {args.json}: {cause}")
     return _bench_mode(
-        args, lambda log: run_nats_bench(settings, sizes, log=log), (format_table,)
+        args,
+        lambda log: asyncio.run(run_cluster_bench(settings, log)),
+        (format_cluster_table,),
     )
 
 
@@ -865,6 +892,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="NATS JetStream ingest → moments published, exactly once, against the TCP "
         "path: max frames/s, latency at half load, ack lag (a nats-server of its own)",
+    )
+    bench.add_argument(
+        "--cluster",
+        action="store_true",
+        help="scaled out over NATS JetStream (a 3-node nats-server cluster of its own): "
+        "partition balance, CPU per frame per instance for 1, 2 and 3 instances, failover "
+        "time after a SIGKILL (--runs, --quick; --streams: per instance)",
     )
     bench.set_defaults(fn=_cmd_bench, cmd_parser=bench)
     return parser

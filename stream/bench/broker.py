@@ -59,11 +59,15 @@ class NatsServerProcess:
     JetStream is not healthy within the timeout.
     """
 
-    def __init__(self, store: Path, log_dir: Path) -> None:
+    def __init__(
+        self, store: Path, log_dir: Path, *, name: str = "nats-server", port: int = 0
+    ) -> None:
         self.store = store
-        self.log_path = log_dir / "nats-server.log"
-        self.port = 0
+        self.log_path = log_dir / f"{name}.log"
+        self.port = port
         self.monitor_port = 0
+        self.extra: list[str] = []  # more arguments (a cluster node's, `nats_cluster`)
+        self.health = "/healthz?js-enabled-only=true"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -81,18 +85,27 @@ class NatsServerProcess:
 
         **Returns:** seconds from spawning it to healthy.
         """
+        t0 = time.perf_counter()
+        self.spawn()
+        return self.wait_healthy(t0, timeout)
+
+    def spawn(self) -> None:
+        """Start the process (`wait_healthy` waits for it)."""
         binary = nats_server_binary()
         if binary is None:
             raise BenchError(NATS_MISSING)
-        self.port, self.monitor_port = _free_port(), _free_port()
+        self.port, self.monitor_port = self.port or _free_port(), _free_port()
         argv = [
             binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
-            "-p", str(self.port), "-m", str(self.monitor_port),
+            "-p", str(self.port), "-m", str(self.monitor_port), *self.extra,
         ]  # fmt: skip
         self._log = self.log_path.open("ab")
-        t0 = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+
+    def wait_healthy(self, t0: float, timeout: float) -> float:
+        """Seconds from `t0` (a `perf_counter`) until its monitoring port says healthy."""
+        assert self.proc is not None
+        url = f"http://127.0.0.1:{self.monitor_port}{self.health}"
         while True:
             if self.proc.poll() is not None:
                 self._close_log()
@@ -147,3 +160,30 @@ class NatsServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def nats_cluster(root: Path, log_dir: Path, size: int = 3) -> list[NatsServerProcess]:
+    """`size` clustered `nats-server -js` nodes on loopback, started and healthy (their
+    JetStream meta group has a leader); stop each with `stop()`."""
+    routes = [_free_port() for _ in range(size)]
+    nodes = [
+        NatsServerProcess(root / f"node-{i}", log_dir, name=f"nats-{i}") for i in range(size)
+    ]
+    for i, node in enumerate(nodes):
+        node.extra = [
+            "--server_name", f"n{i}", "--cluster_name", "bench",
+            "--cluster", f"nats://127.0.0.1:{routes[i]}",
+            "--routes", ",".join(f"nats://127.0.0.1:{r}" for r in routes),
+        ]  # fmt: skip
+        node.health = "/healthz"
+    t0 = time.perf_counter()
+    try:
+        for node in nodes:
+            node.spawn()
+        for node in nodes:
+            node.wait_healthy(t0, 60.0)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes

@@ -104,8 +104,7 @@ def settle(client: Client, daemons: list[DaemonProcess], reference: dict) -> dic
     except TimeoutError:
         names = ("processed", "partitions_owned", "fencing", "checkpoint_writes", "pending")
         state = [
-            {k: v for k, v in d.metrics().items() if any(w in k[0] for w in names)}
-            for d in daemons
+            {k: v for k, v in d.metrics().items() if any(w in k[0] for w in names)} for d in daemons
         ]
         logs = "\n".join(d.output()[-3000:] for d in daemons)
         raise AssertionError(
@@ -243,3 +242,32 @@ def test_two_instances_with_one_number_one_is_fenced_out(
         client.close()
         for d in [*daemons, twin]:
             d.kill()
+
+
+def test_the_cluster_bench_runs_and_reports(tmp_path: Path, compilation_cache: str) -> None:
+    """`enactive-stream bench --cluster`, small: balance, cost per instance for 1–3
+    instances, failover — every figure there and sane."""
+    import json
+    import subprocess
+    import sys
+
+    from .natsserver import need_nats
+
+    need_nats()
+    out = tmp_path / "cluster.json"
+    argv = [
+        sys.executable, "-m", "stream.cli", "bench", "--cluster", "--quick", "--streams", "40",
+        "--cache-dir", compilation_cache, "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [b["ids"] for b in result["balance"]] == [1_000, 100_000]
+    assert result["balance"][1]["max_over_even"] < 1.01
+    assert sorted({c["instances"] for c in result["cost"]}) == [1, 2, 3]
+    for c in result["cost"]:
+        assert len(c["cpu_s_per_million_frames"]) == c["instances"]
+        assert sum(c["frames_per_instance"]) == c["frames"] == c["streams"] * 10
+    failover = result["failover"]
+    assert 0 < failover["kill_to_ready_s"] <= failover["kill_to_first_moment_s"] < 120
+    assert "| 3 |" in done.stdout and "SIGKILL → replacement ready" in done.stdout

@@ -116,3 +116,15 @@ def test_streams_beyond_the_free_slots_are_kept_on_the_host() -> None:
     assert list(other.slot_of) == ["s5", "s6", "s7"]  # the most recently used in the slab
     for slot in range(5):  # the others on the host, intact
         np.testing.assert_array_equal(other.evicted_of(f"s{slot}")["b"], slab["b"][slot])
+
+
+def test_the_cluster_bench_balance_counts_every_id() -> None:
+    from stream.bench.cluster import ClusterBenchSettings, balance
+
+    b = balance(1_000)
+    assert sum(b["per_partition"]) == sum(b["per_instance"]) == 1_000
+    assert len(b["per_partition"]) == 12 and len(b["per_instance"]) == 3
+    assert b["min_over_even"] <= 1 <= b["max_over_even"] < 1.05
+    assert ClusterBenchSettings.of(quick=True, streams=None).rounds == 10
+    with pytest.raises(ValueError):
+        ClusterBenchSettings(rate=0)
