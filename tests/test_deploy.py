@@ -723,3 +723,50 @@ def test_constraints_pin_every_runtime_dependency() -> None:
             assert _canonical(requirement.name) in pins, (
                 f"{name}=={version} requires {requirement}, which constraints.txt does not pin"
             )
+
+
+# --- Kubernetes, scaled out -------------------------------------------------------------------
+
+KUBERNETES_CLUSTER = DEPLOY / "kubernetes-cluster"
+
+
+def _cluster_patch() -> tuple[int, dict[str, str]]:
+    """The overlay's StatefulSet replicas and the environment it adds."""
+    yaml = _yaml()
+    kustomization = yaml.safe_load((KUBERNETES_CLUSTER / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../kubernetes", "nats.yaml"]
+    (patch,) = kustomization["patches"]
+    ops = yaml.safe_load(patch["patch"])
+    (replicas,) = [op["value"] for op in ops if op["path"] == "/spec/replicas"]
+    env = {op["value"]["name"]: op["value"]["value"] for op in ops if op["path"].endswith("/env/-")}
+    return replicas, env
+
+
+def test_the_scaled_out_form_configures_every_pod_as_an_instance() -> None:
+    from stream.daemon import cluster_of
+
+    replicas, env = _cluster_patch()
+    cfg = load_config(DEPLOY / "container" / "enactive-stream.toml", env=env)
+    assert cfg.cluster.instances == replicas == 3
+    assert cfg.cluster.partitions % replicas == 0  # every pod owns as many
+    assert cfg.nats.replicas == 3 and cfg.nats.consume
+    clusters = [cluster_of(cfg, f"enactive-stream-{i}") for i in range(replicas)]
+    owned = sorted(p for c in clusters if c is not None for p in c.owned)
+    assert owned == list(range(cfg.cluster.partitions))
+    yaml = _yaml()
+    nats = {
+        d["kind"]: d for d in yaml.safe_load_all((KUBERNETES_CLUSTER / "nats.yaml").read_text())
+    }
+    nodes = nats["StatefulSet"]["spec"]["replicas"]
+    assert [u.split("//")[1].split(".")[0] for u in cfg.nats.url.split(",")] == [
+        f"nats-{i}" for i in range(nodes)
+    ]
+    assert nodes >= cfg.nats.replicas  # R3 streams need three nodes
+    assert "jetstream" in nats["ConfigMap"]["data"]["nats.conf"]
+
+
+def test_the_scaled_out_form_builds() -> None:
+    kubectl = _tool("kubectl")
+    result = _run([kubectl, "kustomize", str(KUBERNETES_CLUSTER)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\nkind: StatefulSet") == 2

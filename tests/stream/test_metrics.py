@@ -521,3 +521,33 @@ def test_recording_series_exist_only_while_recording() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
     for name in ("enactive_recorded_frames_total", "enactive_recording_bytes"):
         assert f"### `{name}`" in docs, name
+
+
+def test_cluster_series_exist_only_for_a_cluster_instance() -> None:
+    assert "enactive_cluster" not in series(Metrics(process_metrics=False))
+    registry = CollectorRegistry()
+    m = Metrics(registry, partitions=(1, 4, 7), process_metrics=False)
+    get = registry.get_sample_value
+    assert get("enactive_cluster_partition_pending_messages", {"partition": "4"}) == 0
+    assert get("enactive_cluster_checkpoint_writes_total", {"outcome": "failed"}) == 0
+    m.partitions_owned(3)
+    m.partition_pending(4, 120)
+    m.partition_pending(5, 9)  # not owned: no series
+    m.partition_checkpoint(1, "written")
+    m.partition_checkpoint(7, "fenced")
+    m.partitions_owned(2)
+    assert get("enactive_cluster_partitions_owned") == 2
+    assert get("enactive_cluster_partition_pending_messages", {"partition": "4"}) == 120
+    assert get("enactive_cluster_partition_pending_messages", {"partition": "5"}) is None
+    assert get("enactive_cluster_checkpoint_writes_total", {"outcome": "written"}) == 1
+    assert get("enactive_cluster_fencing_losses_total") == 1
+    docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    names = {
+        sample.name
+        for family in text_string_to_metric_families(m.exposition().decode())
+        for sample in family.samples
+        if sample.name.startswith("enactive_cluster") and not sample.name.endswith("_created")
+    }
+    assert len(names) == 4
+    for name in names:
+        assert f"### `{name}" in docs, name
