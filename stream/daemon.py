@@ -8,6 +8,8 @@
               ├─ compile (a thread of its own)      the buckets, the largest first (from the
               │                                     model's shapes: no values needed), and
               │                                     after the first the slot helpers
+              ├─ [cluster]: claim the partitions    their checkpoints read from JetStream
+              │    (stream/partition_state.py)      (the pointers checked every second after)
               ├─ prepare (worker thread, meanwhile) build the model (or read its cached
               │                                     initialisation), restore the checkpoint
               ├─ serve: Pipeline(sources, sinks)    stream/pipeline.py draws the stages
@@ -513,7 +515,8 @@ class Daemon:
         if self._store is not None and found is not None:
             streams = self._store.restore(found, fresh, table)
             where = f"{len(found)} of {len(self._store.owned)} partitions"
-            self._say(f"restored {streams} streams from {where} in {self.cluster.state_bucket}")  # type: ignore[union-attr]
+            bucket = self._store.cluster.state_bucket
+            self._say(f"restored {streams} streams from {where} in {bucket}")
             slab = step.put_slab(fresh)
             self._phase = ""
             return table, slab
@@ -657,7 +660,8 @@ class Daemon:
             self._set_ready(False)
             pipeline.stop()  # the task group waits for the drain
         processed = metrics.registry.get_sample_value("enactive_frames_processed_total") or 0
-        self._say(f"stopped: {int(processed)} frames processed, checkpoint in {cfg.state.dir}")
+        where = cfg.state.dir if self.cluster is None else self.cluster.state_bucket
+        self._say(f"stopped: {int(processed)} frames processed, checkpoint in {where}")
 
     def _sources(self) -> list[Source]:
         cfg = self.config

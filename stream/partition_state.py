@@ -58,7 +58,6 @@ from .partitions import Cluster, partition_of
 from .streams import StreamTable
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client
     from nats.js.kv import KeyValue
     from nats.js.object_store import ObjectStore
 
@@ -104,7 +103,6 @@ class PartitionStore:
         self.objects: dict[int, str] = {}  # the object the pointer names
         self._written: dict[int, dict[str, int]] = {}  # processed seqs last written
         self._encoded: dict[int, dict[str, int]] = {}  # those of what `encode` gave
-        self._nc: Client | None = None
         self._kv: KeyValue | None = None
         self._objects: ObjectStore | None = None
         self._partition = functools.lru_cache(maxsize=1 << 17)(
@@ -139,10 +137,9 @@ class PartitionStore:
                     )
             except Exception as e:
                 raise NatsError(f"cluster.state_bucket {bucket}: {_say(e)}") from None
-            self._nc = nc
             yield self
         finally:
-            self._nc = self._kv = self._objects = None
+            self._kv = self._objects = None
             with contextlib.suppress(Exception):
                 await nc.close()
 

@@ -7,6 +7,7 @@ instances given the same number."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import signal
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from stream.partitions import partition_of
 
 from .daemon import DaemonProcess
 from .natsserver import Client, NatsCluster, NatsServer, wait_until
-from .test_nats import frames, moments_by_id, nats_daemon
+from .test_nats import frames, moments_by_id, nats_daemon, uninterrupted
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -52,18 +53,7 @@ def metric(daemon: DaemonProcess, name: str) -> float:
 def reference(tmp_path_factory: pytest.TempPathFactory, compilation_cache: str) -> dict:
     """The moments of one uninterrupted daemon, no cluster, over the same frames."""
     tmp = tmp_path_factory.mktemp("reference")
-    server = NatsServer(tmp / "js").start()
-    daemon = nats_daemon(tmp, compilation_cache, server.url).start()
-    client = Client(server.url)
-    try:
-        client.publish_many(frames(STREAMS, FRAMES))
-        n = STREAMS * FRAMES
-        wait_until(lambda: client.stream_messages("MOMENTS") == n, "reference", 300)
-        return moments_by_id(client)
-    finally:
-        client.close()
-        daemon.kill()
-        server.stop(signal.SIGKILL)
+    return uninterrupted(tmp, compilation_cache, frames(STREAMS, FRAMES))
 
 
 @pytest.fixture
@@ -95,6 +85,27 @@ def test_partition_of_places_ids_as_the_server_does(tmp_path: Path) -> None:
         server.stop(signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def deployment(
+    cluster: NatsCluster, tmp: Path, cache: str
+) -> Iterator[tuple[list[DaemonProcess], Client]]:
+    """Instances 0 to 2 started, and a client of the first node. On the way out every
+    daemon in the list (a test may replace or add some) stops with status 0 — or, after a
+    failure, is killed."""
+    daemons = [instance(tmp / f"i{i}", cache, cluster.url, i) for i in range(INSTANCES)]
+    client = Client(cluster.nodes[0].url)
+    try:
+        for d in daemons:
+            d.start()
+        yield daemons, client
+        for d in daemons:
+            assert d.stop() == 0
+    finally:
+        client.close()
+        for d in daemons:
+            d.kill()
+
+
 def settle(client: Client, daemons: list[DaemonProcess], reference: dict) -> dict:
     """Wait for every moment, then check each frame has exactly one, equal to the
     uninterrupted run's."""
@@ -120,13 +131,7 @@ def settle(client: Client, daemons: list[DaemonProcess], reference: dict) -> dic
 def test_instances_share_the_partitions_each_frame_one_moment(
     cluster: NatsCluster, tmp_path: Path, compilation_cache: str, reference: dict
 ) -> None:
-    daemons = [
-        instance(tmp_path / f"i{i}", compilation_cache, cluster.url, i) for i in range(INSTANCES)
-    ]
-    client = Client(cluster.nodes[0].url)
-    try:
-        for d in daemons:
-            d.start()
+    with deployment(cluster, tmp_path, compilation_cache) as (daemons, client):
         client.publish_many(frames(STREAMS, FRAMES))
         settle(client, daemons, reference)
         expected = collections.Counter(owner(f"n-{s:03d}") for s in range(STREAMS))
@@ -137,36 +142,19 @@ def test_instances_share_the_partitions_each_frame_one_moment(
         info = client.run(client.js.stream_info("SENSORS"))
         assert info.config.num_replicas == 3
         assert info.config.subject_transform.dest == "sensors.{{partition(12,1)}}.{{wildcard(1)}}"
-        for d in daemons:
-            assert d.stop() == 0
-    finally:
-        client.close()
-        for d in daemons:
-            d.kill()
 
 
 def test_a_killed_instance_replaced_on_an_empty_disk_loses_nothing(
     cluster: NatsCluster, tmp_path: Path, compilation_cache: str, reference: dict
 ) -> None:
-    daemons = [
-        instance(tmp_path / f"i{i}", compilation_cache, cluster.url, i) for i in range(INSTANCES)
-    ]
-    client = Client(cluster.nodes[0].url)
     messages = frames(STREAMS, FRAMES)
     half = len(messages) // 2
-    try:
-        for d in daemons:
-            d.start()
+    written = ("enactive_cluster_checkpoint_writes_total", (("outcome", "written"),))
+    with deployment(cluster, tmp_path, compilation_cache) as (daemons, client):
         client.publish_many(messages[:half])
         # Instance 1 has checkpointed some of its partitions to JetStream: then SIGKILL.
         wait_until(
-            lambda: (
-                daemons[1]
-                .metrics()
-                .get(("enactive_cluster_checkpoint_writes_total", (("outcome", "written"),)), 0)
-                >= 4
-                and processed(daemons[1]) > half // 6
-            ),
+            lambda: daemons[1].metrics().get(written, 0) >= 4 and processed(daemons[1]) > half // 6,
             "instance 1 checkpointing",
             120,
         )
@@ -178,70 +166,40 @@ def test_a_killed_instance_replaced_on_an_empty_disk_loses_nothing(
         assert said and int(said.group(1)) > 0, daemons[1].output()
         client.publish_many(messages[half:])
         settle(client, daemons, reference)
-        for d in daemons:
-            assert d.stop() == 0
-    finally:
-        client.close()
-        for d in daemons:
-            d.kill()
 
 
 def test_a_nats_node_stopped_mid_stream_loses_nothing(
     cluster: NatsCluster, tmp_path: Path, compilation_cache: str, reference: dict
 ) -> None:
-    daemons = [
-        instance(tmp_path / f"i{i}", compilation_cache, cluster.url, i) for i in range(INSTANCES)
-    ]
-    client = Client(cluster.nodes[0].url)
     messages = frames(STREAMS, FRAMES)
     third = len(messages) // 3
-    try:
-        for d in daemons:
-            d.start()
+    with deployment(cluster, tmp_path, compilation_cache) as (daemons, client):
         client.publish_many(messages[:third])
         wait_until(lambda: client.stream_messages("MOMENTS") >= third // 2, "some moments")
         cluster.nodes[2].stop()  # the others keep a quorum: the streams go on
         client.publish_many(messages[third:])
         settle(client, daemons, reference)
-        for d in daemons:
-            assert d.stop() == 0
-    finally:
-        client.close()
-        for d in daemons:
-            d.kill()
 
 
 def test_two_instances_with_one_number_one_is_fenced_out(
     cluster: NatsCluster, tmp_path: Path, compilation_cache: str, reference: dict
 ) -> None:
-    daemons = [
-        instance(tmp_path / f"i{i}", compilation_cache, cluster.url, i) for i in range(INSTANCES)
-    ]
-    twin = instance(tmp_path / "i1-twin", compilation_cache, cluster.url, 1)
-    client = Client(cluster.nodes[0].url)
     messages = frames(STREAMS, FRAMES)
     third = len(messages) // 3
-    try:
-        for d in daemons:
-            d.start()
+    with deployment(cluster, tmp_path, compilation_cache) as (daemons, client):
         client.publish_many(messages[:third])
         wait_until(lambda: client.stream_messages("MOMENTS") >= third // 2, "some moments")
+        twin = instance(tmp_path / "i1-twin", compilation_cache, cluster.url, 1)
+        daemons.append(twin)
         twin.start()  # the operator's mistake: a second instance 1
         client.publish_many(messages[third:])
-        settle(client, [*daemons, twin], reference)
+        settle(client, daemons, reference)
         ones = [daemons[1], twin]
         owned = [metric(d, "enactive_cluster_partitions_owned") for d in ones]
         lost = [metric(d, "enactive_cluster_fencing_losses_total") for d in ones]
         # Each of instance 1's four partitions is owned by one of the two in the end.
         assert sum(owned) == PARTITIONS // INSTANCES and sum(lost) == PARTITIONS // INSTANCES
-        assert sum(lost) >= 1
         assert any("fenced" in d.output() for d in ones)
-        for d in [*daemons, twin]:
-            assert d.stop() == 0
-    finally:
-        client.close()
-        for d in [*daemons, twin]:
-            d.kill()
 
 
 def test_the_cluster_bench_runs_and_reports(tmp_path: Path, compilation_cache: str) -> None:

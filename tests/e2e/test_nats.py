@@ -108,21 +108,26 @@ def server(tmp_path: Path) -> Iterator[NatsServer]:
     s.stop(signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, compilation_cache: str) -> dict:
-    """The moments of an uninterrupted run over the same frames."""
-    tmp = tmp_path_factory.mktemp("reference")
+def uninterrupted(tmp: Path, cache: str, messages: list[tuple[str, bytes]]) -> dict:
+    """The moments one uninterrupted daemon, on a server of its own, gives `messages`."""
     server = NatsServer(tmp / "js").start()
-    daemon = nats_daemon(tmp, compilation_cache, server.url).start()
+    daemon = nats_daemon(tmp, cache, server.url).start()
     client = Client(server.url)
     try:
-        client.publish_many(frames())
-        wait_until(lambda: client.stream_messages("MOMENTS") == STREAMS * FRAMES, "reference")
+        client.publish_many(messages)
+        n = len(messages)
+        wait_until(lambda: client.stream_messages("MOMENTS") == n, "reference", 300)
         return moments_by_id(client)
     finally:
         client.close()
         daemon.kill()
         server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, compilation_cache: str) -> dict:
+    """The moments of an uninterrupted run over the same frames."""
+    return uninterrupted(tmp_path_factory.mktemp("reference"), compilation_cache, frames())
 
 
 def test_frames_in_moments_out_and_poison_terminated(
@@ -149,8 +154,7 @@ def test_frames_in_moments_out_and_poison_terminated(
         # The poison sits in the middle of the streams' frames: it must not block them.
         messages = good[:300] + poison + good[300:]
         json_frames = [
-            ("sensors.j-0", encode_json_frame("j-0", k, 0.0, **payload(rng)))
-            for k in range(1, 11)
+            ("sensors.j-0", encode_json_frame("j-0", k, 0.0, **payload(rng))) for k in range(1, 11)
         ]
         client.publish_many(messages + json_frames)
         total = len(good) + len(json_frames)
@@ -175,8 +179,9 @@ def test_frames_in_moments_out_and_poison_terminated(
         assert m[("enactive_moments_emitted_total", (("sink", "nats"),))] == total
         assert m[("enactive_frames_received_total", (("source", "nats"),))] == total + len(poison)
         wait_until(
-            lambda: daemon.metrics()[("enactive_source_ack_lag_seconds", (("source", "nats"),))]
-            == 0,
+            lambda: (
+                daemon.metrics()[("enactive_source_ack_lag_seconds", (("source", "nats"),))] == 0
+            ),
             "no frame left unacknowledged",
         )
         assert daemon.stop() == 0
@@ -239,8 +244,9 @@ def test_server_restart_mid_stream(
         client.close()
         server.restart()  # same port, same store
         wait_until(
-            lambda: daemon.metrics()[("enactive_source_reconnects_total", (("source", "nats"),))]
-            >= 1,
+            lambda: (
+                daemon.metrics()[("enactive_source_reconnects_total", (("source", "nats"),))] >= 1
+            ),
             "the daemon reconnected",
         )
         client = Client(server.url)
@@ -286,8 +292,7 @@ def test_a_full_moments_stream_slows_the_daemon_without_growing_memory(
         rss, processed = [], []
         for age in (2, 4, 6):  # stalled: no frame processed, memory flat, effects unsaved
             wait_until(
-                lambda age=age: daemon.metrics()[("enactive_state_unsaved_age_seconds", ())]
-                >= age,
+                lambda age=age: daemon.metrics()[("enactive_state_unsaved_age_seconds", ())] >= age,
                 "the daemon stalled",
             )
             processed.append(daemon.metrics()[("enactive_frames_processed_total", ())])
@@ -350,8 +355,11 @@ def test_no_server_is_one_line(tmp_path: Path, compilation_cache: str) -> None:
     )
     with pytest.raises(RuntimeError):
         daemon.start()
-    assert daemon.output().strip().splitlines()[-1].startswith(
-        "enactive-stream: error: cannot connect to NATS at nats://127.0.0.1:"
+    assert (
+        daemon.output()
+        .strip()
+        .splitlines()[-1]
+        .startswith("enactive-stream: error: cannot connect to NATS at nats://127.0.0.1:")
     )
 
 
