@@ -762,7 +762,12 @@ def test_the_scaled_out_form_configures_every_pod_as_an_instance() -> None:
         f"nats-{i}" for i in range(nodes)
     ]
     assert nodes >= cfg.nats.replicas  # R3 streams need three nodes
-    assert "jetstream" in nats["ConfigMap"]["data"]["nats.conf"]
+    conf = nats["ConfigMap"]["data"]["nats.conf"]
+    assert "jetstream" in conf
+    # Lame duck before a node stops: the signal finds the server by the pid file it writes.
+    (server,) = nats["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    pid_file = conf.split("pid_file:", 1)[1].split()[0]
+    assert server["lifecycle"]["preStop"]["exec"]["command"][-1] == f"ldm={pid_file}"
 
 
 def test_the_scaled_out_form_builds() -> None:
