@@ -90,7 +90,9 @@ IMAGE_MARKERS = {
 
 def _families() -> dict[str, str]:
     """`{name: type}` of every family the daemon exposes, as `# TYPE` lines name them."""
-    metrics = Metrics(buckets=(1, 8), sources=("tcp", "nats"), sinks=("tcp", "nats"))
+    metrics = Metrics(
+        buckets=(1, 8), sources=("tcp", "nats"), sinks=("tcp", "nats"), partitions=(0, 3)
+    )
     metrics.watch_queue("ingest", lambda: 0)
     metrics.jit_fallback("slab_step", "XlaRuntimeError")  # its series appear at the first
     text = metrics.exposition().decode()
