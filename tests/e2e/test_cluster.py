@@ -152,7 +152,7 @@ def test_a_killed_instance_replaced_on_an_empty_disk_loses_nothing(
     written = ("enactive_cluster_checkpoint_writes_total", (("outcome", "written"),))
     with deployment(cluster, tmp_path, compilation_cache) as (daemons, client):
         client.publish_many(messages[:half])
-        # Instance 1 has checkpointed some of its partitions to JetStream: then SIGKILL.
+        # Instance 1 has checkpointed its partitions to JetStream a few times: then SIGKILL.
         wait_until(
             lambda: daemons[1].metrics().get(written, 0) >= 4 and processed(daemons[1]) > half // 6,
             "instance 1 checkpointing",
@@ -162,7 +162,8 @@ def test_a_killed_instance_replaced_on_an_empty_disk_loses_nothing(
         # Its replacement, as on another node: an empty state directory.
         daemons[1] = instance(tmp_path / "i1-replacement", compilation_cache, cluster.url, 1)
         daemons[1].start()
-        said = re.search(r"restored (\d+) streams from 4 of 4 partitions", daemons[1].output())
+        # (Four writes need not be one per partition: some may not be written yet.)
+        said = re.search(r"restored (\d+) streams from [1-4] of 4 partitions", daemons[1].output())
         assert said and int(said.group(1)) > 0, daemons[1].output()
         client.publish_many(messages[half:])
         settle(client, daemons, reference)
