@@ -273,3 +273,22 @@ def sockets() -> Iterator[list[socket.socket]]:
     finally:
         for sock in held:
             sock.close()
+
+
+def run_without(
+    hidden: Sequence[str], modules: Sequence[str], section: str, tmp: Path
+) -> subprocess.CompletedProcess[str]:
+    """`enactive-stream run` on a config with `section`, in a process where the packages
+    `hidden` cannot be imported, after importing the daemon's modules and `modules`."""
+    config = tmp / "c.toml"
+    config.write_text(f'[state]\ndir = "{tmp}"\n{section}')
+    code = (
+        "import sys\n"
+        + "".join(f"sys.modules[{name!r}] = None\n" for name in hidden)  # import -> ImportError
+        + "import stream.daemon, stream.pipeline, stream.cli\n"
+        + "".join(f"import {module}\n" for module in modules)
+        + "sys.exit(stream.cli.main(['run', '--config', sys.argv[1]]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120
+    )

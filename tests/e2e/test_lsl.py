@@ -34,7 +34,7 @@ from stream.protocol import (
 )
 from stream.recording import RecordingReader
 
-from .daemon import CONFIG, DIMS, DaemonProcess, need, wait_for
+from .daemon import CONFIG, DIMS, DaemonProcess, need, run_without, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -437,16 +437,11 @@ def test_timestamps_of_an_offset_clock_are_corrected(
 def test_the_core_runs_without_pylsl(tmp_path: Path) -> None:
     """Without pylsl: the daemon's modules import, and an [lsl] section is refused with
     one line naming the extra (exit status 2)."""
-    config = tmp_path / "c.toml"
-    config.write_text(f'[state]\ndir = "{tmp_path}"\n[lsl]\npredicate = "type=\'EEG\'"\n')
-    code = (
-        "import sys; sys.modules['pylsl'] = None\n"  # import pylsl -> ImportError
-        "import stream.daemon, stream.pipeline, stream.cli, stream.lsl, stream.sources.lsl\n"
-        "sys.argv = ['enactive-stream', 'run', '--config', sys.argv[1]]\n"
-        "sys.exit(stream.cli.main(sys.argv[1:]))\n"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120
+    r = run_without(
+        ["pylsl"],
+        ["stream.lsl", "stream.sources.lsl"],
+        "[lsl]\npredicate = \"type='EEG'\"\n",
+        tmp_path,
     )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (

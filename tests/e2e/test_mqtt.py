@@ -38,7 +38,7 @@ from stream.protocol import (
     encode_json_frame,
 )
 
-from .daemon import DIMS, DaemonProcess, free_port, payload, wait_for
+from .daemon import DIMS, DaemonProcess, free_port, payload, run_without, wait_for
 from .mosquitto import Client, Mosquitto, need_mosquitto
 
 pytestmark = pytest.mark.timeout(180)
@@ -373,15 +373,8 @@ listen = "127.0.0.1:0"\n[batching]\nbuckets = [8]\n[state]\ndir = "{d.state}"
 def test_the_core_runs_without_the_mqtt_extra(tmp_path: Path) -> None:
     """Without paho-mqtt: the daemon's modules import, and an [mqtt] section is refused
     with one line naming the extra."""
-    config = tmp_path / "c.toml"
-    config.write_text(f'[state]\ndir = "{tmp_path}"\n[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n')
-    code = (
-        "import sys; sys.modules['paho'] = None; sys.modules['aiomqtt'] = None\n"
-        "import stream.daemon, stream.pipeline, stream.cli, stream.mqtt\n"
-        "sys.exit(stream.cli.main(['run', '--config', sys.argv[1]]))\n"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120
+    r = run_without(
+        ["paho", "aiomqtt"], ["stream.mqtt"], '[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n', tmp_path
     )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (

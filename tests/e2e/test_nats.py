@@ -16,7 +16,7 @@ import pytest
 
 from stream.protocol import MomentReader, encode_frame, encode_json_frame
 
-from .daemon import DIMS, MODEL, DaemonProcess, free_port, payload
+from .daemon import DIMS, MODEL, DaemonProcess, free_port, payload, run_without
 from .natsserver import Client, NatsServer, need_nats, wait_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -366,17 +366,7 @@ def test_no_server_is_one_line(tmp_path: Path, compilation_cache: str) -> None:
 def test_the_core_runs_without_the_nats_extra(tmp_path: Path) -> None:
     """Without nats-py: the daemon's modules import, and a [nats] section is refused with
     one line naming the extra."""
-    config = tmp_path / "c.toml"
-    config.write_text(f'[state]\ndir = "{tmp_path}"\n[nats]\nurl = "nats://127.0.0.1:4222"\n')
-    code = (
-        "import sys; sys.modules['nats'] = None\n"  # import nats -> ImportError
-        "import stream.daemon, stream.pipeline, stream.cli\n"
-        "sys.argv = ['enactive-stream', 'run', '--config', sys.argv[1]]\n"
-        "sys.exit(stream.cli.main(sys.argv[1:]))\n"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=120
-    )
+    r = run_without(["nats"], [], '[nats]\nurl = "nats://127.0.0.1:4222"\n', tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         "enactive-stream: error: the NATS source and sink need the nats extra: "
