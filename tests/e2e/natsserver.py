@@ -118,11 +118,15 @@ class NatsCluster:
         return ",".join(node.url for node in self.nodes)
 
     def start(self, timeout: float = 60.0) -> NatsCluster:
-        for node in self.nodes:  # (each waits for the others to form the cluster)
-            with node.log.open("ab") as log:
-                node.proc = subprocess.Popen(node.argv(), stdout=log, stderr=subprocess.STDOUT)
-        for node in self.nodes:
-            node.wait_healthy(timeout)
+        try:
+            for node in self.nodes:  # (each waits for the others to form the cluster)
+                with node.log.open("ab") as log:
+                    node.proc = subprocess.Popen(node.argv(), stdout=log, stderr=subprocess.STDOUT)
+            for node in self.nodes:
+                node.wait_healthy(timeout)
+        except BaseException:  # no node outlives a cluster that did not form
+            self.stop(signal.SIGKILL)
+            raise
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
