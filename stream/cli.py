@@ -104,7 +104,7 @@ def _number(
     return value
 
 
-def _buckets(text: str) -> tuple[int, ...]:
+def bucket_list(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated batch sizes, each >= 1."""
     return tuple(_count(b) for b in text.split(","))
 
@@ -858,7 +858,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--buckets",
-        type=_buckets,
+        type=bucket_list,
         metavar="B1,B2,…",
         help="the daemon's batch buckets (default: 1,8,32,64,96,128,192,256)",
     )

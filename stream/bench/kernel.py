@@ -45,6 +45,7 @@ import numpy as np
 
 from processors import FLAG_VALID, EnactiveModel, ModelConfig, SlabStep, get_jit_info
 
+from ..cli import bucket_list
 from ..config import DEFAULT_BUCKETS
 
 __all__ = [
@@ -341,6 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="buckets 1, 8, 64; 3 repeats of 0.05 s; 2 eager frames"
     )
     parser.add_argument("--json", metavar="FILE", help="also write machine + results as JSON")
+    parser.add_argument(
+        "--buckets",
+        metavar="B1,B2,…",
+        type=bucket_list,
+        help=f"batch sizes to measure (default: {','.join(map(str, BUCKETS))}; --quick: 1,8,64)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         buckets: tuple[int, ...] = (1, 8, 64)
@@ -348,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         buckets = BUCKETS
         kwargs = {"repeats": 5, "min_time": 0.2, "eager_frames": 3}
+    if args.buckets:
+        buckets = args.buckets
     config = ModelConfig()
     machine = machine_info()
     print(

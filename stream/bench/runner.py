@@ -66,9 +66,11 @@ def daemon_config(
     """The daemon's TOML for the benchmark: ephemeral loopback ports, `settings.buckets`,
     `max_streams` ≥ the streams (and ≥ `streams`), no status line, state in `state_dir`,
     the compilation cache in `cache_dir`, and a subscriber buffer that rides out client
-    hiccups; ready only once every bucket is compiled. With `connections` > 0 (the fleet
-    scenarios: every sensor from 127.0.0.1) the ingest's connection limits, in all and per
-    address, are raised to fit them."""
+    hiccups (65,536 moments, their bytes not capped lower: on a GPU machine the daemon
+    outran the benchmark's own subscriber by more than the default 8 MiB, which cut it
+    off as a slow consumer); ready only once every bucket is compiled. With
+    `connections` > 0 (the fleet scenarios: every sensor from 127.0.0.1) the ingest's
+    connection limits, in all and per address, are raised to fit them."""
     model = "".join(f"{k} = {_toml(v)}\n" for k, v in settings.model.items())
     wait = "" if settings.max_wait_ms is None else f"max_wait_ms = {settings.max_wait_ms}\n"
     if settings.adaptive:
@@ -81,6 +83,7 @@ def daemon_config(
         '[ingest]\ntcp = "127.0.0.1:0"\nudp = "127.0.0.1:0"\n'
         f"{limits}"
         '[output]\ntcp = "127.0.0.1:0"\nsubscriber_buffer = 65536\n'
+        "subscriber_max_pending_bytes = 1073741824\n"
         '[metrics]\nlisten = "127.0.0.1:0"\n'
         # Measured from ready: every bucket compiled by then, none in the background.
         f"[batching]\nbuckets = {_toml(settings.buckets)}\nserve_while_compiling = false\n{wait}"

@@ -18,10 +18,11 @@ from stream.bench import BenchSettings, daemon_config, evaluate_targets, format_
 from stream.bench.client import ClientError, ClientSpec, _latencies, _paced
 from stream.bench.fleet import FleetSpec, _groups
 from stream.bench.kernel import format_table as kernel_table
+from stream.bench.kernel import main as kernel_main
 from stream.bench.kernel import run_kernel_bench, run_paced_steps
 from stream.bench.measure import combine_latency_runs, rounds_for
 from stream.bench.probe import Snapshot, daemon_delta, histogram_quantile
-from stream.bench.runner import MODEL_KEYS
+from stream.bench.runner import MODEL_KEYS, model_shapes
 from stream.bench.scenarios import (
     batches_per_s,
     format_paced_table,
@@ -272,6 +273,12 @@ def test_daemon_config_is_valid_and_as_asked(tmp_path: Path) -> None:
     assert cfg.device.compilation_cache_dir == str(tmp_path / "cache")
     assert cfg.model.state_dim == 8 and cfg.model.som_grid == (3, 3)
     assert cfg.ingest.tcp.endswith(":0") and cfg.output.tcp.endswith(":0")
+    # The benchmark's subscriber is bounded by its moments, not cut off as a slow consumer
+    # before its buffer is full (a daemon on a GPU outran it by more than the default 8 MiB).
+    _, _, sizes, _ = model_shapes(BenchSettings())
+    record = moment_record_bytes(len(stream_ids(BenchSettings().streams)[0]), sizes)
+    assert cfg.output.subscriber_max_pending_bytes >= cfg.output.subscriber_buffer * record
+
 
 
 # -- the whole benchmark, tiny ---------------------------------------------------------------
@@ -363,6 +370,16 @@ def test_kernel_bench_runs_alone_from_the_command_line() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "python -m stream.bench.kernel" in proc.stdout
+
+
+def test_kernel_bench_measures_the_buckets_asked(tmp_path: Path) -> None:
+    out = tmp_path / "kernel.json"
+    assert kernel_main(["--quick", "--buckets", "2,3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["bucket"] for r in result["results"]] == [2, 3]
+    assert result["settings"]["buckets"] == [2, 3]
+    with pytest.raises(SystemExit):  # argparse: one line on stderr, status 2
+        kernel_main(["--buckets", "0"])
 
 
 @pytest.mark.timeout(120)
