@@ -8,6 +8,7 @@ nats-py), or None.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import signal
@@ -44,11 +45,14 @@ def nats_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(n: int) -> list[int]:
+    """`n` different loopback ports free now (all bound at once: one at a time, a port
+    closed can be handed out again)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 class NatsServerProcess:
@@ -94,7 +98,8 @@ class NatsServerProcess:
         binary = nats_server_binary()
         if binary is None:
             raise BenchError(NATS_MISSING)
-        self.port, self.monitor_port = self.port or _free_port(), _free_port()
+        if not (self.port and self.monitor_port):  # (a restart keeps its ports)
+            self.port, self.monitor_port = _free_ports(2)
         argv = [
             binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1",
             "-p", str(self.port), "-m", str(self.monitor_port), *self.extra,
@@ -165,11 +170,11 @@ class NatsServerProcess:
 def nats_cluster(root: Path, log_dir: Path, size: int = 3) -> list[NatsServerProcess]:
     """`size` clustered `nats-server -js` nodes on loopback, started and healthy (their
     JetStream meta group has a leader); stop each with `stop()`."""
-    routes = [_free_port() for _ in range(size)]
-    nodes = [
-        NatsServerProcess(root / f"node-{i}", log_dir, name=f"nats-{i}") for i in range(size)
-    ]
+    ports = _free_ports(3 * size)  # client, monitoring, route: all different
+    routes = ports[2::3]
+    nodes = [NatsServerProcess(root / f"node-{i}", log_dir, name=f"nats-{i}") for i in range(size)]
     for i, node in enumerate(nodes):
+        node.port, node.monitor_port = ports[3 * i : 3 * i + 2]
         node.extra = [
             "--server_name", f"n{i}", "--cluster_name", "bench",
             "--cluster", f"nats://127.0.0.1:{routes[i]}",

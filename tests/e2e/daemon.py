@@ -249,9 +249,18 @@ def need(what: str, ok: bool) -> None:
 
 def free_port() -> int:
     """A loopback TCP port free now (for a server the tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` different loopback TCP ports free now: all bound at once, so none is handed
+    out twice (ports taken one at a time can repeat once the first is closed — a NATS
+    cluster's route port once equalled another node's monitoring port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

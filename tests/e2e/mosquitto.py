@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .daemon import free_port, need
+from .daemon import free_ports, need
 
 
 def need_mosquitto() -> str:
@@ -50,8 +50,8 @@ class Mosquitto:
         self.binary = need_mosquitto()
         self.store = store
         store.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.tls_port = free_port() if tls else 0
+        self.port, self.tls_port = free_ports(2)
+        self.tls_port = self.tls_port if tls else 0
         self.config = store / "mosquitto.conf"
         tls_listener = (
             f"listener {self.tls_port} 127.0.0.1\n"

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .daemon import free_port, need
+from .daemon import free_ports, need
 
 T = TypeVar("T")
 
@@ -36,14 +36,13 @@ def need_nats() -> str:
 
 
 class NatsServer:
-    """`nats-server -js` on loopback, its store in `store`; restartable on the same port
-    and store (`restart`)."""
+    """`nats-server -js` on loopback, its store in `store`, on `ports` (client, monitoring;
+    default: two free ones); restartable on the same ports and store (`restart`)."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, ports: Sequence[int] | None = None) -> None:
         self.binary = need_nats()
         self.store = store
-        self.port = free_port()
-        self.monitor = free_port()
+        self.port, self.monitor = ports or free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.log = store.parent / f"nats-{self.port}.log"
         self.extra: list[str] = []  # more arguments (a cluster's)
@@ -103,8 +102,9 @@ class NatsCluster:
 
     def __init__(self, root: Path, size: int = 3) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.nodes = [NatsServer(root / f"node-{i}") for i in range(size)]
-        routes = [free_port() for _ in self.nodes]
+        ports = free_ports(3 * size)  # client, monitoring, route: all different
+        self.nodes = [NatsServer(root / f"node-{i}", ports[3 * i : 3 * i + 2]) for i in range(size)]
+        routes = ports[2::3]
         for i, node in enumerate(self.nodes):
             node.extra = [
                 "--server_name", f"n{i}", "--cluster_name", "enactive",

@@ -6,7 +6,6 @@ status is checked in-process against a canned result."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import pytest
 import stream.bench
 from stream.bench import BenchError
 from stream.cli import main
+
+from .daemon import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,13 +34,6 @@ def _fails(*args: str, status: int = 2) -> str:
     assert len(lines) == 1 and lines[0].strip(), r.stderr
     assert lines[0].startswith("enactive-stream: error: "), lines[0]
     return lines[0]
-
-
-def _free_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize(
@@ -94,7 +88,7 @@ def test_unusable_config_file(tmp_path: Path, command: str, kind: str) -> None:
 
 @pytest.mark.parametrize("command", ["send", "subscribe"])
 def test_nothing_listening(command: str) -> None:
-    port = _free_port()
+    port = free_port()  # nothing listens on it
     args = ["--duration", "0.1"] if command == "send" else []
     line = _fails(command, "--port", str(port), *args, status=1)
     assert f"cannot reach 127.0.0.1:{port}" in line and "enactive-stream run" in line
