@@ -50,8 +50,8 @@ class Mosquitto:
         self.binary = need_mosquitto()
         self.store = store
         store.mkdir(parents=True, exist_ok=True)
-        self.port, self.tls_port = free_ports(2)
-        self.tls_port = self.tls_port if tls else 0
+        self.port, tls_port = free_ports(2)
+        self.tls_port = tls_port if tls else 0
         self.config = store / "mosquitto.conf"
         tls_listener = (
             f"listener {self.tls_port} 127.0.0.1\n"
@@ -179,4 +179,3 @@ class Client:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
