@@ -4,6 +4,7 @@ synchronous client for them (nats-py on a private event loop)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -18,6 +19,14 @@ from typing import Any, TypeVar
 from .daemon import free_ports, need
 
 T = TypeVar("T")
+
+PUBLISH_WINDOW = 512
+"""Messages `Client.publish_many` has in flight at most."""
+ACK_S = 30.0
+"""How long a publication waits for the stream's acknowledgement."""
+RETRY_PAUSE_S = 0.2
+"""Between two publications of a message the stream did not answer (a leader election
+takes seconds)."""
 
 
 def need_nats() -> str:
@@ -154,17 +163,48 @@ class Client:
     def publish(self, subject: str, payload: bytes, **kw: Any) -> Any:
         return self.run(self.js.publish(subject, payload, **kw))
 
-    def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
-        """Publish in order, awaiting the server's acknowledgement of each window."""
+    def publish_many(self, messages: list[tuple[str, bytes]], *, retry_s: float = 0.0) -> None:
+        """Publish in order, awaiting the server's acknowledgement of each window of
+        `PUBLISH_WINDOW` messages.
+
+        With `retry_s`, as a publisher to a cluster that loses a node must: a message the
+        stream did not acknowledge (no responders while its leader moves, or no answer
+        within `ACK_S`) is published again until `retry_s` have passed, each message
+        carrying a `Nats-Msg-Id` so that JetStream stores one copy of what it had stored
+        already. A retried message lands after the rest of its window, so no subject may
+        recur within a window then (each stream's frames stay in order)."""
+
+        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+        unanswered = (NoStreamResponseError, ServiceUnavailableError, TimeoutError)
+
+        async def acknowledged(subject: str, payload: bytes, headers: dict | None) -> Any:
+            future = await self.js.publish_async(subject, payload, headers=headers)
+            return await asyncio.wait_for(future, ACK_S)
 
         async def go() -> None:
-            window = []
-            for subject, payload in messages:
-                window.append(await self.js.publish_async(subject, payload))
-                if len(window) >= 512:
-                    await asyncio.gather(*window)
-                    window.clear()
-            await asyncio.gather(*window)
+            loop = asyncio.get_running_loop()
+            for start in range(0, len(messages), PUBLISH_WINDOW):
+                window = messages[start : start + PUBLISH_WINDOW]
+                headers: list[dict | None] = [None] * len(window)
+                if retry_s:
+                    assert len({subject for subject, _ in window}) == len(window), "recurs"
+                    headers = [
+                        {"Nats-Msg-Id": f"{subject}/{hashlib.sha256(payload).hexdigest()}"}
+                        for subject, payload in window
+                    ]
+                sent = [acknowledged(s, p, h) for (s, p), h in zip(window, headers, strict=True)]
+                results = await asyncio.gather(*sent, return_exceptions=True)
+                deadline = loop.time() + retry_s
+                for i, result in enumerate(results):
+                    while isinstance(result, BaseException):
+                        if not isinstance(result, unanswered) or loop.time() > deadline:
+                            raise result
+                        await asyncio.sleep(RETRY_PAUSE_S)
+                        try:
+                            result = await acknowledged(*window[i], headers[i])
+                        except unanswered as e:
+                            result = e
 
         self.run(go())
 

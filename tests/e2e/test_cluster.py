@@ -178,7 +178,8 @@ def test_a_nats_node_stopped_mid_stream_loses_nothing(
         client.publish_many(messages[:third])
         wait_until(lambda: client.stream_messages("MOMENTS") >= third // 2, "some moments")
         cluster.nodes[2].stop()  # the others keep a quorum: the streams go on
-        client.publish_many(messages[third:])
+        # (publications meanwhile go unanswered while a stream's leader moves: retried)
+        client.publish_many(messages[third:], retry_s=60)
         settle(client, daemons, reference)
 
 
