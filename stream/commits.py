@@ -33,10 +33,17 @@ class Cut:
 
 class CommitLog:
     """**Arguments:** `commit(source, positions)`, called with the positions of each
-    source label once they are durable (routed to the source that carries that label)."""
+    source label once they are durable (routed to the source that carries that label);
+    `on_rejected()`, called whenever a rejected frame's position is noted (it needs a
+    checkpoint though nothing was stepped: `Executor.positions_waiting`)."""
 
-    def __init__(self, commit: Callable[[str, list[object]], None]) -> None:
+    def __init__(
+        self,
+        commit: Callable[[str, list[object]], None],
+        on_rejected: Callable[[], None] = lambda: None,
+    ) -> None:
         self._commit = commit
+        self._on_rejected = on_rejected
         self._applied = Cut()
         # (source, position, stream id, barrier seq or None), in the order rejected
         self._rejected: collections.deque[tuple[str, object, str, int | None]] = (
@@ -56,6 +63,7 @@ class CommitLog:
         """A frame was rejected at admission; its position is due once `stream_id`'s
         processed seq reaches `barrier` (None: at the next checkpoint)."""
         self._rejected.append((source, position, stream_id, barrier))
+        self._on_rejected()
 
     def session_started(self, stream_id: str, seq: int) -> None:
         """`stream_id` started a new session at `seq`: its seqs restart, so what was

@@ -119,6 +119,7 @@ class Executor:
         self._next_checkpoint = time.monotonic_ns() + self._interval_ns
         self.pending = 0  # batches dispatched whose records the integrator has not taken
         self._batcher: Batcher | None = None
+        self._idle: anyio.CancelScope | None = None  # waiting for a batch, nothing to save
         self._dirty_since: int | None = None  # oldest effect in no checkpoint taken yet
         self._writing_since: int | None = None  # oldest effect in the one being written
         self._writing: anyio.Event | None = None  # set while no checkpoint write runs
@@ -220,10 +221,19 @@ class Executor:
 
     async def _next_batch(self, batcher: Batcher) -> Batch | None:
         """The next batch. While none comes, a checkpoint that falls due is written all
-        the same, so effects never stay unsaved for long while the daemon is idle."""
+        the same, so effects never stay unsaved for long while the daemon is idle — and
+        so is one for the position of a frame rejected meanwhile (a redelivery of what was
+        applied already): nothing is stepped for it, yet it is committed only by one."""
         while True:
+            if self._checkpoint is None:
+                self._commits.commit(self._commits.cut(self.table.processed_seq))
             if self._checkpoint is None or not (self._unsaved or len(self._commits)):
-                return await batcher.next_batch()
+                with anyio.CancelScope() as self._idle:  # (`positions_waiting` cancels)
+                    try:
+                        return await batcher.next_batch()
+                    finally:
+                        self._idle = None
+                continue
             wait_s = (self._next_checkpoint - time.monotonic_ns()) / 1e9
             with anyio.move_on_after(max(wait_s, 0.0)):
                 return await batcher.next_batch()
@@ -250,6 +260,12 @@ class Executor:
         (0 when every effect is saved)."""
         oldest = [t for t in (self._dirty_since, self._writing_since) if t is not None]
         return (time.monotonic_ns() - min(oldest)) / 1e9 if oldest else 0.0
+
+    def positions_waiting(self) -> None:
+        """A rejected frame's position waits for a checkpoint: stop waiting for a batch
+        with nothing to save, so that one comes though no batch does."""
+        if self._idle is not None:
+            self._idle.cancel()
 
     def finished(self) -> None:
         """The integrator took one batch's records: when none is left on the device, tell

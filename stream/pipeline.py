@@ -163,7 +163,10 @@ class Pipeline:
         else:
             events = Events([events, self.adaptive])
         self.events = events
-        self.commits = CommitLog(lambda label, positions: by_label[label].commit(positions))
+        self.commits = CommitLog(
+            lambda label, positions: by_label[label].commit(positions),
+            on_rejected=lambda: self.executor.positions_waiting(),
+        )
         self.new_streams_per_batch = settings.new_streams_per_batch
         self.lane: WeightedBuffer[Frame] | None = (
             WeightedBuffer(max(settings.ingest_queue // 4, 1))

@@ -177,6 +177,35 @@ class Counts(Listener):
         self.checkpoints += 1
 
 
+class FeedSource(ListSource):
+    """Hands over each item the test sends (`feed`), while the pipeline runs on;
+    `committed_at_least(n)` waits for n commits."""
+
+    def __init__(self, checkpoints: list[dict[str, int]]) -> None:
+        super().__init__([], checkpoints)
+        self.feed, self._items = anyio.create_memory_object_stream[Item](8)
+        self._commits = anyio.Event()
+
+    def commit(self, positions: Sequence[object]) -> None:
+        super().commit(positions)
+        self._commits.set()
+
+    async def committed_at_least(self, n: int) -> None:
+        with anyio.fail_after(5):
+            while len(self.committed) < n:
+                self._commits = anyio.Event()
+                await self._commits.wait()
+
+    async def run(
+        self, ingest: Ingest, *, task_status: TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started(None)
+        async with self._items:
+            async for item in self._items:
+                ingest.received("list", len(item) if isinstance(item, FrameRun) else 1)
+                await ingest.put(item)
+
+
 def run_pipeline(
     items: list[Item],
     *,
@@ -186,14 +215,48 @@ def run_pipeline(
     session_start: str = "reset",
     new_per_batch: int = 0,
 ) -> tuple[Collect, ListSource, Counts, FakeStep]:
+    checkpoints: list[dict[str, int]] = []
+    source = ListSource(items, checkpoints)
+    pipeline, sink, counts, step = build_pipeline(
+        source,
+        checkpoints,
+        capacity=capacity,
+        buckets=buckets,
+        max_known=max_known,
+        session_start=session_start,
+        new_per_batch=new_per_batch,
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            await source.done.wait()
+            pipeline.stop()
+
+    anyio.run(main)
+    return sink, source, counts, step
+
+
+def build_pipeline(
+    source: ListSource,
+    checkpoints: list[dict[str, int]],
+    *,
+    capacity: int,
+    buckets: Sequence[int] = (1, 2, 4),
+    max_known: int = 64,
+    session_start: str = "reset",
+    new_per_batch: int = 0,
+    checkpoint_interval_s: float = 0.0,
+) -> tuple[Pipeline, Collect, Counts, FakeStep]:
+    """The pipeline over the fake step, `source` its one source, each checkpoint's
+    processed seqs appended to `checkpoints`."""
     step = FakeStep(buckets, capacity)
     table = StreamTable(capacity, max_known)
-    checkpoints: list[dict[str, int]] = []
 
     def checkpoint(rows: Any, snapshot: StreamTable) -> None:
         checkpoints.append(dict(snapshot.processed_seq))
 
-    source, sink, counts = ListSource(items, checkpoints), Collect(), Counts()
+    sink, counts = Collect(), Counts()
     pipeline = Pipeline(
         step,  # type: ignore[arg-type]
         table,
@@ -206,21 +269,13 @@ def run_pipeline(
             max_frame_bytes=1 << 20,
             ingest_queue=8,
             max_wait_s=0.0005,
-            checkpoint_interval_s=0.0,
+            checkpoint_interval_s=checkpoint_interval_s,
             session_start=session_start,
             new_streams_per_batch=new_per_batch,
         ),
         checkpoint=checkpoint,
     )
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(pipeline.run)
-            await source.done.wait()
-            pipeline.stop()
-
-    anyio.run(main)
-    return sink, source, counts, step
+    return pipeline, sink, counts, step
 
 
 def frame(stream: int, seq: int) -> Frame:
@@ -335,6 +390,35 @@ def test_a_rejected_redelivery_waits_for_the_original() -> None:
     # and its position is committed only with a checkpoint holding the original's effect.
     frames = [frame(0, 1), frame(0, 2), frame(0, 2)]
     check(frames, as_items(frames, [False, False, True]), capacity=4)
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.05])
+def test_a_redelivery_to_an_idle_pipeline_is_committed(interval_s: float) -> None:
+    # Everything applied is saved and committed, the executor waits for work; then a
+    # redelivered frame comes (a broker gives back what it never saw acknowledged after
+    # it restarted) and is rejected: nothing is stepped, yet a checkpoint must still come
+    # to commit its position. (It never came: the position stayed unacknowledged for good.)
+    checkpoints: list[dict[str, int]] = []
+    source = FeedSource(checkpoints)
+    pipeline, _, counts, _ = build_pipeline(
+        source, checkpoints, capacity=4, checkpoint_interval_s=interval_s
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            await source.feed.send(frame(0, 1))
+            await source.feed.send(frame(0, 2))
+            await source.committed_at_least(2)
+            await source.feed.send(frame(0, 2))  # the redelivery
+            await source.committed_at_least(3)
+            pipeline.stop()
+            await source.feed.aclose()
+
+    anyio.run(main)
+    assert counts.reasons == {"duplicate_seq": 1}
+    assert [p for p, _ in source.committed] == [(0, 1), (0, 2), (0, 2)]
+    assert source.committed[-1][1]["s0"] == 2  # its original's effect is durable
 
 
 def test_the_one_stream_too_many_is_rejected_and_still_committed() -> None:
